@@ -1,0 +1,77 @@
+"""The interface a vhost-user device implements (features, config space, queue handler).
+
+The server (session) owns the connection, the guest memory and the virtqueues; a device only
+says what it offers and serves kicked queues:
+
+* :meth:`VhostUserDevice.features` is offered in GET_FEATURES (the server adds
+  VHOST_USER_F_PROTOCOL_FEATURES); the acked set comes back through :meth:`set_features`, and the
+  server also passes it to every :class:`Virtqueue` (EVENT_IDX, INDIRECT_DESC).
+* :meth:`protocol_features` are vhost-user protocol bits the device needs on top of the server's
+  own (e.g. CONFIG for GET_CONFIG / SET_CONFIG).
+* :meth:`handle_queue` is called when a started, enabled queue was kicked: pop every available
+  chain, complete each with ``push_used``, then call ``notify`` once for the batch.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from vhostmem.virtqueue import (
+    VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
+    Virtqueue,
+)
+
+# Generic virtio feature bits (virtio 1.2 section 6).
+VIRTIO_F_VERSION_1 = 32
+# vhost-user protocol feature bits a device may ask for.
+VHOST_USER_PROTOCOL_F_MQ = 0
+VHOST_USER_PROTOCOL_F_CONFIG = 9
+
+# Every device built on this package's virtqueue supports these.
+RING_FEATURES = (
+    (1 << VIRTIO_F_VERSION_1)
+    | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+    | (1 << VIRTIO_RING_F_EVENT_IDX)
+)
+
+
+class DeviceConfigError(ValueError):
+    """A config-space access the device refuses (names offset, size and why)."""
+
+
+class VhostUserDevice(ABC):
+    """Base class of vhost-user devices."""
+
+    num_queues: int = 1
+    max_queue_size: int = 1024
+    acked_features: int = 0
+
+    @abstractmethod
+    def features(self) -> int:
+        """Virtio feature bits the device offers."""
+
+    def protocol_features(self) -> int:
+        """Extra vhost-user protocol feature bits the device needs."""
+        return 0
+
+    def set_features(self, acked: int) -> None:
+        self.acked_features = acked
+
+    def get_config(self, offset: int, size: int) -> bytes:
+        """``size`` bytes of config space from ``offset`` (zeros past the device's layout)."""
+        return bytes(size)
+
+    def set_config(self, offset: int, data: bytes, flags: int) -> None:
+        raise DeviceConfigError(f"config space is read-only (offset {offset}, {len(data)} bytes)")
+
+    @abstractmethod
+    def handle_queue(self, vq: Virtqueue) -> None:
+        """Serve every available request of ``vq``; signal the driver once at the end."""
+
+    def reset(self) -> None:
+        """Forget negotiated state (device reset, disconnect)."""
+        self.acked_features = 0
+
+    def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
+        """Release the device's own resources (backing files); the server calls it at exit."""

@@ -1,0 +1,476 @@
+"""Split virtqueue (virtio 1.2 section 2.7), device side, over :class:`GuestMemory`.
+
+Ring structures are read and written through memoryviews into the guest's shared memory
+(``struct.unpack_from`` on the descriptor table, ``memoryview.cast`` views on the avail and used
+rings), so the hot path allocates only the per-chain lists of buffer views.
+
+Addresses: :meth:`Virtqueue.set_addr` takes **guest physical addresses**; the caller translates
+the frontend virtual addresses of SET_VRING_ADDR with ``GuestMemory.uva_to_gpa`` first.
+
+Error policy, per case:
+
+* the chain itself is malformed (a loop: more descriptors than the table holds; ``next`` out of
+  range; an indirect descriptor inside an indirect table, with NEXT set, of a length that is not a
+  non-zero multiple of 16 or larger than ``num * 16``, or whose table is not in guest memory; an
+  indirect descriptor when INDIRECT_DESC was not acked; a readable descriptor after a writable
+  one), the head index is out of range, or the avail index ran more than ``num`` ahead of us: the
+  queue is marked **broken**, the reason is logged once and the err eventfd is signalled. A broken
+  queue processes nothing until :meth:`reset`.
+* a data buffer of a well-formed chain is not in guest memory: only that **request fails**: the
+  chain is completed with used length 0 (nothing is read or written) and the next chain is popped.
+
+Memory ordering: rings are plain shared memory. Stores from this thread become visible in program
+order on x86-64 (TSO), which is the host this runs on; the one store->load ordering the protocol
+needs (publish used idx / avail_event, then read avail idx / used_event) gets a full fence from a
+lock acquire, which is an atomic read-modify-write instruction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import struct
+import threading
+
+from vhostmem.guest_memory import GuestMemory, GuestMemoryError
+
+log = logging.getLogger(__name__)
+
+# Descriptor flags (virtio 1.2 2.7.5).
+VRING_DESC_F_NEXT = 1
+VRING_DESC_F_WRITE = 2
+VRING_DESC_F_INDIRECT = 4
+# Ring flags.
+VRING_AVAIL_F_NO_INTERRUPT = 1
+VRING_USED_F_NO_NOTIFY = 1
+# Feature bits this module honours.
+VIRTIO_RING_F_INDIRECT_DESC = 28
+VIRTIO_RING_F_EVENT_IDX = 29
+
+DESC_SIZE = 16
+USED_ELEM_SIZE = 8
+RING_HEADER_SIZE = 4  # flags u16 + idx u16
+EVENT_FIELD_SIZE = 2  # used_event / avail_event u16
+DESC_ALIGN = 16
+AVAIL_ALIGN = 2
+USED_ALIGN = 4
+IDX_MASK = 0xFFFF
+MAX_QUEUE_SIZE = 32768
+# Index of the fields in the u16 casts of the rings.
+FLAGS = 0
+IDX = 1
+AVAIL_RING = 2
+
+_DESC = struct.Struct("<QIHH")
+
+
+class VirtqueueError(ValueError):
+    """A ring configuration that cannot be used (names the queue and the problem)."""
+
+
+class DescChain:
+    """One available descriptor chain, with its buffers already translated to views.
+
+    ``readable`` are the device-readable buffers (the driver wrote them), ``writable`` the
+    device-writable ones, in chain order; ``*_len`` are their total byte counts.
+    """
+
+    __slots__ = ("head", "readable", "readable_len", "writable", "writable_len")
+
+    def __init__(
+        self,
+        head: int,
+        readable: list[memoryview],
+        readable_len: int,
+        writable: list[memoryview],
+        writable_len: int,
+    ) -> None:
+        self.head = head
+        self.readable = readable
+        self.readable_len = readable_len
+        self.writable = writable
+        self.writable_len = writable_len
+
+
+class _ChainError(Exception):
+    """Internal: the chain is malformed; the queue breaks."""
+
+
+class _BufferError(Exception):
+    """Internal: a buffer of the chain is outside guest memory; the request fails."""
+
+
+def _fence() -> None:
+    """Full memory barrier (see the module docstring)."""
+    _FENCE_LOCK.acquire()
+    _FENCE_LOCK.release()
+
+
+_FENCE_LOCK = threading.Lock()
+
+
+def _signal(fd: int) -> None:
+    if fd >= 0:
+        # BlockingIOError: the counter is saturated, so the peer is signalled already.
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_write(fd, 1)
+
+
+class Virtqueue:
+    """Device side of one split virtqueue. Rings start stopped and disabled."""
+
+    def __init__(self, index: int, mem: GuestMemory, max_size: int = MAX_QUEUE_SIZE) -> None:
+        self.index = index
+        self.mem = mem
+        self.max_size = max_size
+        self.num = 0
+        self.kick_fd = -1
+        self.call_fd = -1
+        self.err_fd = -1
+        self.started = False
+        self.enabled = False
+        self.broken = False
+        self.broken_reason = ""
+        self.event_idx = False
+        self.indirect = False
+        self._addr: tuple[int, int, int] | None = None  # desc, avail, used GPAs
+        self._last_avail = 0
+        self._used_idx = 0
+        self._signalled_used = 0
+        self._signalled_valid = False
+        self._unsignalled = False
+        self._no_notify = False
+        self._bad_buffer_logged = False
+        self._mem_gen = -1
+        self._desc: memoryview | None = None
+        self._avail: memoryview | None = None
+        self._used_hdr: memoryview | None = None
+        self._used_ring: memoryview | None = None
+        self._avail_event: memoryview | None = None
+
+    # ------------------------------------------------------------ configuration
+
+    def set_num(self, num: int) -> None:
+        if not 0 < num <= self.max_size:
+            raise VirtqueueError(f"queue {self.index}: size {num} not in 1..{self.max_size}")
+        self.num = num
+        self._unmap()
+
+    def set_addr(
+        self, desc_gpa: int, used_gpa: int, avail_gpa: int, log_addr: int = 0, flags: int = 0
+    ) -> None:
+        """Set the ring GPAs (already translated from the frontend's virtual addresses).
+
+        Dirty logging (``log_addr``, ``flags``) is not supported and ignored: the device never
+        offers LOG_ALL. When the size is known the rings are resolved now so that a bad address
+        is reported to this request; otherwise at :meth:`start`.
+        """
+        for what, gpa, align in (
+            ("descriptor table", desc_gpa, DESC_ALIGN),
+            ("avail ring", avail_gpa, AVAIL_ALIGN),
+            ("used ring", used_gpa, USED_ALIGN),
+        ):
+            if gpa % align:
+                raise VirtqueueError(
+                    f"queue {self.index}: {what} address {gpa:#x} is not {align}-byte aligned"
+                )
+        self._addr = (desc_gpa, avail_gpa, used_gpa)
+        self._unmap()
+        if self.num:
+            self._map()
+
+    def set_base(self, base: int) -> None:
+        self._last_avail = base & IDX_MASK
+
+    def get_base(self) -> int:
+        return self._last_avail
+
+    def set_features(self, acked: int) -> None:
+        self.event_idx = bool(acked >> VIRTIO_RING_F_EVENT_IDX & 1)
+        self.indirect = bool(acked >> VIRTIO_RING_F_INDIRECT_DESC & 1)
+
+    def set_kick_fd(self, fd: int) -> None:
+        """Take ownership of the kick eventfd (-1 for none); it is made non-blocking."""
+        _close(self.kick_fd)
+        self.kick_fd = fd
+        if fd >= 0:
+            os.set_blocking(fd, False)
+
+    def set_call_fd(self, fd: int) -> None:
+        _close(self.call_fd)
+        self.call_fd = fd
+        self._signalled_valid = False
+
+    def set_err_fd(self, fd: int) -> None:
+        _close(self.err_fd)
+        self.err_fd = fd
+
+    def enable(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+
+    def disable(self) -> None:
+        self.enabled = False
+
+    def ready_to_start(self) -> bool:
+        return self.num > 0 and self._addr is not None
+
+    def start(self) -> None:
+        """Resolve the rings and pick up the used index the driver sees."""
+        if not self.ready_to_start():
+            raise VirtqueueError(f"queue {self.index}: start without size or addresses")
+        self._map()
+        assert self._used_hdr is not None
+        self._used_idx = self._used_hdr[IDX]
+        self._signalled_valid = False
+        self._no_notify = False
+        self.started = True
+
+    def stop(self) -> None:
+        self.started = False
+
+    def ring_overlaps(self, gpa: int, size: int) -> bool:
+        """Whether any ring structure lies in [gpa, gpa + size)."""
+        if self._addr is None or not self.num:
+            return False
+        desc, avail, used = self._addr
+        sizes = self._ring_sizes()
+        starts = (desc, avail, used)
+        return any(a < gpa + size and gpa < a + n for a, n in zip(starts, sizes, strict=True))
+
+    def drain_kick(self) -> int:
+        """Read the kick eventfd's counter (0 if nothing was pending or no fd)."""
+        if self.kick_fd < 0:
+            return 0
+        try:
+            return os.eventfd_read(self.kick_fd)
+        except BlockingIOError:
+            return 0
+
+    def reset(self) -> None:
+        """Back to a fresh queue: stopped, disabled, unconfigured, not broken; fds closed."""
+        self.stop()
+        self.enabled = False
+        self.broken = False
+        self.broken_reason = ""
+        self.num = 0
+        self._addr = None
+        self._last_avail = 0
+        self._used_idx = 0
+        self._signalled_valid = False
+        self._bad_buffer_logged = False
+        self.event_idx = self.indirect = False
+        self._unmap()
+        self.set_kick_fd(-1)
+        self.set_call_fd(-1)
+        self.set_err_fd(-1)
+
+    def close(self) -> None:
+        self.reset()
+
+    # ------------------------------------------------------------------ rings
+
+    def _ring_sizes(self) -> tuple[int, int, int]:
+        n = self.num
+        return (
+            n * DESC_SIZE,
+            RING_HEADER_SIZE + 2 * n + EVENT_FIELD_SIZE,
+            RING_HEADER_SIZE + USED_ELEM_SIZE * n + EVENT_FIELD_SIZE,
+        )
+
+    def _map(self) -> None:
+        assert self._addr is not None
+        self._unmap()
+        desc_gpa, avail_gpa, used_gpa = self._addr
+        desc_len, avail_len, used_len = self._ring_sizes()
+        gen = self.mem.generation
+        try:
+            desc = self.mem.view(desc_gpa, desc_len)
+            avail = self.mem.view(avail_gpa, avail_len)
+            used = self.mem.view(used_gpa, used_len)
+        except GuestMemoryError as exc:
+            raise VirtqueueError(f"queue {self.index}: ring not in guest memory: {exc}") from exc
+        ring_end = RING_HEADER_SIZE + USED_ELEM_SIZE * self.num
+        self._desc = desc
+        self._avail = avail.cast("H")
+        self._used_hdr = used[:RING_HEADER_SIZE].cast("H")
+        self._used_ring = used[RING_HEADER_SIZE:ring_end].cast("I")
+        self._avail_event = used[ring_end:].cast("H")
+        self._mem_gen = gen
+
+    def _unmap(self) -> None:
+        """Release the ring views so that replaced guest memory can be unmapped."""
+        for name in ("_desc", "_avail", "_used_hdr", "_used_ring", "_avail_event"):
+            view = getattr(self, name)
+            if view is not None:
+                view.release()
+                setattr(self, name, None)
+        self._mem_gen = -1
+        self.mem.reap()
+
+    def _break(self, reason: str) -> None:
+        if not self.broken:
+            self.broken = True
+            self.broken_reason = reason
+            log.error("virtqueue %d broken: %s", self.index, reason)
+            _signal(self.err_fd)
+
+    # -------------------------------------------------------------- hot path
+
+    def pop(self) -> DescChain | None:
+        """The next available chain, or None when there is none (or the queue can't run)."""
+        if not (self.started and self.enabled) or self.broken:
+            return None
+        if self._mem_gen != self.mem.generation:
+            try:
+                self._map()
+            except VirtqueueError as exc:
+                self._break(str(exc))
+                return None
+        avail = self._avail
+        assert avail is not None
+        num = self.num
+        while True:
+            last = self._last_avail
+            avail_idx = avail[IDX]
+            if avail_idx == last and not self._rearm(last):
+                return None
+            avail_idx = avail[IDX]
+            if (avail_idx - last) & IDX_MASK > num:
+                self._break(f"avail idx {avail_idx} is more than {num} ahead of {last}")
+                return None
+            if not self.event_idx and not self._no_notify:
+                self._set_used_flags(VRING_USED_F_NO_NOTIFY)
+            head = avail[AVAIL_RING + last % num]
+            self._last_avail = (last + 1) & IDX_MASK
+            if head >= num:
+                self._break(f"avail ring entry {last} holds head {head} >= size {num}")
+                return None
+            try:
+                return self._walk(head)
+            except _ChainError as exc:
+                self._break(f"chain at head {head}: {exc}")
+                return None
+            except _BufferError as exc:
+                if not self._bad_buffer_logged:
+                    self._bad_buffer_logged = True
+                    log.error("virtqueue %d: request %d failed: %s", self.index, head, exc)
+                self.push_used(head, 0)
+
+    def _rearm(self, last: int) -> bool:
+        """Ask for kicks again, then re-check: True if buffers arrived meanwhile."""
+        if self.event_idx:
+            assert self._avail_event is not None
+            self._avail_event[0] = last
+        elif self._no_notify:
+            self._set_used_flags(0)
+        _fence()
+        assert self._avail is not None
+        return self._avail[IDX] != last
+
+    def _set_used_flags(self, flags: int) -> None:
+        assert self._used_hdr is not None
+        self._used_hdr[FLAGS] = flags
+        self._no_notify = bool(flags & VRING_USED_F_NO_NOTIFY)
+
+    def _walk(self, head: int) -> DescChain:
+        table = self._desc
+        limit = self.num
+        in_indirect = False
+        translate = self.mem.translate
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        rlen = wlen = 0
+        bad: str | None = None
+        i = head
+        seen = 0
+        while True:
+            seen += 1
+            if seen > limit:
+                raise _ChainError(f"more than {limit} descriptors: the chain loops")
+            addr, length, flags, nxt = _DESC.unpack_from(table, i * DESC_SIZE)  # type: ignore[arg-type]
+            if flags & VRING_DESC_F_INDIRECT:
+                table = self._indirect_table(addr, length, flags, in_indirect)
+                limit = length // DESC_SIZE
+                in_indirect = True
+                i = seen = 0
+                continue
+            if flags & VRING_DESC_F_WRITE:
+                wlen += length
+                target = writable
+            else:
+                if wlen:
+                    raise _ChainError("a device-readable descriptor follows a writable one")
+                rlen += length
+                target = readable
+            if length and bad is None:
+                try:
+                    target += translate(addr, length)
+                except GuestMemoryError as exc:
+                    bad = str(exc)  # keep walking: a loop must still break the queue
+            if not flags & VRING_DESC_F_NEXT:
+                break
+            i = nxt
+            if i >= limit:
+                raise _ChainError(f"next {i} out of range (table of {limit})")
+        if bad is not None:
+            raise _BufferError(bad)
+        return DescChain(head, readable, rlen, writable, wlen)
+
+    def _indirect_table(self, addr: int, length: int, flags: int, nested: bool) -> memoryview:
+        if not self.indirect:
+            raise _ChainError("indirect descriptor but INDIRECT_DESC was not negotiated")
+        if nested:
+            raise _ChainError("indirect descriptor inside an indirect table")
+        if flags & VRING_DESC_F_NEXT:
+            raise _ChainError("indirect descriptor with NEXT set")
+        if length == 0 or length % DESC_SIZE or length > self.num * DESC_SIZE:
+            raise _ChainError(
+                f"indirect table length {length} is not a multiple of {DESC_SIZE} "
+                f"in 1..{self.num * DESC_SIZE}"
+            )
+        try:
+            return self.mem.view(addr, length)
+        except GuestMemoryError as exc:
+            raise _ChainError(f"indirect table: {exc}") from exc
+
+    def push_used(self, head: int, written_len: int) -> None:
+        """Return a chain to the driver with the number of bytes written into it."""
+        ring = self._used_ring
+        hdr = self._used_hdr
+        if ring is None or hdr is None:
+            return  # rings were unmapped (reset): nothing may be written
+        slot = (self._used_idx % self.num) * 2
+        ring[slot] = head
+        ring[slot + 1] = written_len
+        self._used_idx = idx = (self._used_idx + 1) & IDX_MASK
+        hdr[IDX] = idx
+        self._unsignalled = True
+
+    def notify(self) -> bool:
+        """Signal the call eventfd if the driver wants it for the used entries since the last
+        call (EVENT_IDX used_event, or NO_INTERRUPT). Returns whether it signalled."""
+        if not self._unsignalled or self._avail is None:
+            return False
+        self._unsignalled = False
+        new = self._used_idx
+        if self.event_idx:
+            _fence()  # used idx must be visible before used_event is read
+            event = self._avail[AVAIL_RING + self.num]
+            old = self._signalled_used
+            need = (not self._signalled_valid) or (
+                (new - event - 1) & IDX_MASK < (new - old) & IDX_MASK
+            )
+        else:
+            need = not self._avail[FLAGS] & VRING_AVAIL_F_NO_INTERRUPT
+        self._signalled_used = new
+        self._signalled_valid = True
+        if need:
+            _signal(self.call_fd)
+        return need
+
+
+def _close(fd: int) -> None:
+    if fd >= 0:
+        with contextlib.suppress(OSError):
+            os.close(fd)
