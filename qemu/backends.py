@@ -1,0 +1,128 @@
+"""Backends the harness can put behind the guest's vhost-user-blk device.
+
+A backend is any command line that serves a vhost-user-blk socket for a disk image. Adding one
+to the QEMU test suite is one entry in ``tests/qemu/conftest.py``'s backend list, e.g.::
+
+    BACKENDS = [qsd_backend(), vhostmem_backend()]
+
+Backend-specific checks after memory hot-plug go into an ``on_hotplug`` hook (see
+``HotplugHook``); the harness already checks generically that the backend process maps the new
+DIMM after the plug and unmaps it after the unplug.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from qemu.guestlog import Check
+
+ROOT = Path(__file__).resolve().parent.parent
+VHOSTMEM_BIN = ROOT / ".venv" / "bin" / "vhostmem"
+PLUGGED, UNPLUGGED = "plugged", "unplugged"
+
+
+@dataclass(frozen=True)
+class BackendRequest:
+    """What the harness asks a backend to serve."""
+
+    socket: Path
+    disk: Path
+    readonly: bool
+    num_queues: int
+
+
+@dataclass(frozen=True)
+class HotplugEvent:
+    """Handed to a backend's hook after a DIMM was plugged or unplugged."""
+
+    phase: str  # PLUGGED or UNPLUGGED
+    backend_pid: int
+    dimm_size: int
+    backend_log: Path
+
+
+HotplugHook = Callable[[HotplugEvent], list[Check]]
+
+
+def no_hotplug_checks(event: HotplugEvent) -> list[Check]:
+    """The default hook: the generic mapping checks are all a backend gets."""
+    del event
+    return []
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A pluggable vhost-user-blk backend: a name, a command line, and what it promises."""
+
+    name: str
+    command: Callable[[BackendRequest], list[str]]
+    # The guest reads zeroes back after a discard (true for a file with hole punching).
+    discard_zeroes: bool = True
+    block_size: int = 512
+    on_hotplug: HotplugHook = no_hotplug_checks
+
+    def argv(self, request: BackendRequest) -> list[str]:
+        return self.command(request)
+
+
+def _qsd_command(req: BackendRequest) -> list[str]:
+    # discard=unmap on both nodes: guest discards punch holes in the image, which then reads 0.
+    return [
+        shutil.which("qemu-storage-daemon") or "qemu-storage-daemon",
+        "--blockdev",
+        f"driver=file,node-name=file0,filename={req.disk},discard=unmap,"
+        f"read-only={_onoff(req.readonly)}",
+        "--blockdev",
+        f"driver=raw,node-name=disk0,file=file0,discard=unmap,read-only={_onoff(req.readonly)}",
+        "--export",
+        "type=vhost-user-blk,id=export0,node-name=disk0,addr.type=unix,"
+        f"addr.path={req.socket},writable={_onoff(not req.readonly)},num-queues={req.num_queues}",
+    ]
+
+
+def _onoff(flag: bool) -> str:
+    return "on" if flag else "off"
+
+
+def qsd_backend() -> Backend:
+    """qemu-storage-daemon exporting the image as vhost-user-blk."""
+    return Backend(name="qsd", command=_qsd_command)
+
+
+def vhostmem_backend(
+    executable: Path = VHOSTMEM_BIN, on_hotplug: HotplugHook = no_hotplug_checks
+) -> Backend:
+    """``vhostmem serve`` on the image; pass ``on_hotplug`` for registration assertions."""
+
+    def command(req: BackendRequest) -> list[str]:
+        argv = [str(executable), "serve", "--socket", str(req.socket), "--disk", str(req.disk)]
+        if req.readonly:
+            argv.append("--readonly")
+        return [*argv, "--num-queues", str(req.num_queues)]
+
+    return Backend(name="vhostmem", command=command, on_hotplug=on_hotplug)
+
+
+def command_backend(name: str, template: str, *, discard_zeroes: bool = True) -> Backend:
+    """Any command line; ``{socket}``, ``{disk}``, ``{num_queues}`` and ``{readonly}``
+    ("on"/"off") are substituted, e.g. ``"mybackend --sock {socket} --img {disk}"``."""
+
+    def command(req: BackendRequest) -> list[str]:
+        values = {
+            "socket": str(req.socket),
+            "disk": str(req.disk),
+            "num_queues": str(req.num_queues),
+            "readonly": _onoff(req.readonly),
+        }
+        return [word.format(**values) for word in template.split()]
+
+    return Backend(name=name, command=command, discard_zeroes=discard_zeroes)
+
+
+BACKEND_FACTORIES: dict[str, Callable[[], Backend]] = {
+    "qsd": qsd_backend,
+    "vhostmem": vhostmem_backend,
+}

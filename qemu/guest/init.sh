@@ -1,0 +1,155 @@
+#!/bin/sh
+# /init of the vhostmem test guest (busybox sh). Loads virtio-blk, checks /dev/vda, powers off.
+#
+# Settings come from the kernel command line as vmtest.KEY=VALUE (see qemu/launch.py):
+#   mode=check|shell  size=BYTES  lbs=BYTES  queues=N  ro=0|1  seed=S  rounds=N
+#   discard=OFF:LEN  discard_zeroes=0|1  zeroout=OFF:LEN  hotplug=0|1
+# Output protocol, one line each, parsed by qemu/guestlog.py:
+#   VHOSTMEM-TEST <name> PASS|FAIL <detail>     a check
+#   VHOSTMEM-DIGEST <round> <md5>               md5 of the whole disk read through the page cache
+#   VHOSTMEM-SYNC <tag>                         the guest waits for the host to echo <tag> back
+#   VHOSTMEM-VERDICT PASS|FAIL                  the guest's own verdict, last line before poweroff
+
+/bin/busybox mount -t devtmpfs devtmpfs /dev
+# Without this the script's output would go nowhere: init starts with no usable stdio.
+exec </dev/console >/dev/console 2>&1
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+
+MODULES="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk"
+DISK=/dev/vda
+SYSDISK=/sys/block/vda
+HOTPLUG_WAIT_TENTHS=300
+failed=0
+
+param() {
+    for word in $(cat /proc/cmdline); do
+        case "$word" in vmtest.$1=*) echo "${word#*=}"; return ;; esac
+    done
+    echo "$2"
+}
+
+result() {
+    echo "VHOSTMEM-TEST $1 $2 $3"
+    [ "$2" = PASS ] || failed=1
+}
+
+expect_equal() {  # expect_equal NAME ACTUAL EXPECTED
+    if [ "$2" = "$3" ]; then result "$1" PASS "value=$2"; else result "$1" FAIL "value=$2 expected=$3"; fi
+}
+
+finish() {
+    if [ "$failed" = 0 ]; then echo "VHOSTMEM-VERDICT PASS"; else echo "VHOSTMEM-VERDICT FAIL"; fi
+    sync
+    poweroff -f
+}
+
+memtotal_kib() { awk '/^MemTotal:/ { print $2 }' /proc/meminfo; }
+
+wait_for() {  # wait_for TENTHS COMMAND...: polls COMMAND every 0.1 s
+    tries=$1; shift
+    while [ "$tries" -gt 0 ]; do
+        "$@" && return 0
+        usleep 100000
+        tries=$((tries - 1))
+    done
+    return 1
+}
+
+mem_above() { [ "$(memtotal_kib)" -gt "$1" ]; }
+mem_at_most() { [ "$(memtotal_kib)" -le "$1" ]; }
+
+sync_with_host() {  # the host does its part (QMP) and echoes the tag back on the serial line
+    echo "VHOSTMEM-SYNC $1"
+    read -r reply
+    [ "$reply" = "$1" ] || result "sync-$1" FAIL "host replied '$reply'"
+}
+
+load_modules() {
+    for m in $MODULES; do
+        insmod "/modules/$m.ko" || result "boot.insmod-$m" FAIL "insmod failed"
+    done
+    if wait_for 100 test -b "$DISK"; then
+        result boot.disk PASS "$DISK appeared"
+    else
+        result boot.disk FAIL "$DISK did not appear"
+        finish
+    fi
+}
+
+check_sysfs() {
+    expect_equal boot.sysfs-size "$(( $(cat $SYSDISK/size) * 512 ))" "$SIZE"
+    expect_equal boot.sysfs-lbs "$(cat $SYSDISK/queue/logical_block_size)" "$LBS"
+    expect_equal boot.sysfs-ro "$(cat $SYSDISK/ro)" "$RO"
+    expect_equal boot.queues "$(ls $SYSDISK/mq | wc -l)" "$QUEUES"
+    echo "VHOSTMEM-INFO discard_max_bytes=$(cat $SYSDISK/queue/discard_max_bytes)" \
+        "write_zeroes_max_bytes=$(cat $SYSDISK/queue/write_zeroes_max_bytes)"
+}
+
+run_round() {  # run_round ROUND [extra vmtest options]
+    round=$1; shift
+    seed=$SEED
+    [ "$RO" = 1 ] || seed=$((SEED + 2 * (round - 1)))
+    set -- --dev "$DISK" --size "$SIZE" --lbs "$LBS" --seed "$seed" --round "$round" "$@"
+    if [ "$RO" = 1 ]; then
+        set -- "$@" --readonly
+    else
+        set -- "$@" --discard "$DISCARD" --zeroout "$ZEROOUT"
+        [ "$DISCARD_ZEROES" = 1 ] && set -- "$@" --discard-zeroes
+    fi
+    vmtest "$@" || failed=1
+    echo "VHOSTMEM-DIGEST r$round $(md5sum "$DISK" | cut -d' ' -f1)"
+}
+
+run_hotplug_rounds() {
+    before=$(memtotal_kib)
+    sync_with_host plug
+    if wait_for $HOTPLUG_WAIT_TENTHS mem_above "$before"; then
+        result hotplug-online PASS "MemTotal ${before} -> $(memtotal_kib) KiB"
+    else
+        result hotplug-online FAIL "MemTotal stayed at $(memtotal_kib) KiB"
+    fi
+    run_round 2 --high-buffer
+    sync_with_host unplug
+    if wait_for $HOTPLUG_WAIT_TENTHS mem_at_most "$before"; then
+        result hotunplug-offline PASS "MemTotal back to $(memtotal_kib) KiB"
+    else
+        result hotunplug-offline FAIL "MemTotal still $(memtotal_kib) KiB (was $before)"
+    fi
+    run_round 3
+}
+
+interactive_shell() {
+    echo "vhostmem guest: $DISK is $(cat $SYSDISK/size 2>/dev/null) sectors;" \
+        "busybox tools and vmtest are in /bin. Exit the shell to power off."
+    setsid cttyhack sh -l
+    poweroff -f
+}
+
+MODE=$(param mode check)
+SIZE=$(param size 0)
+LBS=$(param lbs 512)
+QUEUES=$(param queues 1)
+RO=$(param ro 0)
+SEED=$(param seed 1)
+ROUNDS=$(param rounds 1)
+DISCARD=$(param discard 0:0)
+DISCARD_ZEROES=$(param discard_zeroes 1)
+ZEROOUT=$(param zeroout 0:0)
+HOTPLUG=$(param hotplug 0)
+
+load_modules
+[ "$MODE" = shell ] && interactive_shell
+check_sysfs
+if [ "$HOTPLUG" = 1 ]; then
+    run_round 1
+    run_hotplug_rounds
+else
+    round=1
+    while [ "$round" -le "$ROUNDS" ]; do
+        run_round "$round"
+        round=$((round + 1))
+    done
+fi
+finish

@@ -1,0 +1,401 @@
+/*
+ * vmtest: the guest-side block I/O checker of the vhostmem QEMU harness.
+ *
+ * Runs inside the test VM against a virtio-blk disk and prints one machine-readable line per
+ * check:  VHOSTMEM-TEST r<round>.<name> PASS|FAIL <detail>
+ * Exit status is 0 when every check passed, 1 otherwise, 2 on a usage error.
+ *
+ * The data pattern is the MT19937 stream seeded like CPython's random.Random(seed) with a
+ * non-negative seed below 2**32, consumed as little-endian 32-bit words: exactly what
+ * random.Random(seed).randbytes(n) returns, so the host can rebuild the expected image.
+ *
+ * Built with `gcc -static -O2` by qemu/assets.py; it needs nothing but the kernel.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdarg.h>
+#include <linux/fs.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+/* ---- MT19937 (the published algorithm: Matsumoto & Nishimura 1998) ---- */
+enum { MT_N = 624, MT_M = 397 };
+#define MT_MATRIX_A 0x9908b0dfU
+#define MT_UPPER_MASK 0x80000000U
+#define MT_LOWER_MASK 0x7fffffffU
+#define MT_INIT_MULT 1812433253U
+#define MT_ARRAY_SEED 19650218U
+#define MT_ARRAY_MULT1 1664525U
+#define MT_ARRAY_MULT2 1566083941U
+
+struct mt {
+    uint32_t s[MT_N];
+    int i;
+};
+
+static void mt_init_scalar(struct mt *m, uint32_t seed)
+{
+    m->s[0] = seed;
+    for (int k = 1; k < MT_N; k++)
+        m->s[k] = MT_INIT_MULT * (m->s[k - 1] ^ (m->s[k - 1] >> 30)) + (uint32_t)k;
+    m->i = MT_N;
+}
+
+/* CPython seeds an int through the array initialiser with its 32-bit digits as the key. */
+static void mt_seed(struct mt *m, uint32_t key)
+{
+    int i = 1;
+    mt_init_scalar(m, MT_ARRAY_SEED);
+    for (int k = MT_N; k > 0; k--) {
+        m->s[i] = (m->s[i] ^ ((m->s[i - 1] ^ (m->s[i - 1] >> 30)) * MT_ARRAY_MULT1)) + key;
+        i++;
+        if (i >= MT_N) { m->s[0] = m->s[MT_N - 1]; i = 1; }
+    }
+    for (int k = MT_N - 1; k > 0; k--) {
+        m->s[i] = (m->s[i] ^ ((m->s[i - 1] ^ (m->s[i - 1] >> 30)) * MT_ARRAY_MULT2)) - (uint32_t)i;
+        i++;
+        if (i >= MT_N) { m->s[0] = m->s[MT_N - 1]; i = 1; }
+    }
+    m->s[0] = MT_UPPER_MASK; /* guarantees a non-zero state */
+}
+
+static void mt_twist(struct mt *m)
+{
+    for (int k = 0; k < MT_N; k++) {
+        uint32_t y = (m->s[k] & MT_UPPER_MASK) | (m->s[(k + 1) % MT_N] & MT_LOWER_MASK);
+        m->s[k] = m->s[(k + MT_M) % MT_N] ^ (y >> 1) ^ ((y & 1U) ? MT_MATRIX_A : 0U);
+    }
+    m->i = 0;
+}
+
+static uint32_t mt_next(struct mt *m)
+{
+    if (m->i >= MT_N)
+        mt_twist(m);
+    uint32_t y = m->s[m->i++];
+    y ^= y >> 11;
+    y ^= (y << 7) & 0x9d2c5680U;
+    y ^= (y << 15) & 0xefc60000U;
+    y ^= y >> 18;
+    return y;
+}
+
+/* Fills len bytes (a multiple of 4) with the stream, little-endian words. */
+static void mt_fill(struct mt *m, unsigned char *buf, size_t len)
+{
+    for (size_t off = 0; off < len; off += 4) {
+        uint32_t w = mt_next(m);
+        buf[off] = (unsigned char)w;
+        buf[off + 1] = (unsigned char)(w >> 8);
+        buf[off + 2] = (unsigned char)(w >> 16);
+        buf[off + 3] = (unsigned char)(w >> 24);
+    }
+}
+
+/* ---- harness plumbing ---- */
+enum { CHUNK = 1 << 20, PAGE = 4096 };
+#define HIGH_MEMORY_START (1ULL << 32) /* hot-plugged DIMMs live above 4 GiB on q35 */
+#define PAGEMAP_PRESENT (1ULL << 63)
+#define PAGEMAP_PFN_MASK ((1ULL << 55) - 1)
+
+struct opts {
+    const char *dev;
+    uint64_t size, discard_off, discard_len, zero_off, zero_len;
+    unsigned lbs, seed, round;
+    int readonly, discard_zeroes, high_buffer;
+};
+
+static int failures;
+static unsigned current_round;
+
+static void report(const char *name, int ok, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static void report(const char *name, int ok, const char *fmt, ...)
+{
+    char detail[256];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(detail, sizeof(detail), fmt, ap);
+    va_end(ap);
+    printf("VHOSTMEM-TEST r%u.%s %s %s\n", current_round, name, ok ? "PASS" : "FAIL", detail);
+    fflush(stdout);
+    if (!ok)
+        failures++;
+}
+
+/* A fresh page-aligned buffer, faulted in now so its pages exist for the pagemap check. */
+static unsigned char *alloc_buffer(size_t len)
+{
+    void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE,
+                   -1, 0);
+    if (p == MAP_FAILED) {
+        perror("vmtest: mmap");
+        exit(1);
+    }
+    return p;
+}
+
+static int full_pread(int fd, unsigned char *buf, size_t len, uint64_t off)
+{
+    ssize_t n = pread(fd, buf, len, (off_t)off);
+    return n == (ssize_t)len ? 0 : -1;
+}
+
+static int full_pwrite(int fd, const unsigned char *buf, size_t len, uint64_t off)
+{
+    ssize_t n = pwrite(fd, buf, len, (off_t)off);
+    return n == (ssize_t)len ? 0 : -1;
+}
+
+static int is_zero(const unsigned char *buf, size_t len)
+{
+    for (size_t i = 0; i < len; i++)
+        if (buf[i])
+            return 0;
+    return 1;
+}
+
+static void check_geometry(int fd, const struct opts *o)
+{
+    uint64_t bytes = 0;
+    int lbs = 0;
+    int ok = ioctl(fd, BLKGETSIZE64, &bytes) == 0 && ioctl(fd, BLKSSZGET, &lbs) == 0;
+    report("ioctl-geometry", ok && bytes == o->size && (unsigned)lbs == o->lbs,
+           "size=%llu lbs=%d expected size=%llu lbs=%u", (unsigned long long)bytes, lbs,
+           (unsigned long long)o->size, o->lbs);
+}
+
+static void check_write_pattern(int fd, const struct opts *o, unsigned char *buf)
+{
+    struct mt m;
+    mt_seed(&m, o->seed);
+    for (uint64_t off = 0; off < o->size; off += CHUNK) {
+        size_t len = o->size - off < CHUNK ? (size_t)(o->size - off) : CHUNK;
+        mt_fill(&m, buf, len);
+        if (full_pwrite(fd, buf, len, off)) {
+            report("pattern-write", 0, "offset=%llu errno=%d", (unsigned long long)off, errno);
+            return;
+        }
+    }
+    report("pattern-write", 1, "bytes=%llu seed=%u", (unsigned long long)o->size, o->seed);
+}
+
+/* Compares the disk with the pattern except the ranges the host expects to be rewritten. */
+static void check_read_pattern(int fd, const struct opts *o, unsigned char *buf,
+                               unsigned char *want)
+{
+    struct mt m;
+    mt_seed(&m, o->seed);
+    for (uint64_t off = 0; off < o->size; off += CHUNK) {
+        size_t len = o->size - off < CHUNK ? (size_t)(o->size - off) : CHUNK;
+        mt_fill(&m, want, len);
+        if (full_pread(fd, buf, len, off)) {
+            report("pattern-read", 0, "offset=%llu errno=%d", (unsigned long long)off, errno);
+            return;
+        }
+        if (memcmp(buf, want, len)) {
+            size_t i = 0;
+            while (buf[i] == want[i])
+                i++;
+            report("pattern-read", 0, "mismatch at byte %llu", (unsigned long long)(off + i));
+            return;
+        }
+    }
+    report("pattern-read", 1, "bytes=%llu seed=%u", (unsigned long long)o->size, o->seed);
+}
+
+static void check_flush(int fd, const char *name)
+{
+    int f = fsync(fd);
+    int fe = errno;
+    int b = ioctl(fd, BLKFLSBUF, 0);
+    report(name, f == 0 && b == 0, "fsync=%d(errno %d) blkflsbuf=%d(errno %d)", f,
+           f ? fe : 0, b, b ? errno : 0);
+}
+
+static void check_last_sector(int fd, const struct opts *o, unsigned char *buf,
+                              unsigned char *want)
+{
+    struct mt m;
+    uint64_t off = o->size - o->lbs;
+    mt_seed(&m, o->seed + 1);
+    mt_fill(&m, want, o->lbs);
+    if (full_pwrite(fd, want, o->lbs, off) || fdatasync(fd) || full_pread(fd, buf, o->lbs, off)) {
+        report("last-sector", 0, "offset=%llu errno=%d", (unsigned long long)off, errno);
+        return;
+    }
+    report("last-sector", !memcmp(buf, want, o->lbs), "offset=%llu", (unsigned long long)off);
+}
+
+/* The kernel must end reads at the disk's end and refuse writes beyond it. */
+static void check_past_end(int fd, const struct opts *o, unsigned char *buf)
+{
+    ssize_t at_end = pread(fd, buf, o->lbs, (off_t)o->size);
+    ssize_t straddle = pread(fd, buf, 2 * (size_t)o->lbs, (off_t)(o->size - o->lbs));
+    report("read-past-end", at_end == 0 && straddle == (ssize_t)o->lbs,
+           "read@end=%zd straddling=%zd (want 0 and %u)", at_end, straddle, o->lbs);
+    if (o->readonly)
+        return;
+    memset(buf, 0xa5, o->lbs);
+    ssize_t w = pwrite(fd, buf, o->lbs, (off_t)o->size);
+    int we = errno;
+    report("write-past-end", w < 0 && we == ENOSPC, "write@end=%zd errno=%d (want ENOSPC)", w,
+           w < 0 ? we : 0);
+}
+
+/* Reads [off, off+len) and requires zeroes; the bytes just outside must keep the pattern. */
+static int range_is_zero(int fd, uint64_t off, uint64_t len, unsigned char *buf)
+{
+    for (uint64_t pos = off; pos < off + len; pos += CHUNK) {
+        size_t n = off + len - pos < CHUNK ? (size_t)(off + len - pos) : CHUNK;
+        if (full_pread(fd, buf, n, pos) || !is_zero(buf, n))
+            return 0;
+    }
+    return 1;
+}
+
+static int neighbour_intact(int fd, const struct opts *o, uint64_t off, uint64_t len,
+                            unsigned char *buf)
+{
+    /* The sector after the range must not be zero (the pattern is random enough). */
+    if (off + len + o->lbs > o->size - o->lbs)
+        return 1;
+    return full_pread(fd, buf, o->lbs, off + len) == 0 && !is_zero(buf, o->lbs);
+}
+
+static void check_range_op(int fd, const struct opts *o, const char *name, unsigned long op,
+                           uint64_t off, uint64_t len, int need_zero, unsigned char *buf)
+{
+    uint64_t range[2] = {off, len};
+    if (!len)
+        return;
+    if (ioctl(fd, op, range)) {
+        report(name, 0, "ioctl offset=%llu len=%llu errno=%d", (unsigned long long)off,
+               (unsigned long long)len, errno);
+        return;
+    }
+    int zero = range_is_zero(fd, off, len, buf);
+    int intact = neighbour_intact(fd, o, off, len, buf);
+    report(name, (zero || !need_zero) && intact, "offset=%llu len=%llu zeroes=%d neighbour=%d",
+           (unsigned long long)off, (unsigned long long)len, zero, intact);
+}
+
+/* A read-only disk must refuse to be opened for writing, or refuse the write itself. */
+static void check_readonly(const struct opts *o, int rofd, unsigned char *buf)
+{
+    int ro = 0;
+    ioctl(rofd, BLKROGET, &ro);
+    int fd = open(o->dev, O_RDWR | O_DIRECT);
+    int open_errno = errno;
+    ssize_t w = -1;
+    int write_errno = 0;
+    if (fd >= 0) {
+        memset(buf, 0x5a, o->lbs);
+        w = pwrite(fd, buf, o->lbs, 0);
+        write_errno = errno;
+        fsync(fd);
+        close(fd);
+    }
+    report("readonly-reject", ro == 1 && w < 0,
+           "blkroget=%d open=%s(errno %d) write=%zd(errno %d)", ro, fd < 0 ? "refused" : "ok",
+           fd < 0 ? open_errno : 0, w, w < 0 ? write_errno : 0);
+}
+
+/* Counts the buffer's pages backed by memory above 4 GiB, i.e. by a hot-plugged DIMM. */
+static void check_high_buffer(const unsigned char *buf, size_t len)
+{
+    int fd = open("/proc/self/pagemap", O_RDONLY);
+    size_t high = 0, present = 0;
+    for (size_t off = 0; fd >= 0 && off < len; off += PAGE) {
+        uint64_t entry = 0;
+        off_t at = (off_t)(((uintptr_t)buf + off) / PAGE * sizeof(entry));
+        if (pread(fd, &entry, sizeof(entry), at) != sizeof(entry) || !(entry & PAGEMAP_PRESENT))
+            continue;
+        present++;
+        if ((entry & PAGEMAP_PFN_MASK) * PAGE >= HIGH_MEMORY_START)
+            high++;
+    }
+    if (fd >= 0)
+        close(fd);
+    report("hotplug-buffer", high > 0, "pages=%zu present=%zu in-hotplugged-memory=%zu",
+           len / PAGE, present, high);
+}
+
+static uint64_t num(const char *s)
+{
+    return strtoull(s, NULL, 0);
+}
+
+static void parse_range(const char *s, uint64_t *off, uint64_t *len)
+{
+    char *end;
+    *off = strtoull(s, &end, 0);
+    *len = *end == ':' ? strtoull(end + 1, NULL, 0) : 0;
+}
+
+static int parse(int argc, char **argv, struct opts *o)
+{
+    memset(o, 0, sizeof(*o));
+    o->lbs = 512;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(a, "--readonly")) o->readonly = 1;
+        else if (!strcmp(a, "--discard-zeroes")) o->discard_zeroes = 1;
+        else if (!strcmp(a, "--high-buffer")) o->high_buffer = 1;
+        else if (!v) return -1;
+        else if (!strcmp(a, "--dev")) o->dev = argv[++i];
+        else if (!strcmp(a, "--size")) o->size = num(argv[++i]);
+        else if (!strcmp(a, "--lbs")) o->lbs = (unsigned)num(argv[++i]);
+        else if (!strcmp(a, "--seed")) o->seed = (unsigned)num(argv[++i]);
+        else if (!strcmp(a, "--round")) o->round = (unsigned)num(argv[++i]);
+        else if (!strcmp(a, "--discard")) parse_range(argv[++i], &o->discard_off, &o->discard_len);
+        else if (!strcmp(a, "--zeroout")) parse_range(argv[++i], &o->zero_off, &o->zero_len);
+        else return -1;
+    }
+    return o->dev && o->size && o->lbs && o->size % o->lbs == 0 && o->lbs % 4 == 0 ? 0 : -1;
+}
+
+int main(int argc, char **argv)
+{
+    struct opts o;
+    if (parse(argc, argv, &o)) {
+        fprintf(stderr, "usage: vmtest --dev DEV --size BYTES --lbs N --seed S --round R "
+                        "[--readonly] [--discard OFF:LEN [--discard-zeroes]] [--zeroout OFF:LEN] "
+                        "[--high-buffer]\n");
+        return 2;
+    }
+    current_round = o.round;
+    int fd = open(o.dev, (o.readonly ? O_RDONLY : O_RDWR) | O_DIRECT);
+    if (fd < 0) {
+        report("open", 0, "%s errno=%d", o.dev, errno);
+        return 1;
+    }
+    unsigned char *buf = alloc_buffer(CHUNK), *want = alloc_buffer(CHUNK);
+    check_geometry(fd, &o);
+    if (o.readonly) {
+        check_readonly(&o, fd, buf);
+    } else {
+        check_write_pattern(fd, &o, buf);
+        check_flush(fd, "flush");
+    }
+    check_read_pattern(fd, &o, buf, want);
+    if (!o.readonly) {
+        check_last_sector(fd, &o, buf, want);
+        check_range_op(fd, &o, "discard", BLKDISCARD, o.discard_off, o.discard_len,
+                       o.discard_zeroes, buf);
+        check_range_op(fd, &o, "write-zeroes", BLKZEROOUT, o.zero_off, o.zero_len, 1, buf);
+        check_flush(fd, "flush-final");
+    }
+    check_past_end(fd, &o, buf);
+    if (o.high_buffer)
+        check_high_buffer(buf, CHUNK);
+    close(fd);
+    return failures ? 1 : 0;
+}
