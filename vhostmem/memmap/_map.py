@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from vhostmem.memmap._common import (
     ENTRIES,
     ENTRY_MASK,
+    L1_ENTRIES,
     MASK_2M,
     MASK_4K,
     PAGE_2M,
@@ -48,6 +49,14 @@ if TYPE_CHECKING:
 _SPLIT: Any = object()
 # Bits between a 2 MiB frame number and its 1 GiB table index.
 _FRAME_TO_TABLE = SHIFT_1G - SHIFT_2M
+# Beyond the 2^18 real slots, as many again point at a table of markers: an address in
+# [2^48, 2^49) or a small negative one (a negative index counts from the end) lands there and
+# takes the slow path, which rejects it; anything further out raises IndexError.
+_GUARD_TABLE: list[Any] = [_SPLIT] * ENTRIES
+
+
+def _new_l1(shared: list[int]) -> list[list[int]]:
+    return [shared] * L1_ENTRIES + [_GUARD_TABLE] * L1_ENTRIES
 
 
 class MemMap:
@@ -74,7 +83,7 @@ class MemMap:
         self.ctx = ctx
         self._are_contiguous = self.ops.are_contiguous
         self._default_table: list[int] = [self._default] * ENTRIES
-        self._l1: list[list[int]] = [self._default_table] * (1 << (VA_BITS - SHIFT_1G))
+        self._l1 = _new_l1(self._default_table)
         self._split: dict[int, list[int]] = {}
         self._lock = threading.Lock()
         self._mirror: Mirror | None = None
@@ -88,9 +97,10 @@ class MemMap:
 
     def lookup(self, vaddr: int) -> int:
         """Translation of ``vaddr`` only: the cheapest lookup (no size, no tuple)."""
-        if vaddr >> VA_BITS:
-            raise bad_vaddr(vaddr)
-        value = self._l1[vaddr >> SHIFT_1G][(vaddr >> SHIFT_2M) & ENTRY_MASK]
+        try:
+            value = self._l1[vaddr >> SHIFT_1G][(vaddr >> SHIFT_2M) & ENTRY_MASK]
+        except IndexError:
+            raise bad_vaddr(vaddr) from None
         if value is _SPLIT:
             return self._lookup_split(vaddr)[0]
         return value
@@ -103,9 +113,10 @@ class MemMap:
         ``are_contiguous(prev, cur)`` holds, capped at ``size`` (no extension for the default
         translation or without ``are_contiguous``, as in SPDK).
         """
-        if vaddr >> VA_BITS:
-            raise bad_vaddr(vaddr)
-        value = self._l1[vaddr >> SHIFT_1G][(vaddr >> SHIFT_2M) & ENTRY_MASK]
+        try:
+            value = self._l1[vaddr >> SHIFT_1G][(vaddr >> SHIFT_2M) & ENTRY_MASK]
+        except IndexError:
+            raise bad_vaddr(vaddr) from None
         if value is _SPLIT:
             value, cur = self._lookup_split(vaddr)
         else:
@@ -117,6 +128,10 @@ class MemMap:
         return value, self._extend(vaddr + cur, value, cur, size)
 
     def _lookup_split(self, vaddr: int) -> tuple[int, int]:
+        """Slow path: a split entry, or an address outside the 48-bit space (whose top-level
+        slot holds the ``_SPLIT`` marker so the fast path needs no range test)."""
+        if vaddr >> VA_BITS:
+            raise bad_vaddr(vaddr)
         try:
             sub = self._split[vaddr >> SHIFT_2M]
         except KeyError:  # a writer collapsed the entry after we read the marker: read again
@@ -269,7 +284,7 @@ class MemMap:
         """How many 1 GiB tables and split 2 MiB entries this map holds."""
         shared = self._default_table
         return {
-            "tables": sum(1 for table in self._l1 if table is not shared),
+            "tables": sum(1 for table in self._l1[:L1_ENTRIES] if table is not shared),
             "split_entries": len(self._split),
         }
 
@@ -277,6 +292,6 @@ class MemMap:
         """Drop every table (after ``MemRegistry.free_map``); later writes raise EINVAL."""
         with self._lock:
             self._freed = True
-            self._l1 = [self._default_table] * len(self._l1)
+            self._l1 = _new_l1(self._default_table)
             self._split = {}
             self._mirror = None
