@@ -60,7 +60,8 @@ class Mirror:
     # ----------------------------------------------------------------- dirty tracking
 
     def mark_all(self, l1: list[list[int]], shared: list[int], split: dict[int, Any]) -> None:
-        self.dirty_tables.update(i for i, table in enumerate(l1) if table is not shared)
+        self.dirty_tables.update(
+            i for i, table in enumerate(l1[:_L1_ENTRIES]) if table is not shared)
         self.dirty_frames.update(split)
 
     def mark_tables(self, indexes: Iterable[int]) -> None:
