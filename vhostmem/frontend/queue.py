@@ -35,7 +35,7 @@ from vhostmem.frontend.ring import (
     SplitRing,
 )
 
-DEFAULT_MAX_DATA = 128 * 1024
+DEFAULT_MAX_DATA = 64 * 1024
 DEFAULT_MAX_TABLE = 64  # indirect-table entries per slot
 DEFAULT_TIMEOUT = 5.0
 
@@ -55,9 +55,9 @@ class QueueFullError(RingError):
 class Request:
     """A reusable request slot: its buffers, its descriptors, and the last completion."""
 
-    __slots__ = ("_mm", "_status_off", "capacity", "data_gpa", "descs", "done", "head",
-                 "header_gpa", "in_gpa", "in_len", "index", "key", "out_len", "status_gpa",
-                 "table_gpa", "used_len")
+    __slots__ = ("_hdr_mm", "_hdr_off", "_mm", "_status_off", "capacity", "data_gpa", "descs",
+                 "done", "head", "header_gpa", "in_gpa", "in_len", "index", "key", "out_len",
+                 "status_gpa", "table_gpa", "used_len")
 
     def __init__(self, ram: GuestRam, index: int, capacity: int) -> None:
         # Header ends where the page-aligned data begins so header+data can share a descriptor.
@@ -72,7 +72,8 @@ class Request:
         self.status_gpa = self.data_gpa
         self.done, self.used_len = False, 0
         region, self._status_off = ram.locate(self.data_gpa)
-        self._mm = region.mm
+        self._mm = self._hdr_mm = region.mm
+        self._hdr_off = self._status_off - HEADER_SIZE
 
     def set_status_gpa(self, ram: GuestRam, gpa: int) -> None:
         self.status_gpa = gpa
@@ -109,7 +110,7 @@ class BlkQueue:
             self._idle.append(req)
             raise ValueError(f"request payload {out_len + in_len} exceeds slot capacity "
                              f"{req.capacity}")
-        HEADER.pack_into(req._mm, req._status_off - HEADER_SIZE, type_, 0, sector)
+        HEADER.pack_into(req._hdr_mm, req._hdr_off, type_, 0, sector)
         if data is not None:
             self.ram.write(req.data_gpa, data)
         key = (out_len, in_len, layout)
@@ -285,9 +286,10 @@ class BlkQueue:
         self._checked("flush", BlkType.FLUSH, layout=layout)
 
     def get_id(self, layout: Layout = STANDARD) -> bytes:
-        """The device's serial: up to 20 bytes, NUL padding stripped."""
+        """The device's serial: up to 20 bytes, cut at the first NUL (the device writes only the
+        string and its terminator, so later bytes are stale buffer contents)."""
         raw = self._checked("get-id", BlkType.GET_ID, in_len=BLK_ID_BYTES, layout=layout)
-        return raw.rstrip(b"\0")
+        return raw.split(b"\0", 1)[0]
 
     def discard(self, sector: int, num_sectors: int, layout: Layout = STANDARD) -> None:
         self._checked("discard", BlkType.DISCARD, data=discard_segment(sector, num_sectors),

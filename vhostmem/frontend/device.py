@@ -1,0 +1,228 @@
+"""`VhostUserBlk`: the whole fake guest for one vhost-user-blk backend, in QEMU's order:
+SET_OWNER, feature and protocol-feature negotiation, memory table (SET_MEM_TABLE or ADD_MEM_REG),
+then per queue SET_VRING_NUM/BASE/ADDR/CALL/ERR/KICK and SET_VRING_ENABLE; GET_VRING_BASE stops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Literal
+
+from protocol import BlkFeature, ProtocolFeature, VirtioFeature
+from vhostmem.frontend.blk import CONFIG_SIZE, parse_blk_config
+from vhostmem.frontend.client import DEFAULT_TIMEOUT, VhostUserClient, VhostUserError
+from vhostmem.frontend.memory import GuestRam, GuestRegion
+from vhostmem.frontend.queue import DEFAULT_MAX_DATA, BlkQueue
+from vhostmem.frontend.ring import EventFd, SplitRing
+
+DEFAULT_RAM_SIZE = 64 << 20
+DEFAULT_QUEUE_SIZE = 128
+
+# virtio device status bits (virtio 1.2, 2.1), for SET_STATUS.
+STATUS_ACKNOWLEDGE = 1
+STATUS_DRIVER = 2
+STATUS_DRIVER_OK = 4
+STATUS_FEATURES_OK = 8
+STATUS_RUNNING = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK
+
+
+def _mask(*bits: int) -> int:
+    out = 0
+    for bit in bits:
+        out |= 1 << bit
+    return out
+
+
+# What this driver can handle; anything else a backend offers is left unacked.
+SUPPORTED_FEATURES = _mask(
+    VirtioFeature.VERSION_1, VirtioFeature.VHOST_USER_F_PROTOCOL_FEATURES,
+    VirtioFeature.INDIRECT_DESC, VirtioFeature.EVENT_IDX,
+    BlkFeature.SIZE_MAX, BlkFeature.SEG_MAX, BlkFeature.GEOMETRY, BlkFeature.RO,
+    BlkFeature.BLK_SIZE, BlkFeature.FLUSH, BlkFeature.TOPOLOGY, BlkFeature.CONFIG_WCE,
+    BlkFeature.MQ, BlkFeature.DISCARD, BlkFeature.WRITE_ZEROES)
+SUPPORTED_PROTOCOL_FEATURES = _mask(
+    ProtocolFeature.MQ, ProtocolFeature.REPLY_ACK, ProtocolFeature.CONFIG,
+    ProtocolFeature.RESET_DEVICE, ProtocolFeature.CONFIGURE_MEM_SLOTS, ProtocolFeature.STATUS)
+
+MemMode = Literal["table", "slots"]
+
+
+@dataclass
+class QueueState:
+    ring: SplitRing
+    kick: EventFd
+    call: EventFd
+    err: EventFd
+    queue: BlkQueue | None = None
+    started: bool = False
+
+
+@dataclass
+class Offer:
+    """What the backend offered during negotiation."""
+
+    features: int = 0
+    protocol_features: int = 0
+    queue_num: int = 1
+    max_mem_slots: int = 0
+    regions_sent: list[GuestRegion] = field(default_factory=list)
+
+
+class VhostUserBlk:
+    """A connected, negotiated vhost-user-blk device with its guest RAM and queues."""
+
+    def __init__(self, client: VhostUserClient, ram: GuestRam, *, own_ram: bool = False) -> None:
+        self.client, self.ram, self._own_ram = client, ram, own_ram
+        self.offer = Offer()
+        self.queues: dict[int, QueueState] = {}
+
+    @classmethod
+    def open(cls, socket_path: str, *, ram: GuestRam | None = None,
+             ram_size: int = DEFAULT_RAM_SIZE, features: int | None = None,
+             event_idx: bool = True, indirect: bool = True,
+             protocol_features: int | None = None, mem: MemMode = "table",
+             timeout: float = DEFAULT_TIMEOUT) -> VhostUserBlk:
+        """Connect, negotiate and send the memory table; queues are started separately."""
+        own = ram is None
+        if ram is None:
+            ram = GuestRam()
+            ram.add_region(0, ram_size)
+        try:
+            dev = cls(VhostUserClient.connect(socket_path, timeout=timeout), ram, own_ram=own)
+        except BaseException:
+            if own:
+                ram.close()
+            raise
+        try:
+            dev.negotiate(features, protocol_features, event_idx=event_idx, indirect=indirect)
+            dev.send_memory(mem)
+        except BaseException:
+            dev.close()
+            raise
+        return dev
+
+    # -- negotiation -------------------------------------------------------------------------
+    def negotiate(self, features: int | None = None, protocol_features: int | None = None, *,
+                  event_idx: bool = True, indirect: bool = True) -> int:
+        """SET_OWNER, GET_FEATURES, protocol features, GET_QUEUE_NUM, GET_MAX_MEM_SLOTS,
+        SET_FEATURES. `features=None` acks everything offered that the driver supports."""
+        c, o = self.client, self.offer
+        c.set_owner()
+        o.features = c.get_features()
+        if o.features >> VirtioFeature.VHOST_USER_F_PROTOCOL_FEATURES & 1:
+            o.protocol_features = c.get_protocol_features()
+            want = SUPPORTED_PROTOCOL_FEATURES if protocol_features is None else protocol_features
+            c.set_protocol_features(o.protocol_features & want)
+            if c.has_protocol(ProtocolFeature.MQ):
+                o.queue_num = c.get_queue_num()
+            if c.has_protocol(ProtocolFeature.CONFIGURE_MEM_SLOTS):
+                o.max_mem_slots = c.get_max_mem_slots()
+        if features is None:
+            features = o.features & SUPPORTED_FEATURES
+            if not event_idx:
+                features &= ~(1 << VirtioFeature.EVENT_IDX)
+            if not indirect:
+                features &= ~(1 << VirtioFeature.INDIRECT_DESC)
+        c.set_features(features)
+        return features
+
+    def has_feature(self, bit: int) -> bool:
+        return bool(self.client.features >> bit & 1)
+
+    # -- memory ------------------------------------------------------------------------------
+    def send_memory(self, mem: MemMode = "table") -> None:
+        """Announce every guest region: one SET_MEM_TABLE, or one ADD_MEM_REG each."""
+        regions = list(self.ram.regions)
+        if mem == "slots":
+            if not self.client.has_protocol(ProtocolFeature.CONFIGURE_MEM_SLOTS):
+                raise VhostUserError("ADD_MEM_REG needs CONFIGURE_MEM_SLOTS, not negotiated")
+            for r in regions:
+                self.client.add_mem_reg(r.as_dict(), r.fd)
+        else:
+            self.client.set_mem_table([r.as_dict() for r in regions], [r.fd for r in regions])
+        self.offer.regions_sent = regions
+
+    def add_region(self, region: GuestRegion) -> None:
+        self.client.add_mem_reg(region.as_dict(), region.fd)
+
+    def remove_region(self, region: GuestRegion) -> None:
+        self.client.rem_mem_reg(region.as_dict())
+
+    # -- queues ------------------------------------------------------------------------------
+    def start_queue(self, index: int, *, size: int = DEFAULT_QUEUE_SIZE, depth: int | None = None,
+                    max_data: int = DEFAULT_MAX_DATA, base: int = 0) -> BlkQueue:
+        """Lay out a split ring in guest RAM and hand it to the backend."""
+        if index in self.queues:
+            raise VhostUserError(f"queue {index} is already set up")
+        ring = SplitRing(self.ram, size, event_idx=self.has_feature(VirtioFeature.EVENT_IDX))
+        state = QueueState(ring, EventFd(), EventFd(), EventFd())
+        self.queues[index] = state
+        state.queue = BlkQueue(self.ram, ring, state.kick, state.call, depth=depth,
+                               max_data=max_data)
+        self._program_ring(index, state, base)
+        return state.queue
+
+    def _program_ring(self, index: int, st: QueueState, base: int) -> None:
+        c, ring = self.client, st.ring
+        c.set_vring_num(index, ring.num)
+        c.set_vring_base(index, base)
+        ring.next_avail = ring.published = ring.last_used = base
+        c.set_vring_addr(index, self.ram.host_address(ring.addr.desc),
+                         self.ram.host_address(ring.addr.used),
+                         self.ram.host_address(ring.addr.avail))
+        c.set_vring_call(index, st.call.fd)
+        c.set_vring_err(index, st.err.fd)
+        c.set_vring_kick(index, st.kick.fd)
+        if self.has_feature(VirtioFeature.VHOST_USER_F_PROTOCOL_FEATURES):
+            c.set_vring_enable(index, True)
+        st.started = True
+
+    def stop_queue(self, index: int) -> int:
+        """GET_VRING_BASE: the backend stops the ring and returns its next avail index."""
+        st = self.queues[index]
+        if self.has_feature(VirtioFeature.VHOST_USER_F_PROTOCOL_FEATURES):
+            self.client.set_vring_enable(index, False)
+        base = self.client.get_vring_base(index)
+        st.started = False
+        return base
+
+    def resume_queue(self, index: int, base: int) -> BlkQueue:
+        """Re-program a stopped queue from `base` (what GET_VRING_BASE returned)."""
+        st = self.queues[index]
+        self._program_ring(index, st, base)
+        assert st.queue is not None
+        return st.queue
+
+    def queue(self, index: int = 0) -> BlkQueue:
+        q = self.queues[index].queue
+        assert q is not None
+        return q
+
+    # -- config and status -------------------------------------------------------------------
+    def config(self) -> dict[str, int]:
+        return parse_blk_config(self.client.get_config(0, CONFIG_SIZE))
+
+    def set_running(self) -> None:
+        """SET_STATUS with DRIVER_OK, when the STATUS protocol feature is negotiated."""
+        if self.client.has_protocol(ProtocolFeature.STATUS):
+            self.client.set_status(STATUS_RUNNING)
+
+    # -- lifetime ----------------------------------------------------------------------------
+    def close(self) -> None:
+        """Drop the connection (the backend sees a disconnect) and free everything."""
+        self.client.close()
+        for st in self.queues.values():
+            for fd in (st.kick, st.call, st.err):
+                fd.close()
+            with contextlib.suppress(Exception):
+                st.ring.free()
+        self.queues.clear()
+        if self._own_ram:
+            self.ram.close()
+
+    def __enter__(self) -> VhostUserBlk:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
