@@ -5,7 +5,6 @@ then per queue SET_VRING_NUM/BASE/ADDR/CALL/ERR/KICK and SET_VRING_ENABLE; GET_V
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -215,7 +214,9 @@ class VhostUserBlk:
         for st in self.queues.values():
             for fd in (st.kick, st.call, st.err):
                 fd.close()
-            with contextlib.suppress(Exception):
+            if not self._own_ram:  # a shared GuestRam gets its memory back
+                if st.queue is not None:
+                    st.queue.close()
                 st.ring.free()
         self.queues.clear()
         if self._own_ram:

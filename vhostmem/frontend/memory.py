@@ -266,6 +266,10 @@ class GuestRam:
     def free(self, gpa: int) -> None:
         self._alloc.release(gpa)
 
+    def free_bytes(self) -> int:
+        """Unallocated guest memory, summed over all regions."""
+        return sum(e.size for e in self._alloc.free)
+
     # -- lifetime --------------------------------------------------------------------------
     def close(self) -> None:
         regions, self.regions = self.regions, []

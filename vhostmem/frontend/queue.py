@@ -258,6 +258,14 @@ class BlkQueue:
     def poll_pending(self) -> bool:
         return self.ring.pending_used() > 0
 
+    def close(self) -> None:
+        """Give every slot's buffers back to the guest-RAM allocator."""
+        for req in self.slots:
+            self.ram.free(req.header_gpa + HEADER_SIZE - PAGE_SIZE)
+            if req.table_gpa:
+                self.ram.free(req.table_gpa)
+        self.slots, self._idle = [], []
+
     @property
     def in_flight(self) -> int:
         return len(self.slots) - len(self._idle)

@@ -10,6 +10,7 @@ import pytest
 from protocol import BlkFeature, ProtocolFeature, VirtioFeature
 from tests.peers import QSD_SERIAL
 from vhostmem.frontend.blk import (
+    CONFIG_FIELDS,
     INDIRECT,
     MERGED,
     SECTOR_SIZE,
@@ -20,6 +21,7 @@ from vhostmem.frontend.blk import (
     blk_header,
 )
 from vhostmem.frontend.device import VhostUserBlk
+from vhostmem.frontend.loadgen import random_reads
 from vhostmem.frontend.memory import PAGE_SIZE, GuestRam
 from vhostmem.frontend.ring import VIRTQ_DESC_F_WRITE
 
@@ -257,3 +259,33 @@ async def test_async_wait(qsd) -> None:
         while not req.done:
             done += await q.wait_async(5.0)
         assert req in done and dev.ram.read(req.in_gpa, 1024) == peer.initial[1024:2048]
+
+
+def test_set_config_writeback(qsd) -> None:
+    with VhostUserBlk.open(qsd().socket_path) as dev:
+        offset = CONFIG_FIELDS["writeback"][0]
+        for value in (1, 0):
+            dev.client.set_config(offset, bytes([value]))
+            assert dev.config()["writeback"] == value
+
+
+def test_open_close_leaks_no_fd_and_returns_shared_ram(qsd) -> None:
+    peer = qsd()
+    with GuestRam() as ram:
+        ram.add_region(0, 32 * MIB)
+        before_fds = len(os.listdir("/proc/self/fd"))
+        free_before = ram.free_bytes()
+        for mem in ("table", "slots"):
+            with VhostUserBlk.open(peer.socket_path, ram=ram, mem=mem) as dev:
+                dev.start_queue(0, depth=8).read(0, 512)
+        assert len(os.listdir("/proc/self/fd")) == before_fds
+        assert ram.free_bytes() == free_before
+
+
+def test_load_generator_batches_kicks(qsd) -> None:
+    peer = qsd()
+    with VhostUserBlk.open(peer.socket_path) as dev:
+        q = dev.start_queue(0, size=256, depth=32, max_data=4096)
+        result = random_reads(q, dev.config()["capacity"], qd=32, seconds=0.3)
+        assert result.ops > 32 and result.kicks < result.ops
+        assert q.in_flight == 0 and q.read(0, 512) == peer.initial[:512]
