@@ -16,6 +16,7 @@ import json
 import lzma
 import os
 import re
+import shutil
 import struct
 import subprocess
 import tempfile
@@ -119,8 +120,9 @@ def _resolve_kernel_package() -> str:
             match = re.search(r"Depends: (linux-image-\S+)", proc.stdout)
             if match:
                 return match.group(1)
-        if attempt == 0:
-            _run(["apt-get", "update", "-qq"])
+        if attempt == 0:  # a fresh machine may have no package lists yet
+            sudo = [] if os.geteuid() == 0 or not shutil.which("sudo") else ["sudo"]
+            _run([*sudo, "apt-get", "update", "-qq"])
     raise AssetError(f"none of {KERNEL_METAPACKAGES} is known to apt")
 
 
@@ -217,6 +219,7 @@ def build_vmtest() -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _prune(out, "vmtest-*")
     return out
 
 
@@ -280,7 +283,15 @@ def build_initramfs(kernel_dir: Path) -> Path:
     for name, data in modules:
         cpio.file(f"modules/{name}.ko", data, 0o644)
     _atomic_write(out, gzip.compress(cpio.finish(), compresslevel=GZIP_LEVEL))
+    _prune(out, "initramfs-*.cpio.gz")
     return out
+
+
+def _prune(keep: Path, pattern: str) -> None:
+    """Drops stale builds of an artefact (older init scripts or sources)."""
+    for old in CACHE_DIR.glob(pattern):
+        if old != keep:
+            old.unlink(missing_ok=True)
 
 
 def prepare() -> GuestAssets:

@@ -7,6 +7,9 @@ command -v qemu-storage-daemon >/dev/null || need+=(qemu-system-common)
 command -v qemu-img >/dev/null || need+=(qemu-utils)
 [ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -qx blkdiscard || need+=(busybox-static)
 command -v cpio >/dev/null || need+=(cpio)
+# The guest's checker (qemu/guest/vmtest.c) is compiled statically on the host.
+command -v gcc >/dev/null || need+=(gcc)
+[ -f /usr/lib/x86_64-linux-gnu/libc.a ] || need+=(libc6-dev)
 if [ ${#need[@]} -gt 0 ]; then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"

@@ -362,9 +362,26 @@ static int parse(int argc, char **argv, struct opts *o)
     return o->dev && o->size && o->lbs && o->size % o->lbs == 0 && o->lbs % 4 == 0 ? 0 : -1;
 }
 
+/* `vmtest --dump-pattern SEED LEN`: the raw stream on stdout, for the host's own tests. */
+static int dump_pattern(uint32_t seed, uint64_t len)
+{
+    static unsigned char chunk[CHUNK];
+    struct mt m;
+    mt_seed(&m, seed);
+    for (uint64_t done = 0; done < len; done += CHUNK) {
+        size_t n = len - done < CHUNK ? (size_t)(len - done) : CHUNK;
+        mt_fill(&m, chunk, n);
+        if (fwrite(chunk, 1, n, stdout) != n)
+            return 1;
+    }
+    return fflush(stdout) ? 1 : 0;
+}
+
 int main(int argc, char **argv)
 {
     struct opts o;
+    if (argc == 4 && !strcmp(argv[1], "--dump-pattern") && num(argv[3]) % 4 == 0)
+        return dump_pattern((uint32_t)num(argv[2]), num(argv[3]));
     if (parse(argc, argv, &o)) {
         fprintf(stderr, "usage: vmtest --dev DEV --size BYTES --lbs N --seed S --round R "
                         "[--readonly] [--discard OFF:LEN [--discard-zeroes]] [--zeroout OFF:LEN] "
