@@ -148,6 +148,9 @@ class Virtqueue:
         self._used_hdr: memoryview | None = None
         self._used_ring: memoryview | None = None
         self._avail_event: memoryview | None = None
+        # Requests handed to other threads (io_mode="thread"); stop() waits for them.
+        self.inflight = 0
+        self._idle = threading.Condition(threading.Lock())
 
     # ------------------------------------------------------------ configuration
 
@@ -227,7 +230,33 @@ class Virtqueue:
         self.started = True
 
     def stop(self) -> None:
+        """Stop processing; returns once requests in flight on other threads completed, so
+        that GET_VRING_BASE reports a ring whose used entries are all written."""
         self.started = False
+        self.wait_idle()
+
+    # ------------------------------------------------------- requests in flight
+
+    def hold(self) -> None:
+        """A popped chain is handed to another thread; it ends with :meth:`complete`."""
+        with self._idle:
+            self.inflight += 1
+
+    def complete(self, head: int, written_len: int) -> None:
+        """Thread-safe ``push_used`` + ``notify`` for a chain taken with :meth:`hold`."""
+        with self._idle:
+            try:
+                self.push_used(head, written_len)
+                self.notify()
+            finally:
+                self.inflight -= 1
+                if not self.inflight:
+                    self._idle.notify_all()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until no request is in flight; False on timeout."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self.inflight == 0, timeout)
 
     def ring_overlaps(self, gpa: int, size: int) -> bool:
         """Whether any ring structure lies in [gpa, gpa + size)."""

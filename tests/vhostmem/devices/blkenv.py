@@ -97,6 +97,7 @@ class BlkDriver:
     def run(self, queue: int = 0) -> dict[int, tuple[int, int]]:
         """Let the device serve the queue; returns head -> (status byte, used len)."""
         self.device.handle_queue(self.queues[queue])
+        assert self.queues[queue].wait_idle(10), "requests still in flight"  # io_mode="thread"
         out = {}
         for head, used_len in self.rings[queue].take_used():
             status = self.pending.pop((queue, head))

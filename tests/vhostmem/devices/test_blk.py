@@ -55,9 +55,9 @@ def image(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.fixture
-def drv(image: Path) -> Iterator[BlkDriver]:
-    d = BlkDriver(BlkDevice(open_image(str(image))))
+@pytest.fixture(params=["inline", "thread"])
+def drv(image: Path, request: pytest.FixtureRequest) -> Iterator[BlkDriver]:
+    d = BlkDriver(BlkDevice(open_image(str(image)), io_mode=request.param))
     yield d
     d.close()
     d.device.close()
@@ -197,6 +197,7 @@ def test_short_header_is_ioerr(drv: BlkDriver) -> None:
     status = drv.buffer(bytes([STATUS_UNWRITTEN]))
     head = drv.rings[0].add([(hdr, 12, False), (status, 1, True)])
     drv.device.handle_queue(drv.queues[0])
+    drv.queues[0].wait_idle(10)
     assert drv.rings[0].take_used() == [(head, 1)]
     assert drv.ram.read(status, 1)[0] == VIRTIO_BLK_S_IOERR
 
@@ -205,6 +206,7 @@ def test_no_writable_byte_completes_empty(drv: BlkDriver) -> None:
     hdr = drv.buffer(struct.pack("<IIQ", VIRTIO_BLK_T_FLUSH, 0, 0))
     head = drv.rings[0].add([(hdr, 16, False)])
     drv.device.handle_queue(drv.queues[0])
+    drv.queues[0].wait_idle(10)
     assert drv.rings[0].take_used() == [(head, 0)]
 
 
@@ -213,6 +215,7 @@ def test_status_at_end_of_larger_writable(drv: BlkDriver, image: Path) -> None:
     buf = drv.buffer(b"\xee" * 1025)
     head = drv.rings[0].add([(hdr, 16, False), (buf, 1025, True)])
     drv.device.handle_queue(drv.queues[0])
+    drv.queues[0].wait_idle(10)
     assert drv.rings[0].take_used() == [(head, 1025)]
     assert drv.ram.read(buf, 1024) == file_bytes(image, 1024, 1024)
     assert drv.ram.read(buf + 1024, 1)[0] == VIRTIO_BLK_S_OK
@@ -332,6 +335,7 @@ def test_broken_queue_does_not_crash_device(drv: BlkDriver) -> None:
     ring.write_desc(1, hdr, 16, 1, 0)  # NEXT -> 0: a loop
     ring.publish(0)
     drv.device.handle_queue(drv.queues[0])
+    drv.queues[0].wait_idle(10)
     assert drv.queues[0].broken and "loops" in drv.queues[0].broken_reason
     assert ring.used_idx() == 0
 
@@ -379,3 +383,43 @@ def test_writethrough_write_still_lands(drv: BlkDriver, image: Path) -> None:
     payload = pattern(512, seed=5)
     assert drv.one(VIRTIO_BLK_T_OUT, 1, payload=payload)[0] == VIRTIO_BLK_S_OK
     assert file_bytes(image, 512, 512) == payload
+
+
+def test_thread_mode_stop_waits_for_inflight(image: Path) -> None:
+    d = BlkDriver(BlkDevice(open_image(str(image)), io_mode="thread", io_threads=2), num=256)
+    try:
+        heads = [
+            d.submit(VIRTIO_BLK_T_IN, 8 * i, read_len=4096, layout="indirect")[0]
+            for i in range(200)
+        ]
+        d.device.handle_queue(d.queues[0])
+        d.queues[0].stop()  # what GET_VRING_BASE does
+        assert d.queues[0].inflight == 0
+        assert d.rings[0].used_idx() == 200  # every completion is in the ring already
+        assert d.queues[0].get_base() == 200
+        used = dict(d.rings[0].take_used())
+        assert sorted(used) == sorted(heads) and set(used.values()) == {4097}
+    finally:
+        d.close()
+        d.device.close()
+
+
+def test_unknown_io_mode() -> None:
+    with pytest.raises(ValueError, match="io_mode"):
+        BlkDevice(ram_disk(4096), io_mode="aio")
+
+
+def test_constructors(image: Path) -> None:
+    dev = BlkDevice.from_file(str(image), readonly=True, num_queues=2, serial="abc")
+    try:
+        assert dev.readonly and dev.num_queues == 2 and dev.capacity == SECTORS
+        assert dev.serial.rstrip(b"\0") == b"abc"
+    finally:
+        dev.close()
+    dev = BlkDevice.from_ram(8 * DISK)
+    try:
+        assert not dev.readonly and dev.capacity == 8 * SECTORS
+    finally:
+        dev.close()
+    with pytest.raises(FileNotFoundError):
+        BlkDevice.from_file(str(image) + ".missing")
