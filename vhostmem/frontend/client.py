@@ -206,7 +206,7 @@ class VhostUserClient:
         self.call(FrontendRequest.ADD_MEM_REG, {"padding": 0, "region": region}, [fd])
 
     def rem_mem_reg(self, region: dict[str, int], fd: int | None = None) -> None:
-        # QEMU passes the region's fd along; backends must close it, so it is optional.
+        # The spec says no fd SHOULD come with it (backends MAY accept one); default none.
         self.call(FrontendRequest.REM_MEM_REG, {"padding": 0, "region": region},
                   [] if fd is None else [fd])
 

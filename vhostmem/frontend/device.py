@@ -177,10 +177,11 @@ class VhostUserBlk:
             c.set_vring_enable(index, True)
         st.started = True
 
-    def stop_queue(self, index: int) -> int:
-        """GET_VRING_BASE: the backend stops the ring and returns its next avail index."""
+    def stop_queue(self, index: int, *, disable: bool = True) -> int:
+        """GET_VRING_BASE: the backend stops the ring and returns its next avail index.
+        Like QEMU, first SET_VRING_ENABLE 0 when PROTOCOL_FEATURES is negotiated."""
         st = self.queues[index]
-        if self.has_feature(VirtioFeature.VHOST_USER_F_PROTOCOL_FEATURES):
+        if disable and self.has_feature(VirtioFeature.VHOST_USER_F_PROTOCOL_FEATURES):
             self.client.set_vring_enable(index, False)
         base = self.client.get_vring_base(index)
         st.started = False

@@ -93,10 +93,9 @@ class RingAddresses:
     used: int
 
 
-def ring_sizes(num: int, event_idx: bool = True) -> tuple[int, int, int]:
+def ring_sizes(num: int) -> tuple[int, int, int]:
     """Byte sizes of (descriptor table, avail ring, used ring); the event trailers are always
     reserved so the same memory works with EVENT_IDX on or off."""
-    del event_idx
     return (DESC_SIZE * num, RING_HEADER + AVAIL_ENTRY * num + EVENT_FIELD,
             RING_HEADER + USED_ENTRY * num + EVENT_FIELD)
 
