@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import select
 import struct
+import threading
 from dataclasses import dataclass
 
 from vhostmem.frontend.memory import GuestRam, GuestRegion
@@ -40,6 +41,16 @@ _DESC = struct.Struct("<QIHH")
 _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
 EVENTFD_WORD = 8  # an eventfd read/write moves one u64
+
+
+_FENCE = threading.Lock()
+
+
+def memory_barrier() -> None:
+    """A full CPU memory barrier: taking a lock is an atomic read-modify-write (LOCK-prefixed on
+    x86), which no load may pass. Python offers no fence instruction of its own."""
+    _FENCE.acquire()
+    _FENCE.release()
 
 
 class RingError(Exception):
@@ -236,6 +247,9 @@ class SplitRing:
         self.published = new
         if old == new:
             return False
+        # Store idx, then load avail_event/flags: a store-load pair the CPU may reorder, which
+        # would lose a kick when the device goes idle at the same moment.
+        memory_barrier()
         if self.event_idx:
             return vring_need_event(self.avail_event, new, old)
         return not self.used_flags & VIRTQ_USED_F_NO_NOTIFY
@@ -246,12 +260,21 @@ class SplitRing:
     def pop_used(self, limit: int = MAX_QUEUE_SIZE) -> list[tuple[int, int]]:
         """Reap up to `limit` completions; with EVENT_IDX re-arm used_event for the next one."""
         out: list[tuple[int, int]] = []
-        used_idx = self.used_idx
-        while self.last_used != used_idx and len(out) < limit:
-            out.append(self.read_used(self.last_used))
-            self.last_used = (self.last_used + 1) & U16_MASK
-        if self.event_idx:
-            self.used_event = self.last_used
+        while len(out) < limit:
+            used_idx = self.used_idx
+            if self.last_used == used_idx:
+                if not self.event_idx:
+                    break
+                # Re-arm, then look again: without the barrier the device could miss the new
+                # used_event while we miss its new used.idx, and nobody would wake us.
+                self.used_event = self.last_used
+                memory_barrier()
+                if self.used_idx == used_idx:
+                    break
+                continue
+            while self.last_used != used_idx and len(out) < limit:
+                out.append(self.read_used(self.last_used))
+                self.last_used = (self.last_used + 1) & U16_MASK
         return out
 
     def set_interrupts(self, enabled: bool) -> None:

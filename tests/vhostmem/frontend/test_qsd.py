@@ -282,10 +282,12 @@ def test_open_close_leaks_no_fd_and_returns_shared_ram(qsd) -> None:
         assert ram.free_bytes() == free_before
 
 
-def test_load_generator_batches_kicks(qsd) -> None:
+@pytest.mark.parametrize(("size", "qd", "layout"), [(256, 32, STANDARD), (128, 128, INDIRECT)])
+def test_load_generator_batches_kicks(qsd, size: int, qd: int, layout: Layout) -> None:
+    """A full ring with EVENT_IDX is where a missing store-load barrier loses a wakeup."""
     peer = qsd()
     with VhostUserBlk.open(peer.socket_path) as dev:
-        q = dev.start_queue(0, size=256, depth=32, max_data=4096)
-        result = random_reads(q, dev.config()["capacity"], qd=32, seconds=0.3)
-        assert result.ops > 32 and result.kicks < result.ops
+        q = dev.start_queue(0, size=size, depth=qd, max_data=4096)
+        result = random_reads(q, dev.config()["capacity"], qd=qd, seconds=1.0, layout=layout)
+        assert result.ops > qd and result.kicks < result.ops
         assert q.in_flight == 0 and q.read(0, 512) == peer.initial[:512]
