@@ -203,18 +203,18 @@ def _parse_view(view: memoryview, nfds: int, sender: str) -> tuple[IntEnum, int,
     number, flags, size = HEADER.unpack_from(view, 0)
     if size > MAX_PAYLOAD_SIZE:
         raise ProtocolError(
-            _name_or_number(number, flags, sender), f"size {size} > {MAX_PAYLOAD_SIZE}"
+            name_or_number(number, flags, sender), f"size {size} > {MAX_PAYLOAD_SIZE}"
         )
     if len(view) != HEADER_SIZE + size:
         raise ProtocolError(
-            _name_or_number(number, flags, sender),
+            name_or_number(number, flags, sender),
             f"{len(view)} bytes but the header says {HEADER_SIZE} + {size}",
         )
     request, payload = decode(number, flags, view[HEADER_SIZE:], nfds, sender)
     return request, flags, payload
 
 
-def _name_or_number(number: int, flags: int, sender: str) -> IntEnum | int:
+def name_or_number(number: int, flags: int, sender: str) -> IntEnum | int:
     """The request for an error message about a header that will not be decoded further."""
     try:
         return request_enum(sender, bool(flags & REPLY_FLAG))(number)

@@ -1,9 +1,13 @@
 """Framing: a byte stream plus fds, as ``recvmsg`` returns them, in; whole messages out.
 
-Rules the framer relies on (vhost-user.rst, "Communication"): the fds of a message are sent with
-the ``sendmsg`` that carries its first byte, so they arrive with the first bytes of that message.
-The fds of one ``feed`` therefore belong to the first message that *starts* in that chunk; a
-chunk that brings fds but starts no message is a protocol error.
+Which message do the fds of a chunk belong to? The spec ("Communication") has the sender attach
+a message's fds to the ``sendmsg`` that carries the message's first byte. On the receiving side
+Linux lets one ``recvmsg`` gather fd-less data queued *before* that segment, and stops right
+after the segment that carries fds. So the fds of a chunk belong to the **last message that
+starts in the chunk** (its payload may still be on its way: libvhost-user sends the header with
+the fds and the payload in a second write). A chunk that brings fds but starts no message is a
+protocol error. Senders must therefore not put a later message start in the same ``sendmsg`` as
+a message with fds (QEMU, libvhost-user and vhostmem's own frontend send one message per call).
 
 Copies: complete messages are decoded straight from the chunk given to ``feed`` (no copy). Only
 an incomplete tail is copied, once, into a bytearray, and decoded from a memoryview of it when
@@ -11,8 +15,8 @@ it completes.
 
 Errors: on a :class:`ProtocolError` from :meth:`Framer.feed` the framer closes every fd it holds
 (those of the bad message, those of messages decoded earlier in the same feed, which are
-discarded with it, and those of a buffered partial message) and becomes unusable: the byte stream
-is no longer synchronised, and the caller must disconnect the peer.
+discarded with it, and those of partial messages) and refuses further input: the byte stream is
+no longer synchronised, and the caller must disconnect the peer.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from protocol.codec import HEADER, SENDERS, close_fds, decode
+from protocol.codec import HEADER, SENDERS, close_fds, decode, lookup_request, name_or_number
 from protocol.constants import HEADER_SIZE, MAX_PAYLOAD_SIZE
 from protocol.messages import Message, ProtocolError
 
@@ -33,7 +37,7 @@ class Framer:
 
     ``sender`` is who sends the bytes being fed ("frontend" or "backend"). Fds handed to
     :meth:`feed` are owned by the framer until returned inside a Message; :meth:`close` closes
-    those of a partial message still buffered (call it when the connection ends).
+    those of partial messages still buffered (call it when the connection ends).
     """
 
     def __init__(self, sender: str = "frontend") -> None:
@@ -42,7 +46,8 @@ class Framer:
         self.sender = sender
         self._buf = bytearray()
         self._pos = 0  # start of the unconsumed bytes in _buf
-        self._partial_fds: list[int] = []  # fds of the message starting at _pos
+        self._offset = 0  # stream offset of _buf[_pos]
+        self._fd_owners: dict[int, list[int]] = {}  # stream offset of a message -> its fds
         self._broken: ProtocolError | None = None
 
     @property
@@ -52,13 +57,14 @@ class Framer:
 
     @property
     def pending_fds(self) -> list[int]:
-        """Fds received with the incomplete message still buffered."""
-        return list(self._partial_fds)
+        """Fds received for messages that are not complete yet."""
+        return [fd for fds in self._fd_owners.values() for fd in fds]
 
     def close(self) -> None:
         """Forget any partial message and close its fds; the framer accepts no more input."""
-        close_fds(self._partial_fds)
-        self._partial_fds = []
+        for fds in self._fd_owners.values():
+            close_fds(fds)
+        self._fd_owners.clear()
         self._buf = bytearray()
         self._pos = 0
         if self._broken is None:
@@ -86,7 +92,7 @@ class Framer:
     def _fail(self, exc: ProtocolError, out: list[Message], new_fds: list[int]) -> None:
         for msg in out:
             close_fds(msg.fds)
-        # fds handed to a message were moved out of new_fds / _partial_fds: each is closed once
+        # fds are moved (never copied) from new_fds to _fd_owners to a message: each closes once
         close_fds(new_fds)
         self.close()
         self._broken = exc
@@ -94,12 +100,14 @@ class Framer:
     def _feed_fresh(self, data: Any, new_fds: list[int], out: list[Message]) -> None:
         """Buffer empty: decode whole messages in place, keep only an incomplete tail."""
         with memoryview(data) as view:
-            used = self._drain(view, new_fds, out, chunk_start=0)
+            self._assign_fds(view, 0, new_fds)
+            used = self._drain(view, out)
             if used < len(view):
                 self._buf = bytearray(view[used:])
-                self._pos = 0
             else:
-                self._reset_buffer()
+                self._buf = bytearray()
+        self._pos = 0
+        self._offset += used
 
     def _feed_continued(self, data: Any, new_fds: list[int], out: list[Message]) -> None:
         """A partial message is buffered: append the chunk, then decode what is complete."""
@@ -113,36 +121,62 @@ class Framer:
             self._pos = 0
         with memoryview(self._buf) as whole:
             view = whole[self._pos :]
-            used = self._drain(view, new_fds, out, chunk_start)
-            view.release()
+            try:
+                self._assign_fds(view, chunk_start, new_fds)
+                used = self._drain(view, out)
+            finally:
+                view.release()
         self._pos += used
+        self._offset += used
         if self._pos == len(self._buf):
-            self._reset_buffer()
+            self._buf = bytearray()
+            self._pos = 0
         elif self._pos >= COMPACT_THRESHOLD:
             self._buf = self._buf[self._pos :]
             self._pos = 0
 
-    def _reset_buffer(self) -> None:
-        self._buf = bytearray()
-        self._pos = 0
+    def _assign_fds(self, view: memoryview, chunk_start: int, new_fds: list[int]) -> None:
+        """Give the chunk's fds to the last message starting in it (see the module doc)."""
+        if not new_fds:
+            return
+        owner = self._last_start(view, chunk_start)
+        if owner is None:
+            raise ProtocolError(None, f"{len(new_fds)} fds arrived with no message start")
+        self._fd_owners[self._offset + owner] = list(new_fds)
+        new_fds.clear()
 
-    def _drain(
-        self, view: memoryview, new_fds: list[int], out: list[Message], chunk_start: int
-    ) -> int:
-        """Decode every complete message in ``view``; return how many bytes they used.
+    def _last_start(self, view: memoryview, chunk_start: int) -> int | None:
+        pos = 0
+        last = None
+        end = len(view)
+        while pos < end:
+            if pos >= chunk_start:
+                last = pos
+            if end - pos < HEADER_SIZE:
+                break
+            number, flags, size = HEADER.unpack_from(view, pos)
+            self._check_size(number, flags, size)
+            pos += HEADER_SIZE + size
+        return last
 
-        Messages starting before ``chunk_start`` began in an earlier feed and own
-        ``_partial_fds``; the first one starting at or after it gets ``new_fds``.
-        """
+    def _check_size(self, number: int, flags: int, size: int) -> None:
+        if size > MAX_PAYLOAD_SIZE:
+            raise ProtocolError(
+                name_or_number(number, flags, self.sender), f"size {size} > {MAX_PAYLOAD_SIZE}"
+            )
+
+    def _drain(self, view: memoryview, out: list[Message]) -> int:
+        """Decode every complete message in ``view``; return how many bytes they used."""
         pos = 0
         end = len(view)
         while end - pos >= HEADER_SIZE:
             number, flags, size = HEADER.unpack_from(view, pos)
-            if size > MAX_PAYLOAD_SIZE:
-                raise ProtocolError(self._name(number, flags), f"size {size} > {MAX_PAYLOAD_SIZE}")
+            self._check_size(number, flags, size)
             if end - pos < HEADER_SIZE + size:
+                # fail early on garbage rather than buffer up to 4 KiB of it
+                lookup_request(number, flags, self.sender)
                 break
-            fds = self._take_fds(pos, chunk_start, new_fds)
+            fds = self._fd_owners.pop(self._offset + pos, [])
             body = view[pos + HEADER_SIZE : pos + HEADER_SIZE + size]
             try:
                 request, payload = decode(number, flags, body, len(fds), self.sender)
@@ -153,44 +187,4 @@ class Framer:
                 body.release()
             out.append(Message(request, flags, payload, fds))
             pos += HEADER_SIZE + size
-        if pos < end:
-            self._check_partial(view, pos, chunk_start, new_fds)
-        elif new_fds:  # no message started in this chunk to take them
-            raise ProtocolError(None, f"{len(new_fds)} fds arrived with no message start")
         return pos
-
-    def _take_fds(self, pos: int, chunk_start: int, new_fds: list[int]) -> list[int]:
-        if pos < chunk_start:  # began in an earlier feed
-            fds, self._partial_fds = self._partial_fds, []
-            return fds
-        if new_fds:
-            fds = list(new_fds)
-            new_fds.clear()
-            return fds
-        return []
-
-    def _check_partial(
-        self, view: memoryview, pos: int, chunk_start: int, new_fds: list[int]
-    ) -> None:
-        """An incomplete message starts at ``pos``: check what can be, and keep its fds."""
-        if len(view) - pos >= HEADER_SIZE:
-            number, flags, _size = HEADER.unpack_from(view, pos)
-            # fail early on garbage rather than buffering up to 4 KiB of it
-            decode_header_only(number, flags, self.sender)
-        if pos >= chunk_start:
-            self._partial_fds = list(new_fds)
-            new_fds.clear()
-        elif new_fds:
-            raise ProtocolError(None, f"{len(new_fds)} fds arrived with no message start")
-
-    def _name(self, number: int, flags: int) -> Any:
-        from protocol.codec import _name_or_number
-
-        return _name_or_number(number, flags, self.sender)
-
-
-def decode_header_only(number: int, flags: int, sender: str) -> None:
-    """Validate request code and flags of a header whose payload has not arrived yet."""
-    from protocol.codec import lookup_request
-
-    lookup_request(number, flags, sender)
