@@ -162,10 +162,10 @@ def decode(
 ) -> tuple[IntEnum, Any]:
     """Validate and decode one message whose header fields are known; ``view`` is its payload."""
     request, spec = lookup_request(number, flags, sender)
-    if nfds > MAX_FDS:
-        raise ProtocolError(request, f"{nfds} fds, more than the {MAX_FDS} a message may carry")
     shape, rule = _pick_shape(request, spec, flags, len(view))
     payload = decode_payload(request, shape, view)
+    if nfds > MAX_FDS:
+        raise ProtocolError(request, f"{nfds} fds, more than the {MAX_FDS} a message may carry")
     check_fds(request, rule, payload, nfds)
     return request, payload
 

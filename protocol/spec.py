@@ -206,5 +206,11 @@ def expects_reply(message: Message, protocol_features: int = 0) -> bool:
 
 
 def needs_ack(message: Message) -> bool:
-    """Whether the reply to ``message`` is a REPLY_ACK u64 rather than an explicit reply."""
-    return message.need_reply and not message.is_reply and not spec_for(message.request).replies
+    """Whether the reply to ``message`` is a REPLY_ACK u64 rather than an explicit reply.
+
+    True for a NEED_REPLY request that has no required reply of its own (SET_MEM_TABLE's
+    table reply exists only in postcopy; otherwise it is acknowledged like any other).
+    """
+    return (
+        message.need_reply and not message.is_reply and not spec_for(message.request).reply_required
+    )
