@@ -1,16 +1,225 @@
-"""Command line entry point: ``vhostmem``."""
+"""``vhostmem``: serve vhost-user devices.
+
+One process serves several devices, each on its own socket. The simple form serves one
+vhost-user-blk device::
+
+    vhostmem serve --socket /run/vm1-disk.sock --disk vm1.img --num-queues 2
+
+Several devices: repeat ``--blk`` with comma-separated ``key=value`` settings::
+
+    vhostmem serve --blk socket=a.sock,disk=a.img --blk client=b.sock,ram=256M,readonly=on
+
+With no device option, ``vhostmem serve`` serves a 1 GiB RAM disk on ./vhostmem.sock and prints
+the QEMU command line that attaches a VM to it.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
+import signal
 import sys
+from dataclasses import dataclass
+
+from vhostmem.devices.blk import BlkDevice
+from vhostmem.memmap import MemRegistry
+from vhostmem.server import DEFAULT_SOCKET_MODE, EndpointConfig, Server, new_event_loop
+
+log = logging.getLogger("vhostmem")
+
+DEFAULT_SOCKET = "vhostmem.sock"
+DEFAULT_RAM_SIZE = 1 << 30
+MAX_QUEUES = 16
+SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+TRUE_WORDS = {"on", "yes", "true", "1"}
+FALSE_WORDS = {"off", "no", "false", "0"}
+BLK_KEYS = {"socket", "client", "disk", "ram", "readonly", "num-queues", "serial"}
+
+
+class UsageError(Exception):
+    """A command-line or device-spec error; the message names the offending option."""
+
+
+@dataclass
+class BlkSpec:
+    socket: str | None = None
+    client: str | None = None
+    disk: str | None = None
+    ram: int | None = None
+    readonly: bool = False
+    num_queues: int = 1
+    serial: str = "vhostmem"
+
+    @property
+    def path(self) -> str:
+        return self.client or self.socket or DEFAULT_SOCKET
+
+
+def parse_size(text: str) -> int:
+    """'1G', '512M', '4096' -> bytes (binary units)."""
+    value = text.strip().upper().removesuffix("IB").removesuffix("B")
+    suffix = value[-1:] if value[-1:] in SIZE_SUFFIXES else ""
+    number = value[: len(value) - len(suffix)]
+    if not number.isdigit() or int(number) == 0:
+        raise UsageError(f"bad size {text!r}: expected e.g. 1G, 512M or a byte count")
+    return int(number) * SIZE_SUFFIXES[suffix]
+
+
+def parse_bool(key: str, text: str) -> bool:
+    word = text.lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise UsageError(f"{key}={text!r}: expected on or off")
+
+
+def parse_num_queues(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= MAX_QUEUES:
+        raise UsageError(f"num-queues={text!r}: expected 1..{MAX_QUEUES}")
+    return int(text)
+
+
+def parse_blk_spec(text: str) -> BlkSpec:
+    spec = BlkSpec()
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in BLK_KEYS:
+            raise UsageError(f"--blk {text!r}: unknown setting {item!r} (keys: {sorted(BLK_KEYS)})")
+        if key in ("socket", "client", "disk", "serial"):
+            setattr(spec, key, value)
+        elif key == "ram":
+            spec.ram = parse_size(value)
+        elif key == "readonly":
+            spec.readonly = parse_bool(key, value)
+        else:
+            spec.num_queues = parse_num_queues(value)
+    return check_spec(spec, f"--blk {text!r}")
+
+
+def check_spec(spec: BlkSpec, where: str) -> BlkSpec:
+    if spec.socket and spec.client:
+        raise UsageError(f"{where}: give socket or client, not both")
+    if spec.disk and spec.ram:
+        raise UsageError(f"{where}: give disk or ram, not both")
+    if spec.ram is None and spec.disk is None:
+        spec.ram = DEFAULT_RAM_SIZE
+    if len(spec.serial.encode()) > 20:
+        raise UsageError(f"{where}: serial {spec.serial!r} is longer than 20 bytes")
+    return spec
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vhostmem", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="vhostmem",
+        description="vhost-user backend with SPDK-style guest memory registration",
+    )
     sub = parser.add_subparsers(dest="command")
-    sub.add_parser("serve", help="serve vhost-user devices")
+    serve = sub.add_parser(
+        "serve",
+        help="serve vhost-user-blk devices",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    where = serve.add_mutually_exclusive_group()
+    where.add_argument("--socket", help="listen on this Unix socket (default ./vhostmem.sock)")
+    where.add_argument("--client", help="connect to a frontend listening on this socket")
+    what = serve.add_mutually_exclusive_group()
+    what.add_argument("--disk", help="raw image file to serve")
+    what.add_argument("--ram-size", type=str, help="serve a RAM disk of this size (e.g. 1G)")
+    serve.add_argument("--readonly", action="store_true", help="refuse writes (VIRTIO_BLK_F_RO)")
+    serve.add_argument("--num-queues", type=str, default="1", help=f"1..{MAX_QUEUES} queues")
+    serve.add_argument("--serial", default="vhostmem", help="GET_ID serial (<= 20 bytes)")
+    serve.add_argument(
+        "--blk",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="a device: socket=P|client=P, disk=F|ram=SIZE, readonly=on, num-queues=N, serial=S",
+    )
+    serve.add_argument(
+        "--socket-mode", default=f"{DEFAULT_SOCKET_MODE:o}", help="octal mode of socket files"
+    )
+    serve.add_argument("--socket-group", help="group owning the socket files")
+    serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     return parser
+
+
+def specs_from_args(args: argparse.Namespace) -> list[BlkSpec]:
+    simple = any(
+        (args.socket, args.client, args.disk, args.ram_size, args.readonly)
+    ) or args.num_queues != "1"
+    if args.blk and simple:
+        raise UsageError("--blk cannot be combined with --socket/--client/--disk/--ram-size")
+    if args.blk:
+        specs = [parse_blk_spec(text) for text in args.blk]
+    else:
+        spec = BlkSpec(
+            socket=args.socket,
+            client=args.client,
+            disk=args.disk,
+            ram=parse_size(args.ram_size) if args.ram_size else None,
+            readonly=args.readonly,
+            num_queues=parse_num_queues(args.num_queues),
+            serial=args.serial,
+        )
+        specs = [check_spec(spec, "serve")]
+    paths = [spec.path for spec in specs]
+    if len(set(paths)) != len(paths):
+        raise UsageError(f"two devices on the same socket: {paths}")
+    return specs
+
+
+def make_device(spec: BlkSpec) -> BlkDevice:
+    if spec.disk is not None:
+        return BlkDevice.from_file(
+            spec.disk, readonly=spec.readonly, num_queues=spec.num_queues, serial=spec.serial
+        )
+    assert spec.ram is not None
+    return BlkDevice.from_ram(
+        spec.ram, readonly=spec.readonly, num_queues=spec.num_queues, serial=spec.serial
+    )
+
+
+def qemu_command(spec: BlkSpec) -> str:
+    server = ",server=on" if spec.client else ""
+    return (
+        "qemu-system-x86_64 -accel tcg -m 512M "
+        "-object memory-backend-memfd,id=mem,size=512M,share=on "
+        "-machine q35,memory-backend=mem "
+        f"-chardev socket,id=vhost0,path={spec.path}{server} "
+        f"-device vhost-user-blk-pci,chardev=vhost0,num-queues={spec.num_queues} ..."
+    )
+
+
+def serve(args: argparse.Namespace) -> int:
+    specs = specs_from_args(args)
+    mode = int(args.socket_mode, 8)
+    loop = new_event_loop()
+    asyncio.set_event_loop(loop)
+    server = Server(loop, MemRegistry())
+    try:
+        for spec in specs:
+            device = make_device(spec)
+            config = EndpointConfig(
+                path=spec.path,
+                client=spec.client is not None,
+                socket_mode=mode,
+                socket_group=args.socket_group,
+            )
+            server.add(device, config)
+            print(f"vhost-user-blk on {spec.path}; attach a VM with:\n  {qemu_command(spec)}",
+                  flush=True)
+        stop = asyncio.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        loop.run_until_complete(stop.wait())
+        log.info("shutting down")
+    finally:
+        server.close()
+        loop.close()
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,8 +228,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    parser.print_help()
-    return 0
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return serve(args)
+    except (UsageError, ValueError) as exc:
+        print(f"vhostmem: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"vhostmem: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

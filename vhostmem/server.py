@@ -1,0 +1,356 @@
+"""asyncio Unix-socket server: moves bytes and fds between sockets, ``protocol`` and a Session.
+
+Each :class:`Endpoint` serves one device on one socket path, either listening (the usual way QEMU
+connects) or connecting to a frontend that listens (QEMU ``-chardev socket,server=on``). One
+frontend at a time per endpoint; when it goes away the session is reset and the endpoint serves
+the next one. A bad message disconnects only its own frontend: other endpoints keep serving.
+
+uvloop transports cannot carry SCM_RIGHTS, so sockets are read with ``recvmsg`` from
+``loop.add_reader`` callbacks and written with ``sendmsg``.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import errno
+import grp
+import logging
+import os
+import socket
+import stat
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from protocol import Framer, ProtocolError
+from vhostmem.device import VhostUserDevice
+from vhostmem.memmap import MemRegistry
+from vhostmem.session import Session, SessionError
+
+log = logging.getLogger(__name__)
+
+# One recvmsg reads at most this much; vhost-user messages are at most 12 + 4096 bytes.
+RECV_BYTES = 65536
+# Room for more fds than any message may carry, so an excess is seen and rejected, not cut.
+RECV_MAX_FDS = 32
+FD_SIZE = array.array("i").itemsize
+ANCILLARY_BYTES = socket.CMSG_SPACE(RECV_MAX_FDS * FD_SIZE)
+# struct ucred {pid_t pid; uid_t uid; gid_t gid;}
+UCRED = struct.Struct("3i")
+DEFAULT_SOCKET_MODE = 0o600
+CLIENT_RETRY_SECONDS = 0.2
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop when installed, else the stdlib loop (with a log line saying so)."""
+    try:
+        import uvloop
+    except ImportError:
+        log.info("uvloop is not installed; using the stdlib asyncio event loop")
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+@dataclass
+class EndpointConfig:
+    path: str
+    client: bool = False
+    socket_mode: int = DEFAULT_SOCKET_MODE
+    socket_group: str | None = None
+
+
+class LoopKickWatcher:
+    """KickWatcher on an event loop; a device error marks the ring broken instead of crashing."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, name: str) -> None:
+        self.loop = loop
+        self.name = name
+        self.fds: set[int] = set()
+
+    def watch(self, fd: int, callback: Callable[[], None]) -> None:
+        self.loop.add_reader(fd, self._guarded, fd, callback)
+        self.fds.add(fd)
+
+    def unwatch(self, fd: int) -> None:
+        if fd in self.fds:
+            self.loop.remove_reader(fd)
+            self.fds.discard(fd)
+
+    def unwatch_all(self) -> None:
+        for fd in list(self.fds):
+            self.unwatch(fd)
+
+    def _guarded(self, fd: int, callback: Callable[[], None]) -> None:
+        try:
+            callback()
+        except Exception:
+            log.exception("%s: queue processing failed; ring stops being watched", self.name)
+            self.unwatch(fd)
+
+
+class Connection:
+    """One connected frontend: reads messages, hands them to the session, sends replies."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        session: Session,
+        loop: asyncio.AbstractEventLoop,
+        on_close: Callable[[Connection], None],
+    ) -> None:
+        self.sock = sock
+        self.session = session
+        self.loop = loop
+        self.on_close = on_close
+        self.framer = Framer(sender="frontend")
+        self.closed = False
+        sock.setblocking(False)
+        loop.add_reader(sock.fileno(), self._on_readable)
+
+    def _on_readable(self) -> None:
+        try:
+            data, fds = self._recv()
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            log.error("%s: receive failed: %s", self.session.name, exc)
+            self.close()
+            return
+        if not data:
+            _close_all(fds)
+            log.info("%s: frontend disconnected", self.session.name)
+            self.close()
+            return
+        try:
+            for msg in self.framer.feed(data, fds):
+                for reply, reply_fds in self.session.handle(msg):
+                    self._send(reply, reply_fds)
+        except (ProtocolError, SessionError) as exc:
+            log.error("%s: %s; disconnecting", self.session.name, exc)
+            self.close()
+        except OSError as exc:
+            log.error("%s: send failed: %s; disconnecting", self.session.name, exc)
+            self.close()
+
+    def _recv(self) -> tuple[bytes, list[int]]:
+        data, ancdata, flags, _ = self.sock.recvmsg(RECV_BYTES, ANCILLARY_BYTES)
+        fds = _fds_from_ancillary(ancdata)
+        if flags & socket.MSG_CTRUNC:
+            _close_all(fds)
+            raise OSError(errno.EMSGSIZE, f"more than {RECV_MAX_FDS} fds in one message")
+        return data, fds
+
+    def _send(self, data: bytes, fds: list[int]) -> None:
+        ancillary = []
+        if fds:
+            ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+        # Replies are small and the frontend waits for each one: a short blocking send is
+        # simpler and safe here.
+        self.sock.setblocking(True)
+        try:
+            sent = self.sock.sendmsg([data], ancillary)
+            if sent < len(data):
+                self.sock.sendall(data[sent:])
+        finally:
+            self.sock.setblocking(False)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.loop.remove_reader(self.sock.fileno())
+        self.framer_close()
+        self.session.watcher.unwatch_all()  # type: ignore[attr-defined]
+        self.session.reset()
+        self.sock.close()
+        self.on_close(self)
+
+    def framer_close(self) -> None:
+        close = getattr(self.framer, "close", None)
+        if close is not None:
+            close()
+
+
+class Endpoint:
+    """One device on one socket path, serving one frontend at a time."""
+
+    def __init__(
+        self,
+        device: VhostUserDevice,
+        config: EndpointConfig,
+        registry: MemRegistry,
+        loop: asyncio.AbstractEventLoop,
+        name: str | None = None,
+    ) -> None:
+        self.device = device
+        self.config = config
+        self.loop = loop
+        self.name = name or os.path.basename(config.path)
+        self.watcher = LoopKickWatcher(loop, self.name)
+        self.session = Session(device, registry, self.watcher, name=self.name)
+        self.listener: socket.socket | None = None
+        self.connection: Connection | None = None
+        self.connections_served = 0
+        self._client_task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    # ---------------------------------------------------------------- listen mode
+
+    def start(self) -> None:
+        if self.config.client:
+            self._client_task = self.loop.create_task(self._client_loop())
+            return
+        self.listener = bind_unix_socket(
+            self.config.path, self.config.socket_mode, self.config.socket_group
+        )
+        self.listener.setblocking(False)
+        self.loop.add_reader(self.listener.fileno(), self._on_accept)
+        log.info("%s: listening on %s", self.name, self.config.path)
+
+    def _on_accept(self) -> None:
+        assert self.listener is not None
+        try:
+            sock, _ = self.listener.accept()
+        except BlockingIOError:
+            return
+        if self.connection is not None:
+            log.warning("%s: refusing a second frontend while one is connected", self.name)
+            sock.close()
+            return
+        self._attach(sock)
+
+    def _attach(self, sock: socket.socket) -> None:
+        pid, uid, gid = peer_credentials(sock)
+        log.info("%s: frontend connected (pid=%d uid=%d gid=%d)", self.name, pid, uid, gid)
+        self.connection = Connection(sock, self.session, self.loop, self._on_connection_closed)
+        self.connections_served += 1
+
+    def _on_connection_closed(self, conn: Connection) -> None:
+        if self.connection is conn:
+            self.connection = None
+
+    # ---------------------------------------------------------------- client mode
+
+    async def _client_loop(self) -> None:
+        while not self._closing:
+            if self.connection is None:
+                sock = await self._connect()
+                if sock is None:
+                    return
+                self._attach(sock)
+            await asyncio.sleep(CLIENT_RETRY_SECONDS)
+
+    async def _connect(self) -> socket.socket | None:
+        announced = False
+        while not self._closing:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(self.config.path)
+                return sock
+            except OSError as exc:
+                sock.close()
+                if not announced:
+                    log.info("%s: waiting for %s (%s)", self.name, self.config.path, exc)
+                    announced = True
+            await asyncio.sleep(CLIENT_RETRY_SECONDS)
+        return None
+
+    # ------------------------------------------------------------------ teardown
+
+    def close(self) -> None:
+        self._closing = True
+        if self._client_task is not None:
+            self._client_task.cancel()
+        if self.connection is not None:
+            self.connection.close()
+        if self.listener is not None:
+            self.loop.remove_reader(self.listener.fileno())
+            self.listener.close()
+            self.listener = None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.config.path)
+        self.session.close()
+
+
+def bind_unix_socket(path: str, mode: int, group: str | None) -> socket.socket:
+    """Listening socket at ``path`` created with ``mode`` (never wider, even for an instant).
+
+    Refuses a path that exists and is not a socket, and a socket someone still listens on; a
+    stale socket file is replaced.
+    """
+    _check_socket_path(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o777 & ~mode)
+    try:
+        sock.bind(path)
+    except OSError:
+        sock.close()
+        raise
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, mode)
+    if group is not None:
+        os.chown(path, -1, grp.getgrnam(group).gr_gid)
+    sock.listen(4)
+    return sock
+
+
+def _check_socket_path(path: str) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise FileExistsError(errno.EEXIST, f"{path} exists and is not a socket; not replacing it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)  # stale: nobody listens
+        return
+    finally:
+        probe.close()
+    raise FileExistsError(errno.EADDRINUSE, f"{path}: another process is serving this socket")
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, UCRED.size)
+    pid, uid, gid = UCRED.unpack(raw)
+    return pid, uid, gid
+
+
+def _fds_from_ancillary(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(data) - len(data) % FD_SIZE
+            fds.extend(array.array("i", data[:usable]))
+    return fds
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+class Server:
+    """Several endpoints in one process, one device each."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, registry: MemRegistry) -> None:
+        self.loop = loop
+        self.registry = registry
+        self.endpoints: list[Endpoint] = []
+
+    def add(self, device: VhostUserDevice, config: EndpointConfig) -> Endpoint:
+        endpoint = Endpoint(device, config, self.registry, self.loop)
+        endpoint.start()
+        self.endpoints.append(endpoint)
+        return endpoint
+
+    def close(self) -> None:
+        for endpoint in self.endpoints:
+            endpoint.close()
+        self.endpoints.clear()

@@ -1,0 +1,455 @@
+"""One frontend connection's vhost-user state machine, without sockets.
+
+The server feeds decoded ``protocol.Message`` objects into :class:`Session.handle` and sends back
+what it returns. The session owns the guest memory, the virtqueues and every fd the frontend
+handed over; :meth:`Session.close` releases all of them. Ring start/stop is reported to the
+server through a :class:`KickWatcher` so that this module never touches the event loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol as TypingProtocol
+
+from protocol import (
+    FrontendRequest,
+    Message,
+    ProtocolFeature,
+    VirtioFeature,
+    encode_reply,
+)
+from vhostmem.device import VhostUserDevice
+from vhostmem.guest_memory import GuestMemory, GuestMemoryError
+from vhostmem.memmap import MemRegistry
+from vhostmem.virtqueue import Virtqueue
+
+log = logging.getLogger(__name__)
+
+# Memory slots offered with CONFIGURE_MEM_SLOTS: the limit QEMU itself enforces for vhost-user.
+MAX_MEM_SLOTS = 509
+# Largest split ring the virtio spec allows.
+MAX_QUEUE_SIZE = 32768
+# REPLY_ACK payloads: zero is success, anything else a failure.
+ACK_OK = 0
+ACK_FAILED = 1
+
+PROTOCOL_FEATURES_BIT = 1 << VirtioFeature.VHOST_USER_F_PROTOCOL_FEATURES
+
+# Protocol features the server implements for every device; a device may add more (e.g. CONFIG).
+BASE_PROTOCOL_FEATURES = (
+    (1 << ProtocolFeature.MQ)
+    | (1 << ProtocolFeature.REPLY_ACK)
+    | (1 << ProtocolFeature.BACKEND_REQ)
+    | (1 << ProtocolFeature.CONFIGURE_MEM_SLOTS)
+    | (1 << ProtocolFeature.RESET_DEVICE)
+    | (1 << ProtocolFeature.STATUS)
+)
+
+
+class SessionError(Exception):
+    """A request the session refuses; the message names the request and the reason."""
+
+
+class KickWatcher(TypingProtocol):
+    """How the session asks the server to watch (or stop watching) a ring's kick eventfd."""
+
+    def watch(self, fd: int, callback: Callable[[], None]) -> None: ...
+
+    def unwatch(self, fd: int) -> None: ...
+
+
+Reply = tuple[bytes, list[int]]
+
+
+@dataclass
+class RingConfig:
+    """What the frontend told us about one ring, kept so rings can be re-resolved."""
+
+    num: int = 0
+    base: int = 0
+    addr: tuple[int, int, int, int, int] | None = None  # flags, desc, used, avail, log
+    started: bool = False
+    enabled: bool = False
+
+
+@dataclass
+class SessionState:
+    features: int = 0
+    protocol_features: int = 0
+    owner: bool = False
+    status: int = 0
+    backend_req_fd: int = -1
+    rings: list[RingConfig] = field(default_factory=list)
+
+
+class Session:
+    """The vhost-user message handler for one frontend connection to one device."""
+
+    def __init__(
+        self,
+        device: VhostUserDevice,
+        registry: MemRegistry,
+        watcher: KickWatcher,
+        name: str = "vhostmem",
+    ) -> None:
+        self.device = device
+        self.name = name
+        self.watcher = watcher
+        self.memory = GuestMemory(registry)
+        self.queues = [Virtqueue(i, self.memory) for i in range(device.num_queues)]
+        self.state = SessionState(rings=[RingConfig() for _ in range(device.num_queues)])
+        self._handlers: dict[FrontendRequest, Callable[[Message], object]] = {
+            FrontendRequest.GET_FEATURES: self._get_features,
+            FrontendRequest.SET_FEATURES: self._set_features,
+            FrontendRequest.SET_OWNER: self._set_owner,
+            FrontendRequest.RESET_OWNER: self._reset_owner,
+            FrontendRequest.GET_PROTOCOL_FEATURES: self._get_protocol_features,
+            FrontendRequest.SET_PROTOCOL_FEATURES: self._set_protocol_features,
+            FrontendRequest.GET_QUEUE_NUM: self._get_queue_num,
+            FrontendRequest.GET_MAX_MEM_SLOTS: self._get_max_mem_slots,
+            FrontendRequest.SET_BACKEND_REQ_FD: self._set_backend_req_fd,
+            FrontendRequest.SET_MEM_TABLE: self._set_mem_table,
+            FrontendRequest.ADD_MEM_REG: self._add_mem_reg,
+            FrontendRequest.REM_MEM_REG: self._rem_mem_reg,
+            FrontendRequest.SET_VRING_NUM: self._set_vring_num,
+            FrontendRequest.SET_VRING_ADDR: self._set_vring_addr,
+            FrontendRequest.SET_VRING_BASE: self._set_vring_base,
+            FrontendRequest.GET_VRING_BASE: self._get_vring_base,
+            FrontendRequest.SET_VRING_KICK: self._set_vring_kick,
+            FrontendRequest.SET_VRING_CALL: self._set_vring_call,
+            FrontendRequest.SET_VRING_ERR: self._set_vring_err,
+            FrontendRequest.SET_VRING_ENABLE: self._set_vring_enable,
+            FrontendRequest.GET_CONFIG: self._get_config,
+            FrontendRequest.SET_CONFIG: self._set_config,
+            FrontendRequest.RESET_DEVICE: self._reset_device,
+            FrontendRequest.GET_STATUS: self._get_status,
+            FrontendRequest.SET_STATUS: self._set_status,
+        }
+
+    # ----------------------------------------------------------------- dispatch
+
+    def offered_features(self) -> int:
+        return self.device.features() | PROTOCOL_FEATURES_BIT
+
+    def offered_protocol_features(self) -> int:
+        return BASE_PROTOCOL_FEATURES | self.device.protocol_features()
+
+    def _reply_ack_negotiated(self) -> bool:
+        return bool(self.state.protocol_features & (1 << ProtocolFeature.REPLY_ACK))
+
+    def handle(self, msg: Message) -> list[Reply]:
+        """Apply one frontend message; return the replies to send, in order.
+
+        Raises SessionError when the request failed and the spec offers no way to tell the
+        frontend (no REPLY_ACK); the server then logs it and disconnects. The message's fds are
+        owned by the session from here on: kept, or closed on every error path.
+        """
+        handler = self._handlers.get(msg.request)  # type: ignore[call-overload]
+        wants_ack = msg.need_reply and self._reply_ack_negotiated()
+        try:
+            if handler is None:
+                raise SessionError(f"{msg.request.name}: request not supported")
+            result = handler(msg)
+        except (SessionError, GuestMemoryError, OSError, ValueError) as exc:
+            _close_fds(msg.fds)
+            error = exc if isinstance(exc, SessionError) else SessionError(
+                f"{msg.request.name}: {exc}"
+            )
+            if wants_ack:
+                log.error("%s: %s (failure acked)", self.name, error)
+                return [(encode_reply(msg.request, ACK_FAILED), [])]
+            raise error from exc
+        if result is not None:
+            return [(encode_reply(msg.request, result), [])]
+        if wants_ack:
+            return [(encode_reply(msg.request, ACK_OK), [])]
+        return []
+
+    # ------------------------------------------------------------- negotiation
+
+    def _get_features(self, msg: Message) -> int:
+        return self.offered_features()
+
+    def _set_features(self, msg: Message) -> None:
+        acked = int(msg.payload)
+        extra = acked & ~self.offered_features()
+        if extra:
+            raise SessionError(f"SET_FEATURES: bits {extra:#x} were not offered")
+        self.state.features = acked
+        self.device.set_features(acked)
+        for vq in self.queues:
+            vq.set_features(acked)
+        if not acked & PROTOCOL_FEATURES_BIT:
+            # Without PROTOCOL_FEATURES there is no SET_VRING_ENABLE: rings are enabled.
+            for i in range(len(self.queues)):
+                self._enable_ring(i, True)
+
+    def _set_owner(self, msg: Message) -> None:
+        self.state.owner = True
+
+    def _reset_owner(self, msg: Message) -> None:
+        self.reset()
+
+    def _get_protocol_features(self, msg: Message) -> int:
+        return self.offered_protocol_features()
+
+    def _set_protocol_features(self, msg: Message) -> None:
+        acked = int(msg.payload)
+        extra = acked & ~self.offered_protocol_features()
+        if extra:
+            raise SessionError(f"SET_PROTOCOL_FEATURES: bits {extra:#x} were not offered")
+        self.state.protocol_features = acked
+
+    def _get_queue_num(self, msg: Message) -> int:
+        return self.device.num_queues
+
+    def _get_max_mem_slots(self, msg: Message) -> int:
+        return MAX_MEM_SLOTS
+
+    def _set_backend_req_fd(self, msg: Message) -> None:
+        if len(msg.fds) != 1:
+            raise SessionError("SET_BACKEND_REQ_FD: expected exactly one fd")
+        _close_fd(self.state.backend_req_fd)
+        self.state.backend_req_fd = _take_fds(msg)[0]
+
+    def _get_status(self, msg: Message) -> int:
+        return self.state.status
+
+    def _set_status(self, msg: Message) -> None:
+        self.state.status = int(msg.payload) & 0xFF
+
+    def _get_config(self, msg: Message) -> dict[str, object]:
+        cfg = msg.payload
+        data = self.device.get_config(cfg.offset, cfg.size)
+        return {"offset": cfg.offset, "size": len(data), "flags": cfg.flags, "payload": data}
+
+    def _set_config(self, msg: Message) -> None:
+        cfg = msg.payload
+        self.device.set_config(cfg.offset, bytes(cfg.payload), cfg.flags)
+
+    def _reset_device(self, msg: Message) -> None:
+        self.reset_rings()
+        self.device.reset()
+        self.state.features = 0
+        self.state.status = 0
+
+    # ------------------------------------------------------------------ memory
+
+    def _set_mem_table(self, msg: Message) -> None:
+        table = msg.payload
+        if len(msg.fds) != table.nregions:
+            raise SessionError(
+                f"SET_MEM_TABLE: {table.nregions} regions but {len(msg.fds)} fds"
+            )
+        regions = [
+            (r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset, fd)
+            for r, fd in zip(table.regions, _take_fds(msg), strict=True)
+        ]
+        self.memory.set_table(regions)
+        self._log_regions("SET_MEM_TABLE")
+        self._reresolve_rings()
+
+    def _add_mem_reg(self, msg: Message) -> None:
+        if len(msg.fds) != 1:
+            raise SessionError("ADD_MEM_REG: expected exactly one fd")
+        r = msg.payload.region
+        self.memory.add_region(
+            r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset, _take_fds(msg)[0]
+        )
+        log.info(
+            "%s: registered region gpa=%#x size=%#x", self.name, r.guest_phys_addr, r.memory_size
+        )
+
+    def _rem_mem_reg(self, msg: Message) -> None:
+        # QEMU may attach the region's fd again; it is not needed to find the region.
+        _close_fds(_take_fds(msg))
+        r = msg.payload.region
+        self._check_rings_outside(r.guest_phys_addr, r.memory_size)
+        self.memory.remove_region(r.guest_phys_addr, r.memory_size, r.userspace_addr)
+        log.info(
+            "%s: unregistered region gpa=%#x size=%#x", self.name, r.guest_phys_addr, r.memory_size
+        )
+
+    def _log_regions(self, what: str) -> None:
+        for region in self.memory.regions:
+            log.info(
+                "%s: %s registered region gpa=%#x size=%#x",
+                self.name,
+                what,
+                region.guest_phys_addr,
+                region.memory_size,
+            )
+
+    def _check_rings_outside(self, gpa: int, size: int) -> None:
+        """Refuse to remove memory that a started ring still lives in."""
+        for i, vq in enumerate(self.queues):
+            if self.state.rings[i].started and vq.ring_overlaps(gpa, size):
+                raise SessionError(f"REM_MEM_REG: ring {i} lives in region gpa={gpa:#x}")
+
+    def _reresolve_rings(self) -> None:
+        """After the table changed, point every configured ring at the new mappings."""
+        for i, ring in enumerate(self.state.rings):
+            if ring.addr is not None:
+                self._apply_ring_addr(i, ring.addr)
+
+    # ------------------------------------------------------------------- rings
+
+    def _ring_index(self, request: FrontendRequest, index: int) -> int:
+        if not 0 <= index < len(self.queues):
+            raise SessionError(
+                f"{request.name}: vring index {index} out of range ({len(self.queues)} queues)"
+            )
+        return index
+
+    def _set_vring_num(self, msg: Message) -> None:
+        i = self._ring_index(msg.request, msg.payload.index)
+        num = msg.payload.num
+        limit = min(MAX_QUEUE_SIZE, self.device.max_queue_size)
+        if num == 0 or num & (num - 1) or num > limit:
+            raise SessionError(
+                f"SET_VRING_NUM: size {num} is not a power of two in 1..{limit}"
+            )
+        if self.state.rings[i].started:
+            raise SessionError(f"SET_VRING_NUM: ring {i} is started")
+        self.queues[i].set_num(num)
+        self.state.rings[i].num = num
+
+    def _set_vring_addr(self, msg: Message) -> None:
+        a = msg.payload
+        i = self._ring_index(msg.request, a.index)
+        addr = (a.flags, a.desc_user_addr, a.used_user_addr, a.avail_user_addr, a.log_guest_addr)
+        self._apply_ring_addr(i, addr)
+        self.state.rings[i].addr = addr
+
+    def _apply_ring_addr(self, i: int, addr: tuple[int, int, int, int, int]) -> None:
+        flags, desc, used, avail, log_addr = addr
+        to_gpa = self.memory.uva_to_gpa
+        self.queues[i].set_addr(to_gpa(desc), to_gpa(used), to_gpa(avail), log_addr, flags)
+
+    def _set_vring_base(self, msg: Message) -> None:
+        i = self._ring_index(msg.request, msg.payload.index)
+        if self.state.rings[i].started:
+            raise SessionError(f"SET_VRING_BASE: ring {i} is started")
+        self.queues[i].set_base(msg.payload.num & 0xFFFF)
+        self.state.rings[i].base = msg.payload.num & 0xFFFF
+
+    def _get_vring_base(self, msg: Message) -> dict[str, int]:
+        i = self._ring_index(msg.request, msg.payload.index)
+        self._stop_ring(i)
+        return {"index": i, "num": self.queues[i].get_base()}
+
+    def _vring_fd(self, msg: Message) -> tuple[int, int]:
+        """Index and fd (-1 for NOFD) of a SET_VRING_KICK/CALL/ERR message."""
+        i = self._ring_index(msg.request, msg.payload.index)
+        if msg.payload.nofd:
+            if msg.fds:
+                raise SessionError(f"{msg.request.name}: NOFD set but an fd was sent")
+            return i, -1
+        if len(msg.fds) != 1:
+            raise SessionError(f"{msg.request.name}: expected exactly one fd")
+        return i, _take_fds(msg)[0]
+
+    def _set_vring_kick(self, msg: Message) -> None:
+        i = self._ring_index(msg.request, msg.payload.index)
+        if msg.payload.nofd:
+            raise SessionError("SET_VRING_KICK: polling mode (NOFD) is not supported")
+        vq = self.queues[i]
+        if not vq.ready_to_start():
+            raise SessionError(f"SET_VRING_KICK: ring {i} has no size or addresses")
+        _, fd = self._vring_fd(msg)
+        self._stop_ring(i)
+        vq.set_kick_fd(fd)
+        self._start_ring(i)
+
+    def _set_vring_call(self, msg: Message) -> None:
+        i, fd = self._vring_fd(msg)
+        self.queues[i].set_call_fd(fd)
+
+    def _set_vring_err(self, msg: Message) -> None:
+        i, fd = self._vring_fd(msg)
+        self.queues[i].set_err_fd(fd)
+
+    def _set_vring_enable(self, msg: Message) -> None:
+        i = self._ring_index(msg.request, msg.payload.index)
+        if msg.payload.num > 1:
+            raise SessionError(f"SET_VRING_ENABLE: state {msg.payload.num} is not 0 or 1")
+        self._enable_ring(i, bool(msg.payload.num))
+
+    def _enable_ring(self, i: int, enabled: bool) -> None:
+        self.state.rings[i].enabled = enabled
+        self.queues[i].enable(enabled)
+        if enabled and self.state.rings[i].started:
+            # Requests may have been queued while the ring was disabled.
+            self.process_queue(i)
+
+    def _start_ring(self, i: int) -> None:
+        vq = self.queues[i]
+        vq.start()
+        self.state.rings[i].started = True
+        self.watcher.watch(vq.kick_fd, lambda: self.on_kick(i))
+        if self.state.rings[i].enabled:
+            self.process_queue(i)
+
+    def _stop_ring(self, i: int) -> None:
+        vq = self.queues[i]
+        if self.state.rings[i].started and vq.kick_fd >= 0:
+            self.watcher.unwatch(vq.kick_fd)
+        self.state.rings[i].started = False
+        vq.stop()
+
+    def on_kick(self, i: int) -> None:
+        """The ring's kick eventfd is readable: drain it and process the ring."""
+        self.queues[i].drain_kick()
+        if self.state.rings[i].enabled:
+            self.process_queue(i)
+
+    def process_queue(self, i: int) -> None:
+        vq = self.queues[i]
+        if vq.broken:
+            return
+        self.device.handle_queue(vq)
+
+    # ---------------------------------------------------------------- teardown
+
+    def reset_rings(self) -> None:
+        for i, vq in enumerate(self.queues):
+            self._stop_ring(i)
+            vq.reset()
+            self.state.rings[i] = RingConfig()
+
+    def reset(self) -> None:
+        """Back to the state of a fresh connection (RESET_OWNER, disconnect)."""
+        self.reset_rings()
+        self.device.reset()
+        self.memory.clear()
+        _close_fd(self.state.backend_req_fd)
+        self.state = SessionState(rings=[RingConfig() for _ in self.queues])
+
+    def close(self) -> None:
+        """Release everything: rings, eventfds, guest memory, the backend channel fd."""
+        self.reset()
+        for vq in self.queues:
+            vq.close()
+        self.memory.close()
+
+
+def _take_fds(msg: Message) -> list[int]:
+    """Move the message's fds to the caller, so the error path cannot close them twice."""
+    fds = list(msg.fds)
+    msg.fds.clear()
+    return fds
+
+
+def _close_fd(fd: int) -> None:
+    if fd >= 0:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        _close_fd(fd)
