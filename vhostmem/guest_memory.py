@@ -37,6 +37,12 @@ ADDR_LIMIT = 1 << 64
 MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 # Translation value for "not guest memory"; region ids start at 1.
 NO_REGION = 0
+# VHOSTMEM_DEBUG_BOUNDS=1 checks every view handed out against its region's mapping (tests of
+# hostile guests). Read once at import: when off, translate/view are the plain methods.
+DEBUG_BOUNDS_ENV = "VHOSTMEM_DEBUG_BOUNDS"
+DEBUG_BOUNDS = os.environ.get(DEBUG_BOUNDS_ENV) == "1"
+# Every violation seen in debug mode (also raised as AssertionError where it happened).
+bounds_violations: list[str] = []
 
 RegionSpec = tuple[int, int, int, int, int]  # gpa, size, userspace_addr, mmap_offset, fd
 
@@ -337,3 +343,61 @@ def _mmap_region(region: Region, fd: int) -> None:
 def _close(fd: int) -> None:
     with contextlib.suppress(OSError):
         os.close(fd)
+
+
+# ------------------------------------------------------------ debug bounds mode
+
+
+def _view_address(view: memoryview) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
+
+
+def _check_views(mem: GuestMemory, gpa: int, length: int, views: list[memoryview]) -> None:
+    """Each view must be the host bytes of guest [cur, cur + len) inside one region's mapping
+    of guest memory (not the slack below mmap_offset), and together they cover the request."""
+    cur = gpa
+    for v in views:
+        n = len(v)
+        region = next(
+            (r for r in mem._regions.values() if r.guest_phys_addr <= cur < r.gpa_end), None
+        )
+        where = f"view gpa={cur:#x} len={n:#x} of request gpa={gpa:#x} len={length:#x}"
+        if region is None or cur + n > region.gpa_end:
+            _violation(f"{where}: not inside one region ({region!r})")
+        elif n:
+            lo = region.host_addr + (region.guest_phys_addr - region.view_gpa)
+            addr = _view_address(v)
+            if addr != lo + (cur - region.guest_phys_addr) or addr + n > lo + region.memory_size:
+                _violation(f"{where}: host bytes {addr:#x}+{n:#x} outside {region!r} at {lo:#x}")
+        cur += n
+    if cur != gpa + length:
+        _violation(f"views of gpa={gpa:#x} cover {cur - gpa:#x} bytes, not {length:#x}")
+
+
+def _violation(message: str) -> None:
+    bounds_violations.append(message)
+    log.critical("guest memory bounds violation: %s", message)
+    raise AssertionError(message)
+
+
+def _bounds_checked(method):  # type: ignore[no-untyped-def]
+    def checked(self: GuestMemory, gpa: int, length: int):  # type: ignore[no-untyped-def]
+        result = method(self, gpa, length)
+        _check_views(self, gpa, length, result if isinstance(result, list) else [result])
+        return result
+
+    checked.__wrapped__ = method  # type: ignore[attr-defined]
+    return checked
+
+
+def enable_bounds_checks() -> None:
+    """Install the checked translate/view (idempotent); done at import when the env var is 1."""
+    global DEBUG_BOUNDS
+    if not hasattr(GuestMemory.translate, "__wrapped__"):
+        GuestMemory.translate = _bounds_checked(GuestMemory.translate)  # type: ignore[method-assign]
+        GuestMemory.view = _bounds_checked(GuestMemory.view)  # type: ignore[method-assign]
+    DEBUG_BOUNDS = True
+
+
+if DEBUG_BOUNDS:
+    enable_bounds_checks()

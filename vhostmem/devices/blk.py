@@ -294,13 +294,15 @@ class BlkDevice(VhostUserDevice):
             header, data_in = _split(readable, REQ_HEADER.size)
             rtype, _, sector = REQ_HEADER.unpack(header)
         in_len = chain.readable_len - REQ_HEADER.size
+        # Data in the wrong direction (a readable buffer for a read, a writable one for a
+        # write) is a malformed request: fail it rather than silently move zero bytes.
         if rtype == VIRTIO_BLK_T_IN:
-            if not self._in_range(sector, out_len):
+            if in_len or not self._in_range(sector, out_len):
                 return VIRTIO_BLK_S_IOERR, 0
             self.backend.readv(data_out, sector << SECTOR_SHIFT, out_len)
             return VIRTIO_BLK_S_OK, out_len
         if rtype == VIRTIO_BLK_T_OUT:
-            if self.readonly or not self._in_range(sector, in_len):
+            if self.readonly or out_len or not self._in_range(sector, in_len):
                 return VIRTIO_BLK_S_IOERR, 0
             self.backend.writev(data_in, sector << SECTOR_SHIFT, in_len)
             return self._after_write(), 0
