@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from protocol import Framer, ProtocolError
 from vhostmem.device import VhostUserDevice
 from vhostmem.memmap import MemRegistry
-from vhostmem.session import Session, SessionError
+from vhostmem.session import Session
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,7 @@ class Connection:
         self.on_close = on_close
         self.framer = Framer(sender="frontend")
         self.closed = False
+        self._backlog = bytearray()  # reply bytes the socket did not take yet
         sock.setblocking(False)
         loop.add_reader(sock.fileno(), self._on_readable)
 
@@ -124,15 +125,22 @@ class Connection:
             self.close()
             return
         try:
-            for msg in self.framer.feed(data, fds):
-                for reply, reply_fds in self.session.handle(msg):
-                    self._send(reply, reply_fds)
-        except (ProtocolError, SessionError) as exc:
+            messages = self.framer.feed(data, fds)
+        except ProtocolError as exc:
             log.error("%s: %s; disconnecting", self.session.name, exc)
             self.close()
-        except OSError as exc:
-            log.error("%s: send failed: %s; disconnecting", self.session.name, exc)
-            self.close()
+            return
+        for n, msg in enumerate(messages):
+            try:
+                for reply, reply_fds in self.session.handle(msg):
+                    self._send(reply, reply_fds)
+            except Exception as exc:  # one bad frontend must not stop the loop
+                # Messages already decoded after the failing one are dropped: close their fds.
+                for rest in messages[n + 1 :]:
+                    _close_all(rest.fds)
+                log.error("%s: %s; disconnecting", self.session.name, exc)
+                self.close()
+                return
 
     def _recv(self) -> tuple[bytes, list[int]]:
         data, ancdata, flags, _ = self.sock.recvmsg(RECV_BYTES, ANCILLARY_BYTES)
@@ -143,24 +151,45 @@ class Connection:
         return data, fds
 
     def _send(self, data: bytes, fds: list[int]) -> None:
+        """Send a reply without ever blocking the loop: what the socket does not take now is
+        queued, and reading pauses until the frontend has drained it."""
+        if self._backlog:
+            self._backlog += data
+            return
         ancillary = []
         if fds:
             ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-        # Replies are small and the frontend waits for each one: a short blocking send is
-        # simpler and safe here.
-        self.sock.setblocking(True)
         try:
             sent = self.sock.sendmsg([data], ancillary)
-            if sent < len(data):
-                self.sock.sendall(data[sent:])
-        finally:
-            self.sock.setblocking(False)
+        except BlockingIOError:
+            if fds:
+                raise  # fds cannot be queued separately from their first byte
+            sent = 0
+        if sent < len(data):
+            self._backlog += data[sent:]
+            self.loop.remove_reader(self.sock.fileno())
+            self.loop.add_writer(self.sock.fileno(), self._on_writable)
+
+    def _on_writable(self) -> None:
+        try:
+            sent = self.sock.send(self._backlog)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            log.error("%s: send failed: %s; disconnecting", self.session.name, exc)
+            self.close()
+            return
+        del self._backlog[:sent]
+        if not self._backlog:
+            self.loop.remove_writer(self.sock.fileno())
+            self.loop.add_reader(self.sock.fileno(), self._on_readable)
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
         self.loop.remove_reader(self.sock.fileno())
+        self.loop.remove_writer(self.sock.fileno())
         self.framer_close()
         self.session.watcher.unwatch_all()  # type: ignore[attr-defined]
         self.session.reset()

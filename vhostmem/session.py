@@ -50,8 +50,23 @@ BASE_PROTOCOL_FEATURES = (
 )
 
 
+# Requests answered by a reply of their own (never by a REPLY_ACK u64).
+OWN_REPLY_REQUESTS = frozenset({
+    FrontendRequest.GET_FEATURES,
+    FrontendRequest.GET_PROTOCOL_FEATURES,
+    FrontendRequest.GET_QUEUE_NUM,
+    FrontendRequest.GET_MAX_MEM_SLOTS,
+    FrontendRequest.GET_VRING_BASE,
+    FrontendRequest.GET_CONFIG,
+    FrontendRequest.GET_STATUS,
+})
+
+
 class SessionError(Exception):
     """A request the session refuses; the message names the request and the reason."""
+
+
+EXPECTED_ERRORS = (SessionError, GuestMemoryError, OSError, ValueError)
 
 
 class KickWatcher(TypingProtocol):
@@ -145,29 +160,43 @@ class Session:
         """Apply one frontend message; return the replies to send, in order.
 
         Raises SessionError when the request failed and the spec offers no way to tell the
-        frontend (no REPLY_ACK); the server then logs it and disconnects. The message's fds are
-        owned by the session from here on: kept, or closed on every error path.
+        frontend (no REPLY_ACK, or a request whose own reply has no error form); the server then
+        logs it and disconnects. The message's fds are owned by the session from here on: kept,
+        or closed on every error path.
         """
         handler = self._handlers.get(msg.request)  # type: ignore[call-overload]
         wants_ack = msg.need_reply and self._reply_ack_negotiated()
         try:
             if handler is None:
-                raise SessionError(f"{msg.request.name}: request not supported")
+                raise SessionError(f"{_name(msg.request)}: request not supported")
             result = handler(msg)
-        except (SessionError, GuestMemoryError, OSError, ValueError) as exc:
+        except Exception as exc:  # every failure is answered
             _close_fds(msg.fds)
-            error = exc if isinstance(exc, SessionError) else SessionError(
-                f"{msg.request.name}: {exc}"
-            )
-            if wants_ack:
-                log.error("%s: %s (failure acked)", self.name, error)
-                return [(encode_reply(msg.request, ACK_FAILED), [])]
-            raise error from exc
+            return self._failed(msg, exc, wants_ack)
         if result is not None:
             return [(encode_reply(msg.request, result), [])]
         if wants_ack:
             return [(encode_reply(msg.request, ACK_OK), [])]
         return []
+
+    def _failed(self, msg: Message, exc: Exception, wants_ack: bool) -> list[Reply]:
+        """The answer to a failed request, or SessionError when only a disconnect can tell."""
+        if isinstance(exc, SessionError):
+            error = exc
+        else:
+            if not isinstance(exc, EXPECTED_ERRORS):
+                log.exception("%s: unexpected error handling %s", self.name, _name(msg.request))
+            error = SessionError(f"{_name(msg.request)}: {exc}")
+        if msg.request == FrontendRequest.GET_CONFIG:
+            # The spec's error form of a GET_CONFIG reply: a config reply with no payload.
+            log.error("%s: %s (empty reply)", self.name, error)
+            return [(encode_reply(msg.request, None), [])]
+        if msg.request in OWN_REPLY_REQUESTS:
+            raise error from exc  # a u64 ack would be a malformed reply to this request
+        if wants_ack:
+            log.error("%s: %s (failure acked)", self.name, error)
+            return [(encode_reply(msg.request, ACK_FAILED), [])]
+        raise error from exc
 
     # ------------------------------------------------------------- negotiation
 
@@ -435,6 +464,11 @@ class Session:
         for vq in self.queues:
             vq.close()
         self.memory.close()
+
+
+def _name(request: object) -> str:
+    """A request's name for messages (unknown numbers print as numbers)."""
+    return str(getattr(request, "name", request))
 
 
 def _take_fds(msg: Message) -> list[int]:
