@@ -1,0 +1,206 @@
+"""vhostmem vs qemu-storage-daemon, same image, same load generator, same run.
+
+    python bench/blk_bench.py [--quick] [--table]
+
+For every case (storage: a /dev/shm file or a file on disk; 4 KiB random read or write; queue
+depth 1/32/128 per queue; 1 or 2 queues) both backends are started fresh on the same image and
+driven by bench/ringdriver.py for a fixed time, interleaved A B A B. Per backend: IOPS, MB/s,
+p50/p99 latency, the backend process's CPU seconds per I/O (utime + stime from /proc/PID/stat,
+all threads), and the load generator's own CPU use (``loadgen_cpu`` = CPU seconds per wall
+second; ``loadgen_saturated`` when it is near one full core, i.e. the numbers are a floor for the
+backend). Prints one JSON object (``--table`` adds a markdown table on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.peers import BACKENDS, cpu_seconds, running
+from bench.ringdriver import FastQueue, drive, ram_bytes_for, sector_table
+from vhostmem.frontend import VhostUserBlk
+
+BLOCK = 4096
+MIB = 1 << 20
+IMAGE_MIB = 256
+FILL_CHUNK = 4 * MIB
+SATURATED = 0.9  # loadgen CPU seconds per wall second that counts as one busy core
+WARMUP_S = 0.3
+STORAGE_DIRS = {"shm": "/dev/shm", "disk": "/var/tmp"}
+FULL = {"storage": ["shm", "disk"], "rw": ["randread", "randwrite"], "qd": [1, 32, 128],
+        "queues": [1, 2], "seconds": 1.5, "rounds": 2}
+QUICK = {"storage": ["shm"], "rw": ["randread", "randwrite"], "qd": [1, 128],
+         "queues": [1], "seconds": 1.0, "rounds": 1}
+US = 1e6
+
+
+def make_image(storage: str, mib: int) -> str:
+    """A fully written (not sparse) image so reads copy real data."""
+    path = os.path.join(STORAGE_DIRS[storage], f"vhostmem-bench-{os.getpid()}-{storage}.img")
+    chunk = (bytes(range(256)) * (FILL_CHUNK // 256))
+    with open(path, "wb") as f:
+        for _ in range(mib * MIB // FILL_CHUNK):
+            f.write(chunk)
+    return path
+
+
+def run_once(backend: str, image: str, rw: str, qd: int, queues: int,
+             seconds: float, seed: int) -> dict[str, Any]:
+    write = rw == "randwrite"
+    with running(backend, image, queues) as (proc, sock), VhostUserBlk.open(
+            sock, ram_size=ram_bytes_for(qd, queues, BLOCK), event_idx=True) as dev:
+        capacity = dev.config()["capacity"]
+        qs: list[FastQueue] = []
+        try:
+            for i in range(queues):
+                qs.append(FastQueue(dev, i, qd, BLOCK, write,
+                                    sector_table(capacity, BLOCK, seed + i)))
+            drive(qs, WARMUP_S)
+            cpu0 = cpu_seconds(proc.pid)
+            res = drive(qs, seconds)
+            cpu1 = cpu_seconds(proc.pid)
+        finally:
+            for q in qs:
+                q.release()
+    return {"ops": res.ops, "seconds": res.seconds, "backend_cpu_s": cpu1 - cpu0,
+            "loadgen_cpu_s": res.loadgen_cpu_s, "kicks": res.kicks, "lat": res.latencies}
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    ops = sum(r["ops"] for r in runs)
+    secs = sum(r["seconds"] for r in runs)
+    lat = np.concatenate([r["lat"] for r in runs]) if runs else np.empty(0)
+    cpu = sum(r["backend_cpu_s"] for r in runs)
+    lg = sum(r["loadgen_cpu_s"] for r in runs)
+    iops = ops / secs
+    return {
+        "iops": round(iops),
+        "mb_s": round(iops * BLOCK / 1e6, 1),
+        "p50_us": round(float(np.percentile(lat, 50)) * US, 1),
+        "p99_us": round(float(np.percentile(lat, 99)) * US, 1),
+        "backend_cpu_us_per_io": round(cpu / ops * US, 2),
+        "backend_cpu": round(cpu / secs, 2),
+        "loadgen_cpu": round(lg / secs, 2),
+        "loadgen_cpu_us_per_io": round(lg / ops * US, 2),
+        "loadgen_saturated": lg / secs >= SATURATED,
+        "kicks_per_io": round(sum(r["kicks"] for r in runs) / ops, 4),
+        "rounds": len(runs),
+    }
+
+
+def run_case(images: dict[str, str], storage: str, rw: str, qd: int, queues: int,
+             seconds: float, rounds: int, backends: list[str]) -> dict[str, Any]:
+    runs: dict[str, list[dict[str, Any]]] = {b: [] for b in backends}
+    for rnd in range(rounds):
+        order = backends if rnd % 2 == 0 else backends[::-1]  # A B B A: no fixed position bias
+        for b in order:
+            runs[b].append(run_once(b, images[storage], rw, qd, queues, seconds, seed=rnd))
+    case: dict[str, Any] = {"storage": storage, "rw": rw, "bs": BLOCK, "qd": qd,
+                            "queues": queues}
+    for b in backends:
+        case[b] = summarize(runs[b])
+    if set(BACKENDS) <= set(backends):
+        v, q = case["vhostmem"], case["qsd"]
+        case["ratio"] = {
+            "iops": round(v["iops"] / q["iops"], 3),
+            "cpu_per_io": round(v["backend_cpu_us_per_io"] / q["backend_cpu_us_per_io"], 3),
+            "p99": round(v["p99_us"] / q["p99_us"], 3),
+        }
+    return case
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {"cpu": model, "cpus": os.cpu_count(), "kernel": platform.release(),
+            "python": platform.python_version()}
+
+
+def table(cases: list[dict[str, Any]]) -> str:
+    rows = ["| storage | rw | qd | queues | vhostmem IOPS | qsd IOPS | IOPS ratio | vhostmem "
+            "CPU us/IO | qsd CPU us/IO | CPU/IO ratio | vhostmem p50/p99 us | qsd p50/p99 us "
+            "| loadgen CPU (v/q) |", "|" + "---|" * 13]
+    for c in cases:
+        v, q, r = c["vhostmem"], c["qsd"], c["ratio"]
+        rows.append(
+            f"| {c['storage']} | {c['rw']} | {c['qd']} | {c['queues']} | {v['iops']} | "
+            f"{q['iops']} | {r['iops']} | {v['backend_cpu_us_per_io']} | "
+            f"{q['backend_cpu_us_per_io']} | {r['cpu_per_io']} | {v['p50_us']}/{v['p99_us']} "
+            f"| {q['p50_us']}/{q['p99_us']} | {v['loadgen_cpu']}/{q['loadgen_cpu']} |")
+    return "\n".join(rows)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a subset with short runs (CI)")
+    ap.add_argument("--seconds", type=float, help="measured seconds per run")
+    ap.add_argument("--rounds", type=int, help="A B rounds per case")
+    ap.add_argument("--storage", help="comma list of shm,disk")
+    ap.add_argument("--rw", help="comma list of randread,randwrite")
+    ap.add_argument("--qd", help="comma list of queue depths (per queue)")
+    ap.add_argument("--queues", help="comma list of queue counts")
+    ap.add_argument("--backends", default=",".join(BACKENDS))
+    ap.add_argument("--image-mib", type=int, default=IMAGE_MIB)
+    ap.add_argument("--table", action="store_true", help="markdown table on stderr")
+    return ap.parse_args(argv)
+
+
+def plan(args: argparse.Namespace) -> dict[str, Any]:
+    p = dict(QUICK if args.quick else FULL)
+    for key, conv in (("storage", str), ("rw", str), ("qd", int), ("queues", int)):
+        val = getattr(args, key)
+        if val:
+            p[key] = [conv(x) for x in val.split(",")]
+    if args.seconds:
+        p["seconds"] = args.seconds
+    if args.rounds:
+        p["rounds"] = args.rounds
+    return p
+
+
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    p = plan(args)
+    backends = args.backends.split(",")
+    t0 = time.monotonic()
+    images = {s: make_image(s, args.image_mib) for s in p["storage"]}
+    cases = []
+    try:
+        for storage in p["storage"]:
+            for queues in p["queues"]:
+                for rw in p["rw"]:
+                    for qd in p["qd"]:
+                        cases.append(run_case(images, storage, rw, qd, queues, p["seconds"],
+                                              p["rounds"], backends))
+    finally:
+        for path in images.values():
+            os.unlink(path)
+    out = {"bench": "blk", "mode": "quick" if args.quick else "full", "machine": machine(),
+           "image_mib": args.image_mib, "seconds_per_run": p["seconds"],
+           "rounds": p["rounds"], "warmup_s": WARMUP_S, "cases": cases,
+           "wall_s": round(time.monotonic() - t0, 1)}
+    if args.table and set(BACKENDS) <= set(backends):
+        print(table(cases), file=sys.stderr)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    print(json.dumps(run(argv), indent=1))
+
+
+if __name__ == "__main__":
+    main()

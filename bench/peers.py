@@ -1,0 +1,86 @@
+"""Backend processes for the benchmarks: vhostmem and qemu-storage-daemon on one image.
+
+Each benchmark run starts a fresh backend process, waits for its socket, and reads its CPU time
+(utime + stime of all its threads) from /proc/PID/stat.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+QSD = "qemu-storage-daemon"
+STARTUP_TIMEOUT = 15.0
+STOP_TIMEOUT = 5.0
+POLL = 0.01
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+# /proc/PID/stat fields after the ")" that ends comm: utime is field 14, stime 15 (1-based).
+UTIME_AFTER_COMM = 11
+BACKENDS = ("vhostmem", "qsd")
+
+
+class PeerStartError(RuntimeError):
+    """A backend did not come up."""
+
+
+def backend_argv(name: str, socket: str, image: str, num_queues: int) -> list[str]:
+    if name == "vhostmem":
+        return [sys.executable, "-m", "vhostmem.cli", "serve", "--socket", socket,
+                "--disk", image, "--num-queues", str(num_queues), "--log-level", "WARNING"]
+    if name == "qsd":
+        return [QSD,
+                "--blockdev", f"driver=file,node-name=f,filename={image},cache.direct=off",
+                "--blockdev", "driver=raw,node-name=d,file=f",
+                "--export", "type=vhost-user-blk,id=e,node-name=d,addr.type=unix,"
+                f"addr.path={socket},writable=on,num-queues={num_queues}"]
+    raise ValueError(f"unknown backend {name!r} (choose from {BACKENDS})")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of every thread of ``pid``, in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[UTIME_AFTER_COMM]) + int(fields[UTIME_AFTER_COMM + 1])) / CLK_TCK
+
+
+@contextlib.contextmanager
+def running(name: str, image: str, num_queues: int) -> Iterator[tuple[subprocess.Popen[bytes],
+                                                                       str]]:
+    """Start backend ``name`` on ``image``; yields (process, socket path); always stops it."""
+    with tempfile.TemporaryDirectory(prefix="vhostmem-bench-") as tmp:
+        sock = os.path.join(tmp, "blk.sock")
+        log_path = os.path.join(tmp, "backend.log")
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(backend_argv(name, sock, image, num_queues), stdout=log,
+                                    stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        try:
+            _wait_socket(proc, sock, log_path, name)
+            yield proc, sock
+        finally:
+            _stop(proc)
+
+
+def _wait_socket(proc: subprocess.Popen[bytes], sock: str, log_path: str, name: str) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while not os.path.exists(sock):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise PeerStartError(f"{name} did not open {sock}: {Path(log_path).read_text()}")
+        time.sleep(POLL)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(STOP_TIMEOUT)
