@@ -1,4 +1,6 @@
-"""Shared fixtures: `qsd`, a factory for qemu-storage-daemon peers torn down after the test."""
+"""Shared fixtures: `qsd`, a factory for qemu-storage-daemon peers, and `blk_peer`, the same
+factory parametrized over every vhost-user-blk backend (vhostmem and qemu-storage-daemon), all
+torn down after the test."""
 
 from __future__ import annotations
 
@@ -9,29 +11,50 @@ from pathlib import Path
 
 import pytest
 
-from tests.peers import QsdHandle, make_image, start_qsd
+from tests.peers import PeerHandle, QsdHandle, make_image, start_qsd, start_vhostmem
 
 DEFAULT_IMAGE_SIZE = 16 << 20
+BLK_PEERS = ["vhostmem", "qsd"]
+
+PeerFactory = Callable[..., PeerHandle]
+
+
+def _peer_factory(kind: str, prefix: str) -> Iterator[PeerFactory]:
+    """`start(size=..., num_queues=1, readonly=False, image=None)` starts a `kind` peer on a
+    fresh raw image (random contents, kept as `handle.initial`) in a short private directory;
+    `handle.kind` names the backend."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))  # short: socket paths max 107 bytes
+    handles: list[PeerHandle] = []
+    launch = start_vhostmem if kind == "vhostmem" else start_qsd
+
+    def start(size: int = DEFAULT_IMAGE_SIZE, num_queues: int = 1, readonly: bool = False,
+              image: str | None = None) -> PeerHandle:
+        n = len(handles)
+        image_path = image or str(workdir / f"disk{n}.raw")
+        initial = None if image else make_image(image_path, size)
+        handle = launch(image_path, str(workdir / f"blk{n}.sock"), num_queues, readonly)
+        handle.initial = initial  # type: ignore[attr-defined]
+        handle.kind = kind  # type: ignore[attr-defined]
+        handles.append(handle)
+        return handle
+
+    try:
+        yield start
+    finally:
+        for handle in handles:
+            handle.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture
 def qsd() -> Iterator[Callable[..., QsdHandle]]:
     """`qsd(size=..., num_queues=1, readonly=False, image=None)` starts a daemon on a fresh raw
     image (random contents, kept as `handle.initial`) in a short private directory."""
-    workdir = Path(tempfile.mkdtemp(prefix="vhm-qsd-"))  # short: socket paths max 107 bytes
-    handles: list[QsdHandle] = []
+    yield from _peer_factory("qsd", "vhm-qsd-")  # type: ignore[misc]
 
-    def start(size: int = DEFAULT_IMAGE_SIZE, num_queues: int = 1, readonly: bool = False,
-              image: str | None = None) -> QsdHandle:
-        n = len(handles)
-        image_path = image or str(workdir / f"disk{n}.raw")
-        initial = None if image else make_image(image_path, size)
-        handle = start_qsd(image_path, str(workdir / f"blk{n}.sock"), num_queues, readonly)
-        handle.initial = initial  # type: ignore[attr-defined]
-        handles.append(handle)
-        return handle
 
-    yield start
-    for handle in handles:
-        handle.stop()
-    shutil.rmtree(workdir, ignore_errors=True)
+@pytest.fixture(params=BLK_PEERS)
+def blk_peer(request: pytest.FixtureRequest) -> Iterator[PeerFactory]:
+    """Like `qsd`, once per backend in BLK_PEERS: the same test runs against vhostmem and
+    qemu-storage-daemon; `handle.kind` says which one it got."""
+    yield from _peer_factory(request.param, f"vhm-{request.param[:3]}-")

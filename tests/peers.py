@@ -1,8 +1,11 @@
-"""Real vhost-user peers for tests: qemu-storage-daemon exporting a raw image as vhost-user-blk.
+"""Real vhost-user peers for tests, each serving a raw image as vhost-user-blk.
 
-`start_qsd(image_path, socket_path, num_queues=1, readonly=False) -> QsdHandle`; `handle.stop()`
-ends the daemon (SIGTERM, then SIGKILL) and removes the socket.  Other suites use it through the
-`qsd` fixture factory in tests/conftest.py.
+`start_qsd(image_path, socket_path, num_queues=1, readonly=False) -> QsdHandle` runs
+qemu-storage-daemon; `start_vhostmem(image_path, socket_path, num_queues=1, readonly=False,
+serial=VHOSTMEM_SERIAL) -> VhostmemHandle` runs `vhostmem serve` (this tree's code, as a
+subprocess).  Both handles offer `.alive()`, `.log()` and `.stop()` (SIGTERM, then SIGKILL; the
+socket is removed).  Other suites use them through the `qsd` and `blk_peer` fixtures in
+tests/conftest.py.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import contextlib
 import os
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 
@@ -18,7 +22,9 @@ QSD_BINARY = "qemu-storage-daemon"
 STARTUP_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
 POLL_INTERVAL = 0.02
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # so `-m vhostmem.cli` imports
 QSD_SERIAL = b"vhost_user_blk"  # what qemu-storage-daemon's vhost-user-blk answers to GET_ID
+VHOSTMEM_SERIAL = "vhostmem-conformance"  # 20 bytes: fills the whole GET_ID buffer
 
 
 class PeerError(RuntimeError):
@@ -26,7 +32,9 @@ class PeerError(RuntimeError):
 
 
 @dataclass
-class QsdHandle:
+class PeerHandle:
+    """A running backend process serving `image_path` on `socket_path`."""
+
     proc: subprocess.Popen[bytes]
     image_path: str
     socket_path: str
@@ -53,6 +61,29 @@ class QsdHandle:
             os.unlink(self.socket_path)
 
 
+class QsdHandle(PeerHandle):
+    """qemu-storage-daemon."""
+
+
+class VhostmemHandle(PeerHandle):
+    """`vhostmem serve`."""
+
+
+def _wait_for_socket(handle: PeerHandle, what: str) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while not os.path.exists(handle.socket_path):
+        if not handle.alive() or time.monotonic() > deadline:
+            handle.stop()
+            raise PeerError(f"{what} did not open {handle.socket_path}: {handle.log()}")
+        time.sleep(POLL_INTERVAL)
+
+
+def _spawn(argv: list[str], log_path: str) -> subprocess.Popen[bytes]:
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, cwd=ROOT)
+
+
 def qsd_available() -> bool:
     return shutil.which(QSD_BINARY) is not None
 
@@ -76,16 +107,27 @@ def start_qsd(image_path: str, socket_path: str, num_queues: int = 1,
               readonly: bool = False) -> QsdHandle:
     """Start qemu-storage-daemon and wait until its vhost-user socket exists."""
     log_path = socket_path + ".log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(qsd_command(image_path, socket_path, num_queues, readonly),
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    proc = _spawn(qsd_command(image_path, socket_path, num_queues, readonly), log_path)
     handle = QsdHandle(proc, image_path, socket_path, num_queues, readonly, log_path)
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    while not os.path.exists(socket_path):
-        if not handle.alive() or time.monotonic() > deadline:
-            handle.stop()
-            raise PeerError(f"qemu-storage-daemon did not open {socket_path}: {handle.log()}")
-        time.sleep(POLL_INTERVAL)
+    _wait_for_socket(handle, "qemu-storage-daemon")
+    return handle
+
+
+def vhostmem_command(image_path: str, socket_path: str, num_queues: int = 1,
+                     readonly: bool = False, serial: str = VHOSTMEM_SERIAL) -> list[str]:
+    argv = [sys.executable, "-m", "vhostmem.cli", "serve", "--socket", socket_path,
+            "--disk", image_path, "--num-queues", str(num_queues), "--serial", serial]
+    return [*argv, "--readonly"] if readonly else argv
+
+
+def start_vhostmem(image_path: str, socket_path: str, num_queues: int = 1,
+                   readonly: bool = False, serial: str = VHOSTMEM_SERIAL) -> VhostmemHandle:
+    """Start `vhostmem serve` on the image and wait until its vhost-user socket exists."""
+    log_path = socket_path + ".log"
+    argv = vhostmem_command(image_path, socket_path, num_queues, readonly, serial)
+    handle = VhostmemHandle(_spawn(argv, log_path), image_path, socket_path, num_queues,
+                            readonly, log_path)
+    _wait_for_socket(handle, "vhostmem serve")
     return handle
 
 

@@ -1,0 +1,133 @@
+"""What each vhost-user-blk peer is documented to do where the two legitimately differ.
+
+The conformance suite runs every case against every peer; where behaviour is allowed to differ
+(features offered, serial, memory slots, STATUS/RESET_DEVICE, how a malformed or unservable
+request ends), a case asserts the documented behaviour of the peer it got, looked up here.
+docs/conformance.md lists the same differences with their reasons.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from protocol import BlkFeature, FrontendRequest, ProtocolFeature, VirtioFeature
+from tests.peers import QSD_SERIAL, VHOSTMEM_SERIAL, PeerHandle
+
+MIB = 1 << 20
+SECTOR = 512
+# vhost-user message header flags.
+FLAG_VERSION = 0x1
+FLAG_REPLY = 0x4
+FLAG_NEED_REPLY = 0x8
+
+
+def mask(*bits: int) -> int:
+    out = 0
+    for bit in bits:
+        out |= 1 << bit
+    return out
+
+
+# Offered by both (writable export; RO is added for read-only ones).
+COMMON_FEATURES = mask(
+    VirtioFeature.VERSION_1, VirtioFeature.VHOST_USER_F_PROTOCOL_FEATURES,
+    VirtioFeature.INDIRECT_DESC, VirtioFeature.EVENT_IDX,
+    BlkFeature.SIZE_MAX, BlkFeature.SEG_MAX, BlkFeature.BLK_SIZE, BlkFeature.FLUSH,
+    BlkFeature.CONFIG_WCE, BlkFeature.MQ, BlkFeature.DISCARD, BlkFeature.WRITE_ZEROES)
+COMMON_PROTOCOL = mask(
+    ProtocolFeature.MQ, ProtocolFeature.REPLY_ACK, ProtocolFeature.BACKEND_REQ,
+    ProtocolFeature.CONFIG, ProtocolFeature.CONFIGURE_MEM_SLOTS)
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    features: int  # exactly what GET_FEATURES returns for a writable export
+    protocol_features: int  # exactly what GET_PROTOCOL_FEATURES returns
+    max_mem_slots: int
+    serial: bytes  # GET_ID answer (cut at the first NUL)
+    writeback_at_start: int  # config-space `writeback` before the driver writes it
+    # A request whose header and status share one descriptor: vhostmem completes it with
+    # IOERR; qemu-storage-daemon never completes it (libvhost-user drops the malformed chain).
+    completes_malformed_chain: bool
+    # libvhost-user (qsd) counts iovecs, not descriptors, against an indirect table's length:
+    # a buffer crossing a region boundary inside an indirect table panics the connection.
+    serves_indirect_region_crossing: bool
+    # One ADD_MEM_REG past max_mem_slots: vhostmem refuses it with a failed REPLY_ACK and keeps
+    # serving; libvhost-user panics and drops the connection.
+    refuses_extra_slot_with_ack: bool
+    # GET_* requests sent with NEED_REPLY whose reply carries NEED_REPLY back: vhostmem answers
+    # every reply with version 1 | REPLY; libvhost-user copies the request's flags into its
+    # GET_FEATURES reply (our own protocol framer rejects such a reply as malformed).
+    echoes_need_reply_on: frozenset[FrontendRequest]
+    # SET_FEATURES with a bit that was never offered: vhostmem refuses it (failed REPLY_ACK);
+    # libvhost-user stores whatever the frontend acks.
+    refuses_unoffered_features: bool
+
+    def reply_flags(self, request: FrontendRequest) -> int:
+        """Header flags of the reply to `request` sent with NEED_REPLY."""
+        echoed = FLAG_NEED_REPLY if request in self.echoes_need_reply_on else 0
+        return FLAG_VERSION | FLAG_REPLY | echoed
+
+    @property
+    def has_status(self) -> bool:
+        return bool(self.protocol_features >> ProtocolFeature.STATUS & 1)
+
+    @property
+    def has_reset_device(self) -> bool:
+        return bool(self.protocol_features >> ProtocolFeature.RESET_DEVICE & 1)
+
+
+VHOSTMEM = Profile(
+    name="vhostmem",
+    features=COMMON_FEATURES,
+    protocol_features=COMMON_PROTOCOL | mask(ProtocolFeature.RESET_DEVICE, ProtocolFeature.STATUS),
+    max_mem_slots=509,
+    serial=VHOSTMEM_SERIAL.encode(),
+    writeback_at_start=1,
+    completes_malformed_chain=True,
+    serves_indirect_region_crossing=True,
+    refuses_extra_slot_with_ack=True,
+    echoes_need_reply_on=frozenset(),
+    refuses_unoffered_features=True,
+)
+QSD = Profile(
+    name="qsd",
+    # libvhost-user also offers the legacy NOTIFY_ON_EMPTY and LOG_ALL bits; qsd adds TOPOLOGY.
+    features=COMMON_FEATURES | mask(VirtioFeature.NOTIFY_ON_EMPTY, VirtioFeature.LOG_ALL,
+                                    BlkFeature.TOPOLOGY),
+    protocol_features=COMMON_PROTOCOL | mask(
+        ProtocolFeature.LOG_SHMFD, ProtocolFeature.PAGEFAULT, ProtocolFeature.BACKEND_SEND_FD,
+        ProtocolFeature.HOST_NOTIFIER),
+    max_mem_slots=32,
+    serial=QSD_SERIAL,
+    writeback_at_start=0,
+    completes_malformed_chain=False,
+    serves_indirect_region_crossing=False,
+    refuses_extra_slot_with_ack=False,
+    echoes_need_reply_on=frozenset({FrontendRequest.GET_FEATURES}),
+    refuses_unoffered_features=False,
+)
+PROFILES = {p.name: p for p in (VHOSTMEM, QSD)}
+
+
+def profile(peer: PeerHandle) -> Profile:
+    return PROFILES[peer.kind]  # type: ignore[attr-defined]
+
+
+def image(peer: PeerHandle, offset: int, length: int) -> bytes:
+    """Bytes of the peer's image file, read from the host side."""
+    with open(peer.image_path, "rb") as f:
+        f.seek(offset)
+        return f.read(length)
+
+
+def initial(peer: PeerHandle, sector: int, length: int) -> bytes:
+    """What the image held at `sector` before the test touched it."""
+    start = sector * SECTOR
+    return peer.initial[start:start + length]  # type: ignore[attr-defined]
+
+
+def image_size(peer: PeerHandle) -> int:
+    return os.path.getsize(peer.image_path)
