@@ -2,7 +2,7 @@
 # /init of the vhostmem test guest (busybox sh). Loads virtio-blk, checks /dev/vda, powers off.
 #
 # Settings come from the kernel command line as vmtest.KEY=VALUE (see qemu/launch.py):
-#   mode=check|shell  size=BYTES  lbs=BYTES  queues=N  ro=0|1  seed=S  rounds=N
+#   mode=check|shell|bench  bench_seconds=N  bench_jobs=J  size=BYTES  lbs=BYTES  queues=N  ro=0|1  seed=S  rounds=N
 #   discard=OFF:LEN  discard_zeroes=0|1  zeroout=OFF:LEN  hotplug=0|1
 # Output protocol, one line each, parsed by qemu/guestlog.py:
 #   VHOSTMEM-TEST <name> PASS|FAIL <detail>     a check
@@ -127,6 +127,12 @@ interactive_shell() {
     poweroff -f
 }
 
+run_bench() {  # a fixed O_DIRECT random-read workload; results are VHOSTMEM-INFO bench lines
+    vmtest --dev "$DISK" --size "$SIZE" --bench "$(param bench_seconds 5)" \
+        --bench-jobs "$(param bench_jobs 1)" || result bench FAIL "vmtest --bench failed"
+    finish
+}
+
 MODE=$(param mode check)
 SIZE=$(param size 0)
 LBS=$(param lbs 512)
@@ -142,6 +148,7 @@ HOTPLUG=$(param hotplug 0)
 load_modules
 [ "$MODE" = shell ] && interactive_shell
 check_sysfs
+[ "$MODE" = bench ] && run_bench
 if [ "$HOTPLUG" = 1 ]; then
     run_round 1
     run_hotplug_rounds

@@ -22,6 +22,8 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 /* ---- MT19937 (the published algorithm: Matsumoto & Nishimura 1998) ---- */
@@ -109,6 +111,7 @@ struct opts {
     uint64_t size, discard_off, discard_len, zero_off, zero_len;
     unsigned lbs, seed, round;
     int readonly, discard_zeroes, high_buffer;
+    unsigned bench_seconds, bench_jobs;
 };
 
 static int failures;
@@ -328,6 +331,70 @@ static void check_high_buffer(const unsigned char *buf, size_t len)
            len / PAGE, present, high);
 }
 
+/* `--bench SECONDS [--bench-jobs J]`: J processes each doing O_DIRECT 4 KiB random reads at
+ * queue depth 1 for SECONDS; one `VHOSTMEM-INFO bench job=J ops=N ns=T` line per process. */
+enum { BENCH_BLOCK = 4096, MAX_BENCH_JOBS = 64 };
+#define NS_PER_S 1000000000ULL
+#define XORSHIFT_SEED 0x9E3779B97F4A7C15ULL
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * NS_PER_S + (uint64_t)ts.tv_nsec;
+}
+
+static uint64_t xorshift64(uint64_t *x)
+{
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    return *x;
+}
+
+static int bench_job(const struct opts *o, unsigned job)
+{
+    int fd = open(o->dev, O_RDONLY | O_DIRECT);
+    if (fd < 0)
+        return 1;
+    unsigned char *buf = alloc_buffer(BENCH_BLOCK);
+    uint64_t blocks = o->size / BENCH_BLOCK, x = XORSHIFT_SEED + job, ops = 0;
+    uint64_t start = now_ns(), end = start + o->bench_seconds * NS_PER_S, t = start;
+    while (t < end) {
+        off_t off = (off_t)(xorshift64(&x) % blocks * BENCH_BLOCK);
+        if (pread(fd, buf, BENCH_BLOCK, off) != BENCH_BLOCK) {
+            printf("VHOSTMEM-INFO bench job=%u error errno=%d\n", job, errno);
+            return 1;
+        }
+        ops++;
+        t = now_ns();
+    }
+    printf("VHOSTMEM-INFO bench job=%u ops=%llu ns=%llu\n", job, (unsigned long long)ops,
+           (unsigned long long)(t - start));
+    fflush(stdout);
+    close(fd);
+    return 0;
+}
+
+static int bench(const struct opts *o)
+{
+    unsigned jobs = o->bench_jobs ? o->bench_jobs : 1, failed = 0;
+    if (jobs > MAX_BENCH_JOBS || o->size < BENCH_BLOCK)
+        return 2;
+    fflush(stdout);
+    for (unsigned j = 0; j < jobs; j++) {
+        pid_t pid = fork();
+        if (pid == 0)
+            _exit(bench_job(o, j));
+        if (pid < 0)
+            failed++;
+    }
+    int status;
+    while (wait(&status) > 0)
+        failed += !WIFEXITED(status) || WEXITSTATUS(status) != 0;
+    return failed ? 1 : 0;
+}
+
 static uint64_t num(const char *s)
 {
     return strtoull(s, NULL, 0);
@@ -357,6 +424,8 @@ static int parse(int argc, char **argv, struct opts *o)
         else if (!strcmp(a, "--round")) o->round = (unsigned)num(argv[++i]);
         else if (!strcmp(a, "--discard")) parse_range(argv[++i], &o->discard_off, &o->discard_len);
         else if (!strcmp(a, "--zeroout")) parse_range(argv[++i], &o->zero_off, &o->zero_len);
+        else if (!strcmp(a, "--bench")) o->bench_seconds = (unsigned)num(argv[++i]);
+        else if (!strcmp(a, "--bench-jobs")) o->bench_jobs = (unsigned)num(argv[++i]);
         else return -1;
     }
     return o->dev && o->size && o->lbs && o->size % o->lbs == 0 && o->lbs % 4 == 0 ? 0 : -1;
@@ -385,9 +454,12 @@ int main(int argc, char **argv)
     if (parse(argc, argv, &o)) {
         fprintf(stderr, "usage: vmtest --dev DEV --size BYTES --lbs N --seed S --round R "
                         "[--readonly] [--discard OFF:LEN [--discard-zeroes]] [--zeroout OFF:LEN] "
-                        "[--high-buffer]\n");
+                        "[--high-buffer] | --dev DEV --size BYTES --bench SECONDS "
+                        "[--bench-jobs J]\n");
         return 2;
     }
+    if (o.bench_seconds)
+        return bench(&o);
     current_round = o.round;
     int fd = open(o.dev, (o.readonly ? O_RDONLY : O_RDWR) | O_DIRECT);
     if (fd < 0) {
