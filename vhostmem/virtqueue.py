@@ -383,7 +383,8 @@ class Virtqueue:
             except _BufferError as exc:
                 if not self._bad_buffer_logged:
                     self._bad_buffer_logged = True
-                    log.error("virtqueue %d: request %d failed: %s", self.index, head, exc)
+                    # str: a record holding the exception would pin its views via the traceback
+                    log.error("virtqueue %d: request %d failed: %s", self.index, head, str(exc))
                 self.push_used(head, 0)
 
     def _rearm(self, last: int) -> bool:

@@ -1,0 +1,79 @@
+"""Hostile-guest fixtures: one in-process server for the package, bounds checks on, and the
+after-checks every case must pass (second queue and second device serve, nothing leaked,
+nothing touched outside guest memory or the targeted sectors)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+os.environ["VHOSTMEM_DEBUG_BOUNDS"] = "1"  # before vhostmem.guest_memory is imported here
+
+from tests.hostile.env import (
+    ServerThread,
+    assert_no_bounds_violations,
+    guarded_ram,
+    memfd_mappings,
+    open_guest,
+    real_io,
+)
+from tests.hostile.guarded import GuardedRam
+from vhostmem import guest_memory
+from vhostmem.frontend import VhostUserBlk
+
+# The server-side sectors the after-checks write (hostile cases stay below them).
+CHECK_SECTOR_A = 4096
+CHECK_SECTOR_B = 2048
+
+
+@pytest.fixture(scope="package")
+def server() -> Iterator[ServerThread]:
+    guest_memory.enable_bounds_checks()  # in case another package imported it first
+    srv = ServerThread()
+    yield srv
+    srv.close()
+
+
+@dataclass
+class Guest:
+    srv: ServerThread
+    ram: GuardedRam
+    dev: VhostUserBlk
+
+
+@pytest.fixture
+def guest(server: ServerThread) -> Iterator[Guest]:
+    """A frontend on device A with queues 0 (the victim) and 1 (must keep serving)."""
+    guest_memory.bounds_violations.clear()
+    ram = guarded_ram()
+    dev = open_guest(server, server.a, ram, queues=2)
+    g = Guest(server, ram, dev)
+    yield g
+    try:
+        after_checks(g)
+    finally:
+        dev.close()
+        ram.close()
+    server.wait_disconnected(server.a)
+    assert server.call(server.registry.chunks) == [], "registrations left after disconnect"
+    assert not memfd_mappings(), "guest memory still mapped after disconnect"
+    assert_no_bounds_violations()
+
+
+def after_checks(g: Guest) -> None:
+    srv = g.srv
+    real_io(g.dev, 1, srv.images["a"], CHECK_SECTOR_A)
+    other_ram = guarded_ram()
+    try:
+        with open_guest(srv, srv.b, other_ram) as other:
+            real_io(other, 0, srv.images["b"], CHECK_SECTOR_B)
+    finally:
+        other_ram.close()
+    srv.wait_disconnected(srv.b)
+    assert not g.ram.damaged_guards(), "a guard region of guest RAM changed"
+    for name, image in srv.images.items():
+        assert image.unchanged_elsewhere(), f"image {name} changed outside the targeted sectors"
+    assert_no_bounds_violations()
