@@ -199,9 +199,11 @@ def serve(args: argparse.Namespace) -> int:
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
     server = Server(loop, MemRegistry())
+    devices: list[BlkDevice] = []
     try:
         for spec in specs:
             device = make_device(spec)
+            devices.append(device)
             config = EndpointConfig(
                 path=spec.path,
                 client=spec.client is not None,
@@ -218,6 +220,8 @@ def serve(args: argparse.Namespace) -> int:
         log.info("shutting down")
     finally:
         server.close()
+        for device in devices:
+            device.close()  # flushes and closes the image; joins I/O threads
         loop.close()
     return 0
 

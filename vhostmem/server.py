@@ -18,6 +18,7 @@ import errno
 import grp
 import logging
 import os
+import select
 import socket
 import stat
 import struct
@@ -41,6 +42,9 @@ ANCILLARY_BYTES = socket.CMSG_SPACE(RECV_MAX_FDS * FD_SIZE)
 UCRED = struct.Struct("3i")
 DEFAULT_SOCKET_MODE = 0o600
 CLIENT_RETRY_SECONDS = 0.2
+LISTEN_BACKLOG = 4
+# A connect() probing whether a socket file is live must not hang on a full backlog.
+PROBE_TIMEOUT_SECONDS = 1.0
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -184,6 +188,12 @@ class Connection:
             self.loop.remove_writer(self.sock.fileno())
             self.loop.add_reader(self.sock.fileno(), self._on_readable)
 
+    def peer_gone(self) -> bool:
+        """Whether the frontend hung up (even if unread bytes remain queued)."""
+        poller = select.poll()
+        poller.register(self.sock.fileno(), select.POLLRDHUP)
+        return any(ev & (select.POLLRDHUP | select.POLLHUP) for _, ev in poller.poll(0))
+
     def close(self) -> None:
         if self.closed:
             return
@@ -244,6 +254,9 @@ class Endpoint:
             sock, _ = self.listener.accept()
         except BlockingIOError:
             return
+        if self.connection is not None and self.connection.peer_gone():
+            # Its EOF is not read yet (e.g. a connect-and-close probe): serve the newcomer.
+            self.connection.close()
         if self.connection is not None:
             log.warning("%s: refusing a second frontend while one is connected", self.name)
             sock.close()
@@ -309,6 +322,7 @@ def bind_unix_socket(path: str, mode: int, group: str | None) -> socket.socket:
     Refuses a path that exists and is not a socket, and a socket someone still listens on; a
     stale socket file is replaced.
     """
+    gid = -1 if group is None else group_id(group)
     _check_socket_path(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o777 & ~mode)
@@ -319,11 +333,26 @@ def bind_unix_socket(path: str, mode: int, group: str | None) -> socket.socket:
         raise
     finally:
         os.umask(old_umask)
-    os.chmod(path, mode)
-    if group is not None:
-        os.chown(path, -1, grp.getgrnam(group).gr_gid)
-    sock.listen(4)
+    try:
+        os.chmod(path, mode)
+        if gid >= 0:
+            os.chown(path, -1, gid)
+        sock.listen(LISTEN_BACKLOG)
+    except OSError:
+        sock.close()
+        os.unlink(path)
+        raise
     return sock
+
+
+def group_id(group: str) -> int:
+    """A group name or number -> gid; ValueError naming the group if there is no such group."""
+    if group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ValueError(f"socket group {group!r} does not exist") from None
 
 
 def _check_socket_path(path: str) -> None:
@@ -334,11 +363,14 @@ def _check_socket_path(path: str) -> None:
     if not stat.S_ISSOCK(st.st_mode):
         raise FileExistsError(errno.EEXIST, f"{path} exists and is not a socket; not replacing it")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(PROBE_TIMEOUT_SECONDS)
     try:
         probe.connect(path)
-    except OSError:
+    except ConnectionRefusedError:
         os.unlink(path)  # stale: nobody listens
         return
+    except TimeoutError:
+        pass  # a listener with a full backlog: live
     finally:
         probe.close()
     raise FileExistsError(errno.EADDRINUSE, f"{path}: another process is serving this socket")

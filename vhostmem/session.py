@@ -221,7 +221,10 @@ class Session:
         self.state.owner = True
 
     def _reset_owner(self, msg: Message) -> None:
-        self.reset()
+        # QEMU sends RESET_OWNER as its device reset when RESET_DEVICE is not negotiated and
+        # goes on using the negotiated protocol features and memory table: reset the device
+        # only, as for RESET_DEVICE. Dropping REPLY_ACK here would leave QEMU waiting for acks.
+        self._reset_device(msg)
 
     def _get_protocol_features(self, msg: Message) -> int:
         return self.offered_protocol_features()
@@ -285,6 +288,8 @@ class Session:
     def _add_mem_reg(self, msg: Message) -> None:
         if len(msg.fds) != 1:
             raise SessionError("ADD_MEM_REG: expected exactly one fd")
+        if len(self.memory.regions) >= MAX_MEM_SLOTS:
+            raise SessionError(f"ADD_MEM_REG: all {MAX_MEM_SLOTS} memory slots are in use")
         r = msg.payload.region
         self.memory.add_region(
             r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset, _take_fds(msg)[0]
@@ -355,6 +360,13 @@ class Session:
         self.state.rings[i].addr = addr
 
     def _apply_ring_addr(self, i: int, addr: tuple[int, int, int, int, int]) -> None:
+        vq = self.queues[i]
+        if not self.state.rings[i].started and vq.broken:
+            # New addresses on a stopped ring (a driver restarting it after an error or a
+            # guest reset): the old ring's corruption no longer applies.
+            log.info("%s: ring %d reconfigured; clearing its error state", self.name, i)
+            vq.broken = False
+            vq.broken_reason = ""
         flags, desc, used, avail, log_addr = addr
         to_gpa = self.memory.uva_to_gpa
         self.queues[i].set_addr(to_gpa(desc), to_gpa(used), to_gpa(avail), log_addr, flags)
