@@ -55,7 +55,8 @@ class Profile:
     # a buffer crossing a region boundary inside an indirect table panics the connection.
     serves_indirect_region_crossing: bool
     # One ADD_MEM_REG past max_mem_slots: vhostmem refuses it with a failed REPLY_ACK and keeps
-    # serving; libvhost-user panics and drops the connection.
+    # serving; libvhost-user acks it with 0, panics ("no free ram slots") and drops the
+    # connection.
     refuses_extra_slot_with_ack: bool
     # GET_* requests sent with NEED_REPLY whose reply carries NEED_REPLY back: vhostmem answers
     # every reply with version 1 | REPLY; libvhost-user copies the request's flags into its
