@@ -34,6 +34,7 @@ MAX_QUEUES = 16
 SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 TRUE_WORDS = {"on", "yes", "true", "1"}
 FALSE_WORDS = {"off", "no", "false", "0"}
+SOCKET_MODE_BITS = 0o777
 BLK_KEYS = {"socket", "client", "disk", "ram", "readonly", "num-queues", "serial"}
 
 
@@ -73,6 +74,17 @@ def parse_bool(key: str, text: str) -> bool:
     if word in FALSE_WORDS:
         return False
     raise UsageError(f"{key}={text!r}: expected on or off")
+
+
+def parse_socket_mode(text: str) -> int:
+    """'600', '0660' -> permission bits; only rwx bits for user, group and others."""
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise UsageError(f"--socket-mode {text!r}: expected octal bits, e.g. 660") from None
+    if not 0 <= mode <= SOCKET_MODE_BITS:
+        raise UsageError(f"--socket-mode {text!r}: only permission bits 0..777 are allowed")
+    return mode
 
 
 def parse_num_queues(text: str) -> int:
@@ -195,7 +207,7 @@ def qemu_command(spec: BlkSpec) -> str:
 
 def serve(args: argparse.Namespace) -> int:
     specs = specs_from_args(args)
-    mode = int(args.socket_mode, 8)
+    mode = parse_socket_mode(args.socket_mode)
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
     server = Server(loop, MemRegistry())
@@ -232,8 +244,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    level = logging.getLevelName(args.log_level.upper())
+    if not isinstance(level, int):
+        print(f"vhostmem: error: --log-level {args.log_level!r}: expected DEBUG, INFO, "
+              "WARNING or ERROR", file=sys.stderr)
+        return 2
     logging.basicConfig(
-        level=getattr(logging, args.log_level.upper(), logging.INFO),
+        level=level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grp
 import os
 import socket
 import stat
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from vhostmem import cli
+from vhostmem.frontend import GuestRam, Listener, VhostUserBlk
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -121,3 +123,133 @@ def test_serve_reports_a_missing_disk(tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert b"missing.img" in proc.stderr
     assert not (tmp_path / "s.sock").exists()
+
+
+# ------------------------------------------------------- serve processes and fake guests
+
+SECTOR = 512
+GUEST_RAM = 8 << 20
+
+
+def start_serve(*argv: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "vhostmem.cli", "serve", *argv],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+
+
+def stop_serve(proc: subprocess.Popen[bytes]) -> str:
+    """SIGTERM; asserts a clean exit; returns the log (stderr)."""
+    proc.terminate()
+    try:
+        _, err = proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err.decode()
+    return err.decode()
+
+
+def guest_roundtrip(path: str, sector: int, pattern: bytes) -> None:
+    with VhostUserBlk.open(path, ram_size=GUEST_RAM) as dev:
+        q = dev.start_queue(0, size=16)
+        q.write(sector, pattern * SECTOR)
+        assert q.read(sector, SECTOR) == pattern * SECTOR
+
+
+def test_one_process_serves_repeated_blk_specs(tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    a, b = tmp_path / "a.sock", tmp_path / "b.sock"
+    proc = start_serve("--blk", f"socket={a},ram=4M", "--blk", f"socket={b},disk={image}")
+    try:
+        wait_for_socket(a, proc)
+        wait_for_socket(b, proc)
+        guest_roundtrip(str(a), 1, b"A")
+        guest_roundtrip(str(b), 2, b"B")
+    finally:
+        log = stop_serve(proc)
+    assert image.read_bytes()[2 * SECTOR : 3 * SECTOR] == b"B" * SECTOR
+    assert f"pid={os.getpid()}" in log  # SO_PEERCRED of the frontend
+    assert not a.exists() and not b.exists()
+
+
+def test_client_mode_connects_to_a_listening_frontend_and_reconnects(tmp_path: Path) -> None:
+    path = tmp_path / "fe.sock"
+    with Listener(str(path)) as listener:
+        proc = start_serve("--client", str(path), "--ram-size", "4M")
+        try:
+            for round_ in range(2):
+                ram = GuestRam()
+                ram.add_region(0, GUEST_RAM)
+                with VhostUserBlk(listener.accept(timeout=10), ram, own_ram=True) as dev:
+                    dev.negotiate()
+                    dev.send_memory("table")
+                    q = dev.start_queue(0, size=16)
+                    q.write(round_, b"c" * SECTOR)
+                    assert q.read(round_, SECTOR) == b"c" * SECTOR
+        finally:
+            stop_serve(proc)
+
+
+def test_socket_mode_and_group_options(tmp_path: Path) -> None:
+    path = tmp_path / "g.sock"
+    group = grp.getgrgid(os.getgid()).gr_name
+    proc = start_serve("--socket", str(path), "--ram-size", "1M", "--socket-mode", "660",
+                       "--socket-group", group)
+    try:
+        wait_for_socket(path, proc)
+        st = os.stat(path)
+        assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o660, os.getgid())
+    finally:
+        stop_serve(proc)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--socket-group", "no-such-group-xyz"], "no-such-group-xyz"),
+        (["--socket-mode", "9z"], "--socket-mode"),
+        (["--socket-mode", "1777"], "--socket-mode"),
+        (["--log-level", "LOUD"], "--log-level"),
+    ],
+)
+def test_bad_socket_options_are_named(tmp_path: Path, argv: list[str], message: str) -> None:
+    path = tmp_path / "s.sock"
+    proc = subprocess.run(
+        [sys.executable, "-m", "vhostmem.cli", "serve", "--socket", str(path), "--ram-size",
+         "1M", *argv],
+        cwd=REPO, capture_output=True, timeout=20,
+    )
+    assert proc.returncode == 2
+    assert message in proc.stderr.decode()
+    assert not path.exists()
+
+
+def test_a_live_socket_is_refused_and_its_server_unaffected(tmp_path: Path) -> None:
+    path = tmp_path / "live.sock"
+    first = start_serve("--socket", str(path), "--ram-size", "4M")
+    try:
+        wait_for_socket(path, first)
+        second = subprocess.run(
+            [sys.executable, "-m", "vhostmem.cli", "serve", "--socket", str(path),
+             "--ram-size", "1M"],
+            cwd=REPO, capture_output=True, timeout=20,
+        )
+        assert second.returncode != 0
+        assert b"another process is serving" in second.stderr
+        guest_roundtrip(str(path), 0, b"L")
+    finally:
+        stop_serve(first)
+
+
+def test_a_stale_socket_file_is_replaced(tmp_path: Path) -> None:
+    path = tmp_path / "stale.sock"
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(path))
+    s.close()
+    proc = start_serve("--socket", str(path), "--ram-size", "4M")
+    try:
+        wait_for_socket(path, proc)
+        guest_roundtrip(str(path), 0, b"S")
+    finally:
+        stop_serve(proc)
