@@ -408,6 +408,10 @@ class Session:
 
     def _set_vring_call(self, msg: Message) -> None:
         i, fd = self._vring_fd(msg)
+        # I/O threads signal the call fd when they complete: let them finish before the old
+        # fd is closed (its number could be reused at once). No new request starts meanwhile:
+        # requests are only popped on this thread.
+        self.queues[i].wait_idle()
         self.queues[i].set_call_fd(fd)
 
     def _set_vring_err(self, msg: Message) -> None:

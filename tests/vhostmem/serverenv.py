@@ -62,8 +62,9 @@ class ServerThread:
         return fut.result(SETTLE_TIMEOUT)
 
     def add_blk(self, name: str = "blk", *, client: bool = False, num_queues: int = 1,
-                size: int = DISK_SIZE, **config: Any) -> Endpoint:
-        device = BlkDevice.from_ram(size, num_queues=num_queues)
+                size: int = DISK_SIZE, device_options: dict[str, Any] | None = None,
+                **config: Any) -> Endpoint:
+        device = BlkDevice.from_ram(size, num_queues=num_queues, **(device_options or {}))
         path = str(self.dir / f"{name}.sock")
         cfg = EndpointConfig(path=path, client=client, **config)
         return self.call(self.server.add, device, cfg)

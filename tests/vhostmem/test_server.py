@@ -420,3 +420,28 @@ def test_a_broken_ring_signals_err_and_recovers_when_restarted(ep: Endpoint) -> 
         dev.client.get_vring_base(0)
         drop_queue(dev, 0)
         roundtrip(program(dev), 1, b"2")
+
+
+def test_thread_mode_stop_waits_for_requests_in_flight(srv: ServerThread) -> None:
+    ep = srv.add_blk("t", device_options={"io_mode": "thread"})
+    with VhostUserBlk.open(ep.config.path, ram_size=4 * RAM) as dev:
+        q = program(dev, size=128)
+        roundtrip(q, 0, b"0")
+        reqs = [q.prepare(BlkType.OUT, 8 * k, data=bytes([k]) * 4096) for k in range(32)]
+        q.notify()
+        done = q.wait()  # once one completed, all 32 were handed to the I/O threads
+        new_call = EventFd()
+        dev.client.set_vring_call(0, new_call.fd)  # swapped while requests may be in flight
+        dev.queues[0].call.close()
+        dev.queues[0].call = q.call_fd = new_call
+        dev.client.set_vring_enable(0, False)
+        base = dev.client.get_vring_base(0)
+        assert base == 2 + 32
+        # GET_VRING_BASE returned only once every popped request was completed.
+        done += q.poll()
+        assert len(done) == 32 and all(r.status == STATUS_OK for r in reqs)
+        dev.client.set_vring_num(0, 128)
+        dev.client.set_vring_base(0, base)
+        dev.client.set_vring_kick(0, dev.queues[0].kick.fd)
+        dev.client.set_vring_enable(0, True)
+        assert q.read(8 * 31, 4096) == bytes([31]) * 4096
