@@ -1,22 +1,71 @@
 """Fixtures for the QEMU suite: cached guest assets and the list of backends under test.
 
-Adding a backend to every boot test is one line::
-
-    BACKENDS.append(vhostmem_backend(on_hotplug=vhostmem_hotplug_checks))
-
+Every boot test runs once per backend in BACKENDS: qemu-storage-daemon and vhostmem.
 ``on_hotplug`` is the backend-specific hook called after the DIMM is plugged and after it is
 unplugged; it receives a ``qemu.backends.HotplugEvent`` (phase, backend pid, DIMM size, backend
-log path) and returns ``Check``s, e.g. that vhostmem registered and later unregistered the region.
+log path) and returns ``Check``s. vhostmem's hook reads its log: the session logs
+``registered region gpa=... size=...`` for every region it maps (ADD_MEM_REG, SET_MEM_TABLE)
+and ``unregistered region gpa=... size=...`` for REM_MEM_REG.
 """
 
 from __future__ import annotations
 
+import re
+import time
+
 import pytest
 
 from qemu.assets import GuestAssets, prepare
-from qemu.backends import Backend, qsd_backend
+from qemu.backends import PLUGGED, Backend, HotplugEvent, qsd_backend, vhostmem_backend
+from qemu.guestlog import Check
 
-BACKENDS: list[Backend] = [qsd_backend()]
+# "unregistered" contains "registered": the lookbehind keeps the two apart.
+REGISTERED = re.compile(r"(?<!un)registered region gpa=(0x[0-9a-f]+) size=(0x[0-9a-f]+)")
+UNREGISTERED = re.compile(r"unregistered region gpa=(0x[0-9a-f]+) size=(0x[0-9a-f]+)")
+LOG_TIMEOUT = 5.0  # the log line is written before the reply, but give the file a moment
+LOG_POLL = 0.05
+
+
+def _regions(pattern: re.Pattern[str], text: str, size: int) -> list[tuple[int, int]]:
+    """(log offset, gpa) of every match whose size is `size`."""
+    return [(m.start(), int(m.group(1), 16)) for m in pattern.finditer(text)
+            if int(m.group(2), 16) == size]
+
+
+def _dimm_lines(event: HotplugEvent) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    text = event.backend_log.read_text(errors="replace")
+    return (_regions(REGISTERED, text, event.dimm_size),
+            _regions(UNREGISTERED, text, event.dimm_size))
+
+
+def _wait_for(event: HotplugEvent, done) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    deadline = time.monotonic() + LOG_TIMEOUT
+    while True:
+        lines = _dimm_lines(event)
+        if done(*lines) or time.monotonic() > deadline:
+            return lines
+        time.sleep(LOG_POLL)
+
+
+def vhostmem_hotplug_checks(event: HotplugEvent) -> list[Check]:
+    """After the plug, vhostmem registered exactly one region of the DIMM's size (and has not
+    unregistered it); after the unplug, it unregistered that same region (same gpa)."""
+    size = f"{event.dimm_size:#x}"
+    if event.phase == PLUGGED:
+        added, removed = _wait_for(event, lambda a, r: bool(a))
+        ok = len(added) == 1 and not removed
+        detail = f"registered gpa={[hex(g) for _, g in added]} size={size}, unregistered " \
+                 f"{[hex(g) for _, g in removed]}"
+        return [Check("host.vhostmem-registers-dimm", ok, detail)]
+    added, removed = _wait_for(event, lambda a, r: bool(r))
+    ok = (len(added) == 1 and len(removed) == 1 and added[0][1] == removed[0][1]
+          and added[0][0] < removed[0][0])
+    detail = f"registered {[hex(g) for _, g in added]}, unregistered " \
+             f"{[hex(g) for _, g in removed]} size={size}"
+    return [Check("host.vhostmem-unregisters-dimm", ok, detail)]
+
+
+BACKENDS: list[Backend] = [qsd_backend(), vhostmem_backend(on_hotplug=vhostmem_hotplug_checks)]
 
 
 @pytest.fixture(scope="session")
