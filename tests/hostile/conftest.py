@@ -61,6 +61,7 @@ def guest(server: ServerThread) -> Iterator[Guest]:
     assert server.call(server.registry.chunks) == [], "registrations left after disconnect"
     assert not memfd_mappings(), "guest memory still mapped after disconnect"
     assert_no_bounds_violations()
+    server.assert_no_crashes()
 
 
 def after_checks(g: Guest) -> None:

@@ -4,6 +4,7 @@ checks every hostile case ends with: real I/O still works, nothing leaked, nothi
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import random
 import shutil
@@ -54,6 +55,18 @@ class Image:
         return self.path.read_bytes() == bytes(self.expected)
 
 
+class TracebackRecorder(logging.Handler):
+    """Keeps every record logged with exception info (log.exception: an unexpected error)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[str] = []  # text only: a record would pin the traceback's views
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info:
+            self.records.append(self.format(record))
+
+
 class ServerThread:
     """`Server` on its own loop thread: endpoint A (2 queues) and endpoint B (1 queue)."""
 
@@ -62,6 +75,11 @@ class ServerThread:
         self.loop = new_event_loop()
         self.registry = MemRegistry()
         self.server = Server(self.loop, self.registry)
+        # Anything that escaped to the loop, or was logged with a traceback, is a bug.
+        self.loop_errors: list[dict[str, Any]] = []
+        self.loop.set_exception_handler(lambda _loop, ctx: self.loop_errors.append(ctx))
+        self.tracebacks = TracebackRecorder()
+        logging.getLogger("vhostmem").addHandler(self.tracebacks)
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.images = {name: Image(self.dir / f"{name}.raw", seed)
@@ -96,7 +114,12 @@ class ServerThread:
             assert time.monotonic() < deadline, f"{endpoint.name}: frontend still attached"
             time.sleep(POLL_INTERVAL)
 
+    def assert_no_crashes(self) -> None:
+        assert not self.loop_errors, self.loop_errors
+        assert not self.tracebacks.records, self.tracebacks.records
+
     def close(self) -> None:
+        logging.getLogger("vhostmem").removeHandler(self.tracebacks)
         self.call(self.server.close)
         for ep in (self.a, self.b):
             ep.device.close()  # type: ignore[attr-defined]
