@@ -54,6 +54,13 @@ def srv() -> Iterator[ServerThread]:
         yield s
 
 
+@pytest.fixture(params=sorted(LOOPS))
+def any_srv(request: pytest.FixtureRequest) -> Iterator[ServerThread]:
+    """The server on each event loop (uvloop and the stdlib one)."""
+    with running_server(LOOPS[request.param]) as s:
+        yield s
+
+
 @pytest.fixture
 def ep(srv: ServerThread) -> Endpoint:
     return srv.add_blk()
@@ -274,8 +281,8 @@ def test_disconnect_releases_every_registration_fd_and_mapping(
 # ------------------------------------------------------------- several devices
 
 
-def test_bad_message_disconnects_only_its_own_device(srv: ServerThread) -> None:
-    a, b = srv.add_blk("a"), srv.add_blk("b")
+def test_bad_message_disconnects_only_its_own_device(any_srv: ServerThread) -> None:
+    a, b = any_srv.add_blk("a"), any_srv.add_blk("b")
     with VhostUserBlk.open(b.config.path, ram_size=RAM) as good:
         q = program(good)
         roundtrip(q, 0, b"1")
@@ -290,9 +297,9 @@ def test_bad_message_disconnects_only_its_own_device(srv: ServerThread) -> None:
         roundtrip(q, 3, b"4")
 
 
-def test_a_frontend_that_does_not_read_replies_blocks_nobody(srv: ServerThread) -> None:
+def test_a_frontend_that_does_not_read_replies_blocks_nobody(any_srv: ServerThread) -> None:
     """Replies the frontend does not read are queued without stalling the event loop."""
-    a, b = srv.add_blk("a"), srv.add_blk("b")
+    a, b = any_srv.add_blk("a"), any_srv.add_blk("b")
     count = 50000  # far more reply bytes than the socket buffers hold
     greedy = socket.socket(socket.AF_UNIX)
     greedy.connect(a.config.path)
@@ -323,7 +330,8 @@ def test_second_frontend_is_refused_and_the_first_unaffected(ep: Endpoint) -> No
         assert ep.connections_served == 1
 
 
-def test_client_mode_connects_and_reconnects(srv: ServerThread) -> None:
+def test_client_mode_connects_and_reconnects(any_srv: ServerThread) -> None:
+    srv = any_srv
     path = str(srv.dir / "cl.sock")
     with Listener(path) as listener:
         ep = srv.add_blk("cl", client=True)

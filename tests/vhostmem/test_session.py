@@ -48,7 +48,7 @@ EXPECTED_FEATURES = bits(
 EXPECTED_PROTOCOL = bits(
     ProtocolFeature.MQ, ProtocolFeature.REPLY_ACK, ProtocolFeature.CONFIG,
     ProtocolFeature.CONFIGURE_MEM_SLOTS, ProtocolFeature.RESET_DEVICE, ProtocolFeature.STATUS,
-    ProtocolFeature.BACKEND_REQ,
+    ProtocolFeature.BACKEND_REQ, ProtocolFeature.INFLIGHT_SHMFD,
 )
 ACK_PROTOCOL = bits(ProtocolFeature.REPLY_ACK, ProtocolFeature.CONFIG, ProtocolFeature.MQ,
                     ProtocolFeature.CONFIGURE_MEM_SLOTS, ProtocolFeature.RESET_DEVICE,
@@ -199,6 +199,31 @@ def test_every_request_acks_zero_on_success(ep: Endpoint) -> None:
         ram.close()
         extra.close()
     do_io(ep)
+
+
+@pytest.mark.parametrize("request_", [
+    FrontendRequest.GET_FEATURES, FrontendRequest.GET_PROTOCOL_FEATURES,
+    FrontendRequest.GET_QUEUE_NUM, FrontendRequest.GET_MAX_MEM_SLOTS, FrontendRequest.GET_STATUS,
+])
+def test_need_reply_on_a_get_request_gives_exactly_its_reply(
+    ep: Endpoint, request_: FrontendRequest
+) -> None:
+    with negotiated(ep) as c:
+        c.send(request_, need_reply=True)
+        reply = c.recv()
+        assert reply.request == request_ and reply.is_reply
+        c.send(FrontendRequest.GET_FEATURES)
+        follow = c.recv()  # not a stray REPLY_ACK for the GET request
+        assert follow.request == FrontendRequest.GET_FEATURES
+        assert follow.payload == EXPECTED_FEATURES
+
+
+def test_need_reply_without_reply_ack_negotiated_gets_no_ack(ep: Endpoint) -> None:
+    with negotiated(ep, protocol=bits(ProtocolFeature.MQ)) as c:
+        c.send(FrontendRequest.SET_VRING_NUM, {"index": 0, "num": 16}, need_reply=True)
+        c.send(FrontendRequest.GET_QUEUE_NUM)
+        reply = c.recv()
+        assert (reply.request, reply.payload) == (FrontendRequest.GET_QUEUE_NUM, 1)
 
 
 def _ring_addr(ram: GuestRam, ring: SplitRing, desc: int | None = None) -> dict[str, int]:
