@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from protocol import BlkFeature, FrontendRequest, ProtocolFeature, VirtioFeature
 from tests.peers import QSD_SERIAL, VHOSTMEM_SERIAL, PeerHandle
+from vhostmem.session import BASE_PROTOCOL_FEATURES
 
 MIB = 1 << 20
 SECTOR = 512
@@ -83,7 +84,8 @@ class Profile:
 VHOSTMEM = Profile(
     name="vhostmem",
     features=COMMON_FEATURES,
-    protocol_features=COMMON_PROTOCOL | mask(ProtocolFeature.RESET_DEVICE, ProtocolFeature.STATUS),
+    # The server's own protocol bits (they grow with the server) plus the blk device's.
+    protocol_features=BASE_PROTOCOL_FEATURES | COMMON_PROTOCOL,
     max_mem_slots=509,
     serial=VHOSTMEM_SERIAL.encode(),
     writeback_at_start=1,
@@ -111,6 +113,9 @@ QSD = Profile(
     refuses_unoffered_features=False,
 )
 PROFILES = {p.name: p for p in (VHOSTMEM, QSD)}
+# What vhostmem documents beyond qsd, whatever else the server grows.
+VHOSTMEM_PROTOCOL_MINIMUM = COMMON_PROTOCOL | mask(ProtocolFeature.RESET_DEVICE,
+                                                   ProtocolFeature.STATUS)
 
 
 def profile(peer: PeerHandle) -> Profile:

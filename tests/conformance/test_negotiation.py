@@ -8,7 +8,14 @@ import struct
 import pytest
 
 from protocol import BlkFeature, FrontendRequest, ProtocolFeature
-from tests.conformance.profiles import MIB, SECTOR, image_size, initial, profile
+from tests.conformance.profiles import (
+    MIB,
+    SECTOR,
+    VHOSTMEM_PROTOCOL_MINIMUM,
+    image_size,
+    initial,
+    profile,
+)
 from vhostmem.frontend.blk import CONFIG_FIELDS
 from vhostmem.frontend.client import VhostUserError
 from vhostmem.frontend.device import STATUS_RUNNING, SUPPORTED_FEATURES, VhostUserBlk
@@ -27,6 +34,9 @@ def test_offered_and_acked_features(blk_peer, num_queues: int) -> None:
         assert dev.offer.features == prof.features
         assert dev.client.features == prof.features & SUPPORTED_FEATURES
         assert dev.offer.protocol_features == prof.protocol_features
+        if peer.kind == "vhostmem":
+            minimum = VHOSTMEM_PROTOCOL_MINIMUM
+            assert dev.offer.protocol_features & minimum == minimum
         assert dev.client.protocol_features & ~prof.protocol_features == 0
         assert dev.offer.queue_num == num_queues
         assert dev.offer.max_mem_slots == prof.max_mem_slots
