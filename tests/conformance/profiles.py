@@ -63,6 +63,13 @@ class Profile:
     # every reply with version 1 | REPLY; libvhost-user copies the request's flags into its
     # GET_FEATURES reply (our own protocol framer rejects such a reply as malformed).
     echoes_need_reply_on: frozenset[FrontendRequest]
+    # A descriptor pointing outside guest memory: vhostmem completes the chain with used
+    # length 0 (status byte untouched) and keeps serving; libvhost-user panics ("invalid
+    # address for buffers") and drops the connection.
+    completes_unmapped_buffer_empty: bool
+    # REM_MEM_REG of the region a started ring lives in: vhostmem refuses it (REPLY_ACK 1)
+    # and the ring keeps running; qsd acks it, and the next kick crashes the daemon (SIGSEGV).
+    refuses_removing_ring_region: bool
     # SET_FEATURES with a bit that was never offered: vhostmem refuses it (failed REPLY_ACK);
     # libvhost-user stores whatever the frontend acks.
     refuses_unoffered_features: bool
@@ -94,6 +101,8 @@ VHOSTMEM = Profile(
     refuses_extra_slot_with_ack=True,
     echoes_need_reply_on=frozenset(),
     refuses_unoffered_features=True,
+    completes_unmapped_buffer_empty=True,
+    refuses_removing_ring_region=True,
 )
 QSD = Profile(
     name="qsd",
@@ -111,6 +120,8 @@ QSD = Profile(
     refuses_extra_slot_with_ack=False,
     echoes_need_reply_on=frozenset({FrontendRequest.GET_FEATURES}),
     refuses_unoffered_features=False,
+    completes_unmapped_buffer_empty=False,
+    refuses_removing_ring_region=False,
 )
 PROFILES = {p.name: p for p in (VHOSTMEM, QSD)}
 # What vhostmem documents beyond qsd, whatever else the server grows.

@@ -9,7 +9,7 @@ import pytest
 
 from protocol import ProtocolFeature
 from tests.conformance.profiles import MIB, SECTOR, image, initial, profile
-from vhostmem.frontend.blk import BlkStatus, BlkType, blk_header
+from vhostmem.frontend.blk import STATUS_UNSET, BlkStatus, BlkType, blk_header
 from vhostmem.frontend.client import VhostUserError
 from vhostmem.frontend.device import SUPPORTED_PROTOCOL_FEATURES, VhostUserBlk
 from vhostmem.frontend.memory import PAGE_SIZE, GuestRam, GuestRegion
@@ -23,6 +23,7 @@ FAR_UADDR = 0x6660_0000_0000  # made-up userspace_addr values the backend must t
 LOW_UADDR, HIGH_UADDR = 0x5550_0000_0000, 0x7770_0000_0000
 DROP_WAIT = 1.0  # seconds a peer gets to complete a request it may drop
 SLOT_REGION = 2 * MIB
+UNMAPPED_GPA = 0x4000_0000  # 1 GiB: far beyond the 64 MiB of default guest RAM
 
 
 def _read_into(q: BlkQueue, ram: GuestRam, buf: int, sector: int, length: int) -> int:
@@ -189,3 +190,49 @@ def test_memory_slot_limit(blk_peer) -> None:
                 dev.client.get_features()
             assert "no free ram slots" in peer.log()
     assert peer.alive()
+
+
+def test_buffer_outside_guest_memory(blk_peer) -> None:
+    """vhostmem returns the chain with used length 0 and no status, then serves the next
+    request; qsd panics and drops the connection (the daemon survives)."""
+    peer = blk_peer()
+    with VhostUserBlk.open(peer.socket_path) as dev:
+        q = dev.start_queue(0)
+        hdr, status = dev.ram.alloc(16), dev.ram.alloc(1)
+        dev.ram.write(hdr, blk_header(BlkType.IN, 0))
+        dev.ram.write(status, bytes([STATUS_UNSET]))
+        req = q.prepare_chain([(hdr, 16, 0), (UNMAPPED_GPA, 4096, VIRTQ_DESC_F_WRITE),
+                               (status, 1, VIRTQ_DESC_F_WRITE)], status_gpa=status)
+        q.notify()
+        if profile(peer).completes_unmapped_buffer_empty:
+            q.wait_for(req, timeout=DROP_WAIT)
+            assert req.used_len == 0 and req.status == STATUS_UNSET
+            assert q.read(0, SECTOR) == initial(peer, 0, SECTOR)
+        else:
+            with pytest.raises(TimeoutError):
+                q.wait_for(req, timeout=DROP_WAIT)
+            with pytest.raises(VhostUserError):
+                dev.client.get_features()
+            assert "invalid address" in peer.log()
+    assert peer.alive()
+
+
+def test_removing_the_region_a_running_ring_lives_in(blk_peer) -> None:
+    """vhostmem refuses the REM_MEM_REG and keeps the ring running. qsd accepts it and the
+    next kick crashes the daemon: only the fact that nothing completes and the daemon is
+    gone is asserted for it."""
+    peer = blk_peer()
+    with VhostUserBlk.open(peer.socket_path, mem="slots") as dev:
+        q = dev.start_queue(0)
+        ring_region = dev.ram.regions[0]
+        if profile(peer).refuses_removing_ring_region:
+            with pytest.raises(VhostUserError, match="REPLY_ACK 1"):
+                dev.remove_region(ring_region)
+            assert q.read(0, SECTOR) == initial(peer, 0, SECTOR)
+            assert peer.alive()
+        else:
+            dev.remove_region(ring_region)
+            req = q.submit(BlkType.IN, 0, in_len=SECTOR)
+            with pytest.raises(TimeoutError):
+                q.wait_for(req, timeout=DROP_WAIT)
+            assert peer.proc.wait(DROP_WAIT) != 0
