@@ -288,14 +288,18 @@ class Endpoint:
         announced = False
         while not self._closing:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)  # a frontend with a full backlog must not stall the loop
             try:
-                sock.connect(self.config.path)
+                await self.loop.sock_connect(sock, self.config.path)
                 return sock
             except OSError as exc:
                 sock.close()
                 if not announced:
                     log.info("%s: waiting for %s (%s)", self.name, self.config.path, exc)
                     announced = True
+            except BaseException:  # cancelled at close: do not leak the socket
+                sock.close()
+                raise
             await asyncio.sleep(CLIENT_RETRY_SECONDS)
         return None
 

@@ -453,3 +453,23 @@ def test_thread_mode_stop_waits_for_requests_in_flight(srv: ServerThread) -> Non
         dev.client.set_vring_kick(0, dev.queues[0].kick.fd)
         dev.client.set_vring_enable(0, True)
         assert q.read(8 * 31, 4096) == bytes([31]) * 4096
+
+
+@pytest.mark.parametrize("loop", sorted(LOOPS))
+def test_client_mode_waits_for_a_late_frontend_and_closes_cleanly(loop: str) -> None:
+    LOOPS[loop]().close()  # uvloop keeps one process-wide pipe from its first loop on
+    before = fd_snapshot()
+    with running_server(LOOPS[loop]) as s:
+        ep = s.add_blk("late", client=True)
+        time.sleep(QUIET)  # several connect attempts to a path that does not exist yet
+        assert s.call(lambda: ep.connection) is None
+        with Listener(ep.config.path) as listener:
+            ram = GuestRam()
+            ram.add_region(0, RAM)
+            with VhostUserBlk(listener.accept(), ram, own_ram=True) as dev:
+                dev.negotiate()
+                dev.send_memory("table")
+                roundtrip(program(dev), 0, b"l")
+        s.add_blk("never", client=True)  # still waiting when the server closes
+        time.sleep(QUIET)
+    assert fd_snapshot() == before
