@@ -24,6 +24,7 @@ from protocol import (
 )
 from vhostmem.device import VhostUserDevice
 from vhostmem.guest_memory import GuestMemory, GuestMemoryError
+from vhostmem.inflight import InflightError, InflightState
 from vhostmem.memmap import MemRegistry
 from vhostmem.virtqueue import Virtqueue
 
@@ -47,6 +48,7 @@ BASE_PROTOCOL_FEATURES = (
     | (1 << ProtocolFeature.CONFIGURE_MEM_SLOTS)
     | (1 << ProtocolFeature.RESET_DEVICE)
     | (1 << ProtocolFeature.STATUS)
+    | (1 << ProtocolFeature.INFLIGHT_SHMFD)
 )
 
 
@@ -78,6 +80,14 @@ class KickWatcher(TypingProtocol):
 
 
 Reply = tuple[bytes, list[int]]
+
+
+@dataclass
+class FdReply:
+    """A handler's explicit reply that carries fds (GET_INFLIGHT_FD)."""
+
+    payload: object
+    fds: list[int]
 
 
 @dataclass
@@ -117,6 +127,7 @@ class Session:
         self.memory = GuestMemory(registry)
         self.queues = [Virtqueue(i, self.memory) for i in range(device.num_queues)]
         self.state = SessionState(rings=[RingConfig() for _ in range(device.num_queues)])
+        self.inflight = InflightState()
         self._handlers: dict[FrontendRequest, Callable[[Message], object]] = {
             FrontendRequest.GET_FEATURES: self._get_features,
             FrontendRequest.SET_FEATURES: self._set_features,
@@ -143,6 +154,8 @@ class Session:
             FrontendRequest.RESET_DEVICE: self._reset_device,
             FrontendRequest.GET_STATUS: self._get_status,
             FrontendRequest.SET_STATUS: self._set_status,
+            FrontendRequest.GET_INFLIGHT_FD: self._get_inflight_fd,
+            FrontendRequest.SET_INFLIGHT_FD: self._set_inflight_fd,
         }
 
     # ----------------------------------------------------------------- dispatch
@@ -173,6 +186,8 @@ class Session:
         except Exception as exc:  # every failure is answered
             _close_fds(msg.fds)
             return self._failed(msg, exc, wants_ack)
+        if isinstance(result, FdReply):
+            return [(encode_reply(msg.request, result.payload), result.fds)]
         if result is not None:
             return [(encode_reply(msg.request, result), [])]
         if wants_ack:
@@ -465,6 +480,28 @@ class Session:
             self._stop_ring(i)
             vq.reset()
             self.state.rings[i] = RingConfig()
+        self.inflight.drop(self.queues)
+
+    # ---------------------------------------------------------------- inflight
+
+    def _get_inflight_fd(self, msg: Message) -> FdReply:
+        p = msg.payload
+        try:
+            payload, fd = self.inflight.offer(p.num_queues, p.queue_size, len(self.queues))
+        except (InflightError, OSError) as exc:
+            # The reply's error form: mmap_size 0 and no fd (the frontend runs without it).
+            log.error("%s: GET_INFLIGHT_FD: %s (empty region)", self.name, exc)
+            return FdReply({"mmap_size": 0, "mmap_offset": 0, "num_queues": p.num_queues,
+                            "queue_size": p.queue_size}, [])
+        return FdReply(payload, [fd])
+
+    def _set_inflight_fd(self, msg: Message) -> None:
+        if len(msg.fds) != 1:
+            raise SessionError("SET_INFLIGHT_FD: expected exactly one fd")
+        started = [i for i, ring in enumerate(self.state.rings) if ring.started]
+        if started:
+            raise SessionError(f"SET_INFLIGHT_FD: rings {started} are started")
+        self.inflight.attach(_take_fds(msg)[0], msg.payload, self.queues)
 
     def reset(self) -> None:
         """Back to the state of a fresh connection (RESET_OWNER, disconnect)."""

@@ -32,8 +32,12 @@ import logging
 import os
 import struct
 import threading
+from typing import TYPE_CHECKING
 
 from vhostmem.guest_memory import GuestMemory, GuestMemoryError
+
+if TYPE_CHECKING:
+    from vhostmem.inflight import InflightQueue
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +141,7 @@ class Virtqueue:
         self._addr: tuple[int, int, int] | None = None  # desc, avail, used GPAs
         self._last_avail = 0
         self._used_idx = 0
+        self._inflight: InflightQueue | None = None  # INFLIGHT_SHMFD tracking, if attached
         self._signalled_used = 0
         self._signalled_valid = False
         self._unsignalled = False
@@ -187,7 +192,16 @@ class Virtqueue:
         self._last_avail = base & IDX_MASK
 
     def get_base(self) -> int:
+        if self._inflight is not None:
+            return self._inflight.base(self._last_avail)
         return self._last_avail
+
+    def set_inflight(self, tracker: InflightQueue | None) -> None:
+        """Track fetched heads in a shared inflight region (vhostmem/inflight.py); the next
+        :meth:`start` recovers from it. None stops tracking."""
+        self._inflight = tracker
+        if tracker is not None:
+            tracker.lock = self._idle  # complete() publishes and clears under it
 
     def set_features(self, acked: int) -> None:
         self.event_idx = bool(acked >> VIRTIO_RING_F_EVENT_IDX & 1)
@@ -227,7 +241,18 @@ class Virtqueue:
         self._used_idx = self._used_hdr[IDX]
         self._signalled_valid = False
         self._no_notify = False
+        if self._inflight is not None:
+            self._recover_inflight()
         self.started = True
+
+    def _recover_inflight(self) -> None:
+        """Repair the inflight region after a crash and queue its heads for resubmission."""
+        assert self._inflight is not None and self._used_ring is not None
+        base = self._inflight.recover(self._used_ring, self._used_idx, self.num)
+        if base is not None:
+            self.set_base(base)
+        # The previous backend may have published completions without signalling them.
+        _signal(self.call_fd)
 
     def stop(self) -> None:
         """Stop processing; returns once requests in flight on other threads completed, so
@@ -286,6 +311,7 @@ class Virtqueue:
         self._addr = None
         self._last_avail = 0
         self._used_idx = 0
+        self._inflight = None
         self._signalled_valid = False
         self._bad_buffer_logged = False
         self.event_idx = self.indirect = False
@@ -372,6 +398,8 @@ class Virtqueue:
                 self._set_used_flags(VRING_USED_F_NO_NOTIFY)
             head = avail[AVAIL_RING + last % num]
             self._last_avail = (last + 1) & IDX_MASK
+            if self._inflight is not None:
+                head = self._inflight.next_head(head)
             if head >= num:
                 self._break(f"avail ring entry {last} holds head {head} >= size {num}")
                 return None
@@ -475,6 +503,8 @@ class Virtqueue:
         ring[slot + 1] = written_len
         self._used_idx = idx = (self._used_idx + 1) & IDX_MASK
         hdr[IDX] = idx
+        if self._inflight is not None:
+            self._inflight.completed(head, idx)
         self._unsignalled = True
 
     def notify(self) -> bool:
