@@ -73,7 +73,8 @@ def run_once(backend: str, image: str, rw: str, qd: int, queues: int,
             for q in qs:
                 q.release()
     return {"ops": res.ops, "seconds": res.seconds, "backend_cpu_s": cpu1 - cpu0,
-            "loadgen_cpu_s": res.loadgen_cpu_s, "kicks": res.kicks, "lat": res.latencies}
+            "loadgen_cpu_s": res.loadgen_cpu_s, "kicks": res.kicks, "sleeps": res.sleeps,
+            "batches": res.batches, "lat": res.latencies}
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -94,6 +95,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "loadgen_cpu_us_per_io": round(lg / ops * US, 2),
         "loadgen_saturated": lg / secs >= SATURATED,
         "kicks_per_io": round(sum(r["kicks"] for r in runs) / ops, 4),
+        "interrupts_per_io": round(sum(r["sleeps"] for r in runs) / ops, 4),
+        "ios_per_batch": round(ops / max(1, sum(r["batches"] for r in runs)), 1),
         "rounds": len(runs),
     }
 

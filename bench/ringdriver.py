@@ -232,6 +232,8 @@ class DriveResult:
     seconds: float
     loadgen_cpu_s: float
     kicks: int
+    sleeps: int  # times the driver waited on a call eventfd (= interrupts taken)
+    batches: int  # reaps that found completions
     latencies: np.ndarray
 
 
@@ -249,7 +251,7 @@ def drive(queues: list[FastQueue], seconds: float) -> DriveResult:
     for q in queues:
         poller.register(q.call_fd.fd, select.POLLIN)
     lat = np.empty(LAT_RESERVE)
-    nlat = ops = 0
+    nlat = ops = sleeps = batches = 0
     kicks0 = sum(q.kicks for q in queues)
     cpu0 = time.process_time()
     start = time.perf_counter()
@@ -264,9 +266,11 @@ def drive(queues: list[FastQueue], seconds: float) -> DriveResult:
             if k:
                 q.publish()
                 done += k
+                batches += 1
                 nlat = min(nlat + k, LAT_RESERVE - q.qd)
         ops += done
         if not done and not any(q.arm() for q in queues):
+            sleeps += 1
             if not poller.poll(POLL_MS):
                 raise DriveError("no completion within 1 s")
             for q in queues:
@@ -276,7 +280,7 @@ def drive(queues: list[FastQueue], seconds: float) -> DriveResult:
     cpu = time.process_time() - cpu0
     kicks = sum(q.kicks for q in queues) - kicks0
     _drain(queues, poller, lat)
-    return DriveResult(ops, elapsed, cpu, kicks, lat[:nlat].copy())
+    return DriveResult(ops, elapsed, cpu, kicks, sleeps, batches, lat[:nlat].copy())
 
 
 def _drain(queues: list[FastQueue], poller: select.poll, scratch: np.ndarray) -> None:

@@ -34,6 +34,7 @@ import struct
 import threading
 from typing import TYPE_CHECKING
 
+from vhostmem import guest_memory
 from vhostmem.guest_memory import GuestMemory, GuestMemoryError
 
 if TYPE_CHECKING:
@@ -67,6 +68,8 @@ IDX = 1
 AVAIL_RING = 2
 
 _DESC = struct.Struct("<QIHH")
+# Empty region cache of Virtqueue._walk: (gpa, gpa_end, view, view_gpa) that matches nothing.
+_NO_REGION: tuple[int, int, memoryview | None, int] = (0, 0, None, 0)
 
 
 class VirtqueueError(ValueError):
@@ -140,6 +143,8 @@ class Virtqueue:
         self.indirect = False
         self._addr: tuple[int, int, int] | None = None  # desc, avail, used GPAs
         self._last_avail = 0
+        self._avail_seen = 0  # avail idx last read; chains up to it need no re-read
+        self._region_cache = _NO_REGION
         self._used_idx = 0
         self._inflight: InflightQueue | None = None  # INFLIGHT_SHMFD tracking, if attached
         self._signalled_used = 0
@@ -189,7 +194,7 @@ class Virtqueue:
             self._map()
 
     def set_base(self, base: int) -> None:
-        self._last_avail = base & IDX_MASK
+        self._last_avail = self._avail_seen = base & IDX_MASK
 
     def get_base(self) -> int:
         if self._inflight is not None:
@@ -239,6 +244,7 @@ class Virtqueue:
         self._map()
         assert self._used_hdr is not None
         self._used_idx = self._used_hdr[IDX]
+        self._avail_seen = self._last_avail
         self._signalled_valid = False
         self._no_notify = False
         if self._inflight is not None:
@@ -309,7 +315,7 @@ class Virtqueue:
         self.broken_reason = ""
         self.num = 0
         self._addr = None
-        self._last_avail = 0
+        self._last_avail = self._avail_seen = 0
         self._used_idx = 0
         self._inflight = None
         self._signalled_valid = False
@@ -361,6 +367,7 @@ class Virtqueue:
                 view.release()
                 setattr(self, name, None)
         self._mem_gen = -1
+        self._region_cache = _NO_REGION
         self.mem.reap()
 
     def _break(self, reason: str) -> None:
@@ -373,7 +380,11 @@ class Virtqueue:
     # -------------------------------------------------------------- hot path
 
     def pop(self) -> DescChain | None:
-        """The next available chain, or None when there is none (or the queue can't run)."""
+        """The next available chain, or None when there is none (or the queue can't run).
+
+        The avail index is read once per batch: chains up to the index last seen are taken
+        without touching it again, and it is re-read (re-arming kicks if nothing is new) only
+        when they are used up."""
         if not (self.started and self.enabled) or self.broken:
             return None
         if self._mem_gen != self.mem.generation:
@@ -387,15 +398,8 @@ class Virtqueue:
         num = self.num
         while True:
             last = self._last_avail
-            avail_idx = avail[IDX]
-            if avail_idx == last and not self._rearm(last):
+            if last == self._avail_seen and not self._fetch_avail(last):
                 return None
-            avail_idx = avail[IDX]
-            if (avail_idx - last) & IDX_MASK > num:
-                self._break(f"avail idx {avail_idx} is more than {num} ahead of {last}")
-                return None
-            if not self.event_idx and not self._no_notify:
-                self._set_used_flags(VRING_USED_F_NO_NOTIFY)
             head = avail[AVAIL_RING + last % num]
             self._last_avail = (last + 1) & IDX_MASK
             if self._inflight is not None:
@@ -414,6 +418,24 @@ class Virtqueue:
                     # str: a record holding the exception would pin its views via the traceback
                     log.error("virtqueue %d: request %d failed: %s", self.index, head, str(exc))
                 self.push_used(head, 0)
+
+    def _fetch_avail(self, last: int) -> bool:
+        """Read avail idx into ``_avail_seen``; False when nothing new is available (kicks are
+        re-armed first) or the index is bogus (the queue breaks)."""
+        avail = self._avail
+        assert avail is not None
+        avail_idx = avail[IDX]
+        if avail_idx == last:
+            if not self._rearm(last):
+                return False
+            avail_idx = avail[IDX]
+        if (avail_idx - last) & IDX_MASK > self.num:
+            self._break(f"avail idx {avail_idx} is more than {self.num} ahead of {last}")
+            return False
+        if not self.event_idx and not self._no_notify:
+            self._set_used_flags(VRING_USED_F_NO_NOTIFY)
+        self._avail_seen = avail_idx
+        return True
 
     def _rearm(self, last: int) -> bool:
         """Ask for kicks again, then re-check: True if buffers arrived meanwhile."""
@@ -435,7 +457,9 @@ class Virtqueue:
         table = self._desc
         limit = self.num
         in_indirect = False
-        translate = self.mem.translate
+        # The last region a buffer was found in: most buffers hit it, and slicing its view here
+        # saves a call into GuestMemory per descriptor.
+        lo, hi, rview, rbase = self._region_cache
         readable: list[memoryview] = []
         writable: list[memoryview] = []
         rlen = wlen = 0
@@ -462,10 +486,16 @@ class Virtqueue:
                 rlen += length
                 target = readable
             if length and bad is None:
-                try:
-                    target += translate(addr, length)
-                except GuestMemoryError as exc:
-                    bad = str(exc)  # keep walking: a loop must still break the queue
+                if lo <= addr and addr + length <= hi:
+                    off = addr - rbase
+                    target.append(rview[off : off + length])  # type: ignore[index]
+                else:
+                    try:
+                        target += self.mem.translate(addr, length)
+                    except GuestMemoryError as exc:
+                        bad = str(exc)  # keep walking: a loop must still break the queue
+                    else:
+                        lo, hi, rview, rbase = self._cache_region(addr)
             if not flags & VRING_DESC_F_NEXT:
                 break
             i = nxt
@@ -474,6 +504,18 @@ class Virtqueue:
         if bad is not None:
             raise _BufferError(bad)
         return DescChain(head, readable, rlen, writable, wlen)
+
+    def _cache_region(self, gpa: int) -> tuple[int, int, memoryview | None, int]:
+        """Remember the region holding ``gpa`` for :meth:`_walk` (not in bounds-check mode,
+        where every view must come from GuestMemory)."""
+        cache = _NO_REGION
+        if not guest_memory.DEBUG_BOUNDS:
+            for r in self.mem.regions:
+                if r.view is not None and r.guest_phys_addr <= gpa < r.gpa_end:
+                    cache = (r.guest_phys_addr, r.gpa_end, r.view, r.view_gpa)
+                    break
+        self._region_cache = cache
+        return cache
 
     def _indirect_table(self, addr: int, length: int, flags: int, nested: bool) -> memoryview:
         if not self.indirect:
