@@ -10,6 +10,7 @@ import logging
 import os
 import socket
 import stat
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -473,3 +474,13 @@ def test_client_mode_waits_for_a_late_frontend_and_closes_cleanly(loop: str) -> 
         s.add_blk("never", client=True)  # still waiting when the server closes
         time.sleep(QUIET)
     assert fd_snapshot() == before
+
+
+def test_new_event_loop_is_uvloop_with_a_stdlib_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    loop = new_event_loop()
+    assert type(loop).__module__.startswith("uvloop")
+    loop.close()
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as if uvloop were not installed
+    loop = new_event_loop()
+    assert type(loop).__module__.startswith("asyncio")
+    loop.close()
