@@ -40,9 +40,11 @@ bench: install system-deps
 vm: install system-deps
 	$(PY) -m qemu.launch --interactive
 
+# Both atheris targets, bounded: the framer alone, then framer + session + rings + blk.
 fuzz: install
 	$(PY) -m pip install -q atheris
 	$(PY) tests/fuzz/fuzz_framer.py -runs=1000000
+	$(PY) tests/fuzz/fuzz_session.py -runs=300000
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
