@@ -200,11 +200,15 @@ class Connection:
         self.closed = True
         self.loop.remove_reader(self.sock.fileno())
         self.loop.remove_writer(self.sock.fileno())
-        self.framer_close()
-        self.session.watcher.unwatch_all()  # type: ignore[attr-defined]
-        self.session.reset()
-        self.sock.close()
-        self.on_close(self)
+        try:
+            self.framer_close()
+            self.session.watcher.unwatch_all()  # type: ignore[attr-defined]
+            self.session.reset()
+        except Exception:  # the endpoint must still be freed for the next frontend
+            log.exception("%s: error while releasing the session", self.session.name)
+        finally:
+            self.sock.close()
+            self.on_close(self)
 
     def framer_close(self) -> None:
         close = getattr(self.framer, "close", None)
