@@ -484,3 +484,22 @@ def test_new_event_loop_is_uvloop_with_a_stdlib_fallback(monkeypatch: pytest.Mon
     loop = new_event_loop()
     assert type(loop).__module__.startswith("asyncio")
     loop.close()
+
+
+def test_queues_stop_and_restart_independently(srv: ServerThread) -> None:
+    ep = srv.add_blk("mq", num_queues=2)
+    with VhostUserBlk.open(ep.config.path, ram_size=RAM) as dev:
+        q0, q1 = program(dev, 0), program(dev, 1)
+        roundtrip(q0, 0, b"0")
+        roundtrip(q1, 1, b"1")
+        dev.client.set_vring_enable(1, False)
+        assert dev.client.get_vring_base(1) == 2
+        pending = q1.submit(BlkType.OUT, 5, data=b"5" * SECTOR)
+        roundtrip(q0, 2, b"2")  # queue 0 unaffected
+        assert nothing_completes(q1)
+        dev.client.set_vring_base(1, 2)
+        dev.client.set_vring_kick(1, dev.queues[1].kick.fd)
+        dev.client.set_vring_enable(1, True)
+        q1.wait_for(pending)
+        assert pending.status == STATUS_OK
+        assert q0.read(5, SECTOR) == b"5" * SECTOR
