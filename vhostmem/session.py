@@ -61,6 +61,7 @@ OWN_REPLY_REQUESTS = frozenset({
     FrontendRequest.GET_VRING_BASE,
     FrontendRequest.GET_CONFIG,
     FrontendRequest.GET_STATUS,
+    FrontendRequest.GET_INFLIGHT_FD,
 })
 
 
