@@ -399,5 +399,14 @@ def enable_bounds_checks() -> None:
     DEBUG_BOUNDS = True
 
 
+def disable_bounds_checks() -> None:
+    """Back to the plain translate/view (tests that enabled the checks for a while)."""
+    global DEBUG_BOUNDS
+    for name in ("translate", "view"):
+        method = getattr(GuestMemory, name)
+        setattr(GuestMemory, name, getattr(method, "__wrapped__", method))
+    DEBUG_BOUNDS = False
+
+
 if DEBUG_BOUNDS:
     enable_bounds_checks()

@@ -4,13 +4,10 @@ nothing touched outside guest memory or the targeted sectors)."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-
-os.environ["VHOSTMEM_DEBUG_BOUNDS"] = "1"  # before vhostmem.guest_memory is imported here
 
 from tests.hostile.env import (
     ServerThread,
@@ -29,9 +26,19 @@ CHECK_SECTOR_A = 4096
 CHECK_SECTOR_B = 2048
 
 
+@pytest.fixture(scope="package", autouse=True)
+def bounds_checks() -> Iterator[None]:
+    """Every guest-memory view is checked against its region while this package runs (what
+    VHOSTMEM_DEBUG_BOUNDS=1 does at import), and only then: other packages keep the fast path."""
+    was_on = guest_memory.DEBUG_BOUNDS
+    guest_memory.enable_bounds_checks()
+    yield
+    if not was_on:
+        guest_memory.disable_bounds_checks()
+
+
 @pytest.fixture(scope="package")
 def server() -> Iterator[ServerThread]:
-    guest_memory.enable_bounds_checks()  # in case another package imported it first
     srv = ServerThread()
     yield srv
     srv.close()

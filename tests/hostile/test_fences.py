@@ -85,3 +85,8 @@ def test_bounds_checks_reject_a_view_outside_its_region(memory: GuestMemory) -> 
     del guest_memory.bounds_violations[before:]
     slack.release()
     memory.close()
+
+
+def test_the_server_translates_through_the_checked_methods() -> None:
+    assert hasattr(GuestMemory.translate, "__wrapped__")
+    assert hasattr(GuestMemory.view, "__wrapped__")
