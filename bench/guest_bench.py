@@ -2,11 +2,13 @@
 
     python bench/guest_bench.py [--seconds 5] [--jobs 1,4]
 
-Boots the QEMU harness guest (qemu/launch.py, TCG) once per backend and job count; in the guest
+Boots the QEMU harness guest (qemu/launch.py, TCG) per backend and job count, interleaved
+A B B A over ``rounds``; in the guest
 ``vmtest --bench`` runs ``jobs`` processes of O_DIRECT 4 KiB random reads at queue depth 1 each
 for a fixed time. Reports guest IOPS per backend and the ratio vhostmem/qsd. Under TCG the guest
 CPU (emulated) is the bottleneck, so this mostly measures the guest, not the backend: the ratio
 says whether a backend is slow enough to show through a real virtio-blk driver.
+The CPU seconds of the backend and of QEMU are sampled for the whole boot (boot + workload).
 Prints one JSON object.
 """
 
@@ -14,14 +16,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.peers import cpu_seconds
 from qemu.backends import qsd_backend, vhostmem_backend
 from qemu.launch import GuestConfig, run_guest
 
@@ -30,6 +35,46 @@ DISK_MIB = 64
 BOOT_ALLOWANCE_S = 60.0
 NS = 1e9
 BENCH_LINE = re.compile(r"VHOSTMEM-INFO bench job=(\d+) ops=(\d+) ns=(\d+)")
+SAMPLE_S = 0.1
+QEMU_COMM = "qemu-system-x86"  # /proc comm is cut at 15 characters
+
+
+class ChildCpu:
+    """Samples the CPU time of this process's children (backend, QEMU) while a boot runs:
+    run_guest does not expose their pids, and their times are gone once they are reaped."""
+
+    def __init__(self) -> None:
+        self.last: dict[int, tuple[str, float]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> ChildCpu:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        me = str(os.getpid())
+        while not self._stop.wait(SAMPLE_S):
+            for entry in os.scandir("/proc"):
+                if entry.name.isdigit():
+                    self._sample(int(entry.name), me)
+
+    def _sample(self, pid: int, parent: str) -> None:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                text = f.read()
+            comm = text[text.index("(") + 1 : text.rindex(")")]
+            if text.rsplit(")", 1)[1].split()[1] == parent:  # ppid
+                self.last[pid] = (comm, cpu_seconds(pid))
+        except (OSError, ValueError, IndexError):
+            pass  # the process is gone
+
+    def seconds(self, qemu: bool) -> float:
+        return sum(cpu for comm, cpu in self.last.values() if (comm == QEMU_COMM) == qemu)
 
 
 class GuestBenchError(RuntimeError):
@@ -40,28 +85,46 @@ def one_boot(backend_name: str, seconds: int, jobs: int) -> dict[str, Any]:
     backend = vhostmem_backend() if backend_name == "vhostmem" else qsd_backend()
     config = GuestConfig(disk_size=DISK_MIB * MIB, bench_seconds=seconds, bench_jobs=jobs,
                          timeout=seconds + BOOT_ALLOWANCE_S)
-    result = run_guest(backend, config)
+    with ChildCpu() as cpu:
+        result = run_guest(backend, config)
     found = BENCH_LINE.findall(result.serial_log)
     if not result.passed or len(found) != jobs:
         raise GuestBenchError(f"{backend_name} jobs={jobs}: {result.report()}")
     ops = sum(int(o) for _, o, _ in found)
     longest = max(int(ns) for _, _, ns in found) / NS
     return {"iops": round(ops / longest), "ops": ops, "seconds": round(longest, 3),
-            "boot_total_s": round(result.seconds, 1)}
+            "boot_total_s": round(result.seconds, 1),
+            "backend_cpu_s_whole_boot": round(cpu.seconds(qemu=False), 2),
+            "qemu_cpu_s_whole_boot": round(cpu.seconds(qemu=True), 2)}
+
+
+def merge(boots: list[dict[str, Any]]) -> dict[str, Any]:
+    ops = sum(b["ops"] for b in boots)
+    secs = sum(b["seconds"] for b in boots)
+    return {"iops": round(ops / secs), "per_boot_iops": [b["iops"] for b in boots],
+            "backend_cpu_s_whole_boot": [b["backend_cpu_s_whole_boot"] for b in boots],
+            "qemu_cpu_s_whole_boot": [b["qemu_cpu_s_whole_boot"] for b in boots],
+            "boots": len(boots)}
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--jobs", default="1,4", help="comma list of guest process counts")
+    ap.add_argument("--rounds", type=int, default=2, help="boots per backend, interleaved")
     args = ap.parse_args(argv)
     t0 = time.monotonic()
     cases = []
     for jobs in (int(j) for j in args.jobs.split(",")):
         case: dict[str, Any] = {"workload": "randread", "bs": 4096, "jobs": jobs,
                                 "qd_per_job": 1}
-        for name in ("vhostmem", "qsd"):
-            case[name] = one_boot(name, args.seconds, jobs)
+        boots: dict[str, list[dict[str, Any]]] = {"vhostmem": [], "qsd": []}
+        for rnd in range(args.rounds):
+            order = ("vhostmem", "qsd") if rnd % 2 == 0 else ("qsd", "vhostmem")
+            for name in order:
+                boots[name].append(one_boot(name, args.seconds, jobs))
+        for name, runs in boots.items():
+            case[name] = merge(runs)
         case["ratio_iops"] = round(case["vhostmem"]["iops"] / case["qsd"]["iops"], 3)
         cases.append(case)
     return {"bench": "guest", "accel": "tcg", "disk_mib": DISK_MIB,

@@ -24,7 +24,7 @@ SUITES: dict[str, tuple[str, list[str], list[str]]] = {
     # name: (script, full-mode args, quick-mode args)
     "blk": ("blk_bench.py", [], ["--quick"]),
     "guest": ("guest_bench.py", ["--seconds", "5", "--jobs", "1,4"],
-              ["--seconds", "2", "--jobs", "1"]),
+              ["--seconds", "2", "--jobs", "1", "--rounds", "1"]),
     "memmap": ("memmap_bench.py", [], []),
     "region": ("region_bench.py", [], ["--reps", "3"]),
 }
