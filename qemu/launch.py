@@ -152,8 +152,11 @@ def qemu_command(
     *,
     qmp_socket: Path | None = None,
     interactive: bool = False,
+    reconnect: int = 0,
 ) -> list[str]:
-    """The QEMU command line: shared memfd RAM (vhost-user needs it) and a vhost-user-blk disk."""
+    """The QEMU command line: shared memfd RAM (vhost-user needs it) and a vhost-user-blk disk.
+    ``reconnect`` > 0: QEMU redials a backend that went away every that many seconds."""
+    chardev = f"socket,id=blk0,path={socket}" + (f",reconnect={reconnect}" if reconnect else "")
     memory = f"{config.memory_mib}M"
     if config.hotplug:
         memory += f",slots={HOTPLUG_SLOTS},maxmem={HOTPLUG_MAXMEM}"
@@ -161,7 +164,7 @@ def qemu_command(
         QEMU, "-accel", config.accel, "-machine", "q35,memory-backend=mem",
         "-smp", str(config.smp), "-m", memory,
         "-object", f"memory-backend-memfd,id=mem,size={config.memory_mib}M,share=on",
-        "-chardev", f"socket,id=blk0,path={socket}",
+        "-chardev", chardev,
         "-device", f"vhost-user-blk-pci,chardev=blk0,num-queues={config.num_queues}",
         "-kernel", str(assets.kernel), "-initrd", str(assets.initrd), "-append", append,
         "-nographic", "-no-reboot", "-nodefaults",

@@ -2,7 +2,7 @@
 # /init of the vhostmem test guest (busybox sh). Loads virtio-blk, checks /dev/vda, powers off.
 #
 # Settings come from the kernel command line as vmtest.KEY=VALUE (see qemu/launch.py):
-#   mode=check|shell|bench  bench_seconds=N  bench_jobs=J  size=BYTES  lbs=BYTES  queues=N  ro=0|1  seed=S  rounds=N
+#   mode=check|shell|bench|writer  bench_seconds=N  bench_jobs=J  writer_jobs=J  size=BYTES  lbs=BYTES  queues=N  ro=0|1  seed=S  rounds=N
 #   discard=OFF:LEN  discard_zeroes=0|1  zeroout=OFF:LEN  hotplug=0|1
 # Output protocol, one line each, parsed by qemu/guestlog.py:
 #   VHOSTMEM-TEST <name> PASS|FAIL <detail>     a check
@@ -133,6 +133,15 @@ run_bench() {  # a fixed O_DIRECT random-read workload; results are VHOSTMEM-INF
     finish
 }
 
+run_writer() {  # checksummed writes (vmtest --writer) until the host answers the sync point
+    vmtest --dev "$DISK" --size "$SIZE" --writer "$(param writer_jobs 4)" &
+    writer=$!
+    sync_with_host writer-stop
+    kill -TERM "$writer"
+    wait "$writer" || failed=1
+    finish
+}
+
 MODE=$(param mode check)
 SIZE=$(param size 0)
 LBS=$(param lbs 512)
@@ -149,6 +158,7 @@ load_modules
 [ "$MODE" = shell ] && interactive_shell
 check_sysfs
 [ "$MODE" = bench ] && run_bench
+[ "$MODE" = writer ] && run_writer
 if [ "$HOTPLUG" = 1 ]; then
     run_round 1
     run_hotplug_rounds

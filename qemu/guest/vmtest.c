@@ -22,6 +22,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <signal.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -111,7 +112,7 @@ struct opts {
     uint64_t size, discard_off, discard_len, zero_off, zero_len;
     unsigned lbs, seed, round;
     int readonly, discard_zeroes, high_buffer;
-    unsigned bench_seconds, bench_jobs;
+    unsigned bench_seconds, bench_jobs, writer_jobs;
 };
 
 static int failures;
@@ -395,6 +396,129 @@ static int bench(const struct opts *o)
     return failed ? 1 : 0;
 }
 
+/* `--writer J`: J processes write checksummed 4 KiB blocks (O_DIRECT) over their own slice of
+ * the disk until SIGTERM, reading back acknowledged blocks as they go, then verify every block
+ * of the slice holds exactly the last write that was acknowledged (or zeroes if none was).
+ * Block layout: magic u32, job u32, block u64, seq u64, xorshift fill, FNV-1a u64 of the rest.
+ * Lines: `VHOSTMEM-INFO writer job=J writes=N` (progress), `VHOSTMEM-TEST writer.jobJ ...`. */
+enum { WBLOCK = 4096, WRITER_PROGRESS = 32, WRITER_READBACK = 4, MAX_WRITER_JOBS = 16 };
+#define WRITER_MAGIC 0x57484d56U /* "VMHW" */
+#define FNV_OFFSET 0xcbf29ce484222325ULL
+#define FNV_PRIME 0x100000001b3ULL
+#define SEQ_UNKNOWN UINT64_MAX /* a write failed: the block's contents are undefined */
+static volatile sig_atomic_t writer_stop;
+
+static void on_stop(int sig) { (void)sig; writer_stop = 1; }
+
+static uint64_t fnv1a(const unsigned char *p, size_t n)
+{
+    uint64_t h = FNV_OFFSET;
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ p[i]) * FNV_PRIME;
+    return h;
+}
+
+static void writer_block(unsigned char *b, unsigned job, uint64_t block, uint64_t seq)
+{
+    uint32_t hdr[2] = { WRITER_MAGIC, job };
+    uint64_t x = (block << 32) ^ seq ^ XORSHIFT_SEED, sum;
+    memcpy(b, hdr, 8);
+    memcpy(b + 8, &block, 8);
+    memcpy(b + 16, &seq, 8);
+    for (size_t i = 24; i < WBLOCK - 8; i += 8) {
+        uint64_t v = xorshift64(&x);
+        memcpy(b + i, &v, 8);
+    }
+    sum = fnv1a(b, WBLOCK - 8);
+    memcpy(b + WBLOCK - 8, &sum, 8);
+}
+
+/* 0 if the block on disk is what `seq` wrote (all zeroes for seq 0). */
+static int writer_check(int fd, unsigned job, uint64_t block, uint64_t seq, unsigned char *got,
+                        unsigned char *want, unsigned *errors)
+{
+    if (seq == SEQ_UNKNOWN)
+        return 0;
+    if (pread(fd, got, WBLOCK, (off_t)(block * WBLOCK)) != WBLOCK) {
+        printf("VHOSTMEM-INFO writer job=%u read-error block=%llu errno=%d\n", job,
+               (unsigned long long)block, errno);
+        (*errors)++;
+        return 1;
+    }
+    if (seq == 0)
+        return is_zero(got, WBLOCK) ? 0 : 1;
+    writer_block(want, job, block, seq);
+    return memcmp(got, want, WBLOCK) ? 1 : 0;
+}
+
+static int writer_job(const struct opts *o, unsigned job, uint64_t first, uint64_t count)
+{
+    int fd = open(o->dev, O_RDWR | O_DIRECT);
+    unsigned char *buf = alloc_buffer(WBLOCK), *got = alloc_buffer(WBLOCK);
+    uint64_t *last = calloc(count, sizeof(*last)), writes = 0, checked = 0, x = XORSHIFT_SEED;
+    unsigned errors = 0, bad = 0;
+    if (fd < 0 || !last)
+        return 1;
+    x += job;
+    for (uint64_t seq = 1; !writer_stop; seq++) {
+        uint64_t i = xorshift64(&x) % count;
+        writer_block(buf, job, first + i, seq);
+        if (pwrite(fd, buf, WBLOCK, (off_t)((first + i) * WBLOCK)) != WBLOCK) {
+            printf("VHOSTMEM-INFO writer job=%u write-error block=%llu errno=%d\n", job,
+                   (unsigned long long)(first + i), errno);
+            errors++;
+            last[i] = SEQ_UNKNOWN;
+            continue;
+        }
+        last[i] = seq; /* acknowledged: from now on the disk must hold exactly this */
+        writes++;
+        if (writes % WRITER_READBACK == 0) {
+            uint64_t j = xorshift64(&x) % count;
+            bad += writer_check(fd, job, first + j, last[j], got, buf, &errors);
+            checked++;
+        }
+        if (writes % WRITER_PROGRESS == 0) {
+            printf("VHOSTMEM-INFO writer job=%u writes=%llu\n", job, (unsigned long long)writes);
+            fflush(stdout);
+        }
+    }
+    for (uint64_t i = 0; i < count; i++, checked++)
+        bad += writer_check(fd, job, first + i, last[i], got, buf, &errors);
+    printf("VHOSTMEM-TEST writer.job%u %s writes=%llu verified=%llu mismatches=%u errors=%u\n",
+           job, bad || errors || !writes ? "FAIL" : "PASS", (unsigned long long)writes,
+           (unsigned long long)checked, bad, errors);
+    fflush(stdout);
+    close(fd);
+    return bad || errors || !writes;
+}
+
+static int writer(const struct opts *o)
+{
+    unsigned jobs = o->writer_jobs, failed = 0;
+    uint64_t per = o->size / WBLOCK / (jobs ? jobs : 1);
+    pid_t pids[MAX_WRITER_JOBS];
+    if (jobs > MAX_WRITER_JOBS || per == 0)
+        return 2;
+    signal(SIGTERM, on_stop);
+    fflush(stdout);
+    for (unsigned j = 0; j < jobs; j++) {
+        pids[j] = fork();
+        if (pids[j] == 0)
+            _exit(writer_job(o, j, j * per, per));
+        if (pids[j] < 0)
+            failed++;
+    }
+    while (!writer_stop)
+        pause();
+    for (unsigned j = 0; j < jobs; j++)
+        if (pids[j] > 0)
+            kill(pids[j], SIGTERM);
+    int status;
+    while (wait(&status) > 0)
+        failed += !WIFEXITED(status) || WEXITSTATUS(status) != 0;
+    return failed ? 1 : 0;
+}
+
 static uint64_t num(const char *s)
 {
     return strtoull(s, NULL, 0);
@@ -426,6 +550,7 @@ static int parse(int argc, char **argv, struct opts *o)
         else if (!strcmp(a, "--zeroout")) parse_range(argv[++i], &o->zero_off, &o->zero_len);
         else if (!strcmp(a, "--bench")) o->bench_seconds = (unsigned)num(argv[++i]);
         else if (!strcmp(a, "--bench-jobs")) o->bench_jobs = (unsigned)num(argv[++i]);
+        else if (!strcmp(a, "--writer")) o->writer_jobs = (unsigned)num(argv[++i]);
         else return -1;
     }
     return o->dev && o->size && o->lbs && o->size % o->lbs == 0 && o->lbs % 4 == 0 ? 0 : -1;
@@ -455,11 +580,13 @@ int main(int argc, char **argv)
         fprintf(stderr, "usage: vmtest --dev DEV --size BYTES --lbs N --seed S --round R "
                         "[--readonly] [--discard OFF:LEN [--discard-zeroes]] [--zeroout OFF:LEN] "
                         "[--high-buffer] | --dev DEV --size BYTES --bench SECONDS "
-                        "[--bench-jobs J]\n");
+                        "[--bench-jobs J] | --dev DEV --size BYTES --writer J\n");
         return 2;
     }
     if (o.bench_seconds)
         return bench(&o);
+    if (o.writer_jobs)
+        return writer(&o);
     current_round = o.round;
     int fd = open(o.dev, (o.readonly ? O_RDONLY : O_RDWR) | O_DIRECT);
     if (fd < 0) {
