@@ -57,8 +57,9 @@ from vhostmem.inflight import D_INFLIGHT, DESC_STATE_SIZE, H_DESC_NUM, QUEUE_HEA
 MIB = 1 << 20
 WRITER_STOP = "writer-stop"
 PROGRESS_RE = re.compile(r"VHOSTMEM-INFO writer job=(\d+) writes=(\d+)")
-# Progress lines needed after a restart to count the guest's I/O as resumed (one may have been
-# in the serial pipe already when the backend died).
+# Progress lines needed from every writer job after a restart to count the guest's I/O as
+# resumed (one may have been in the serial pipe already when the backend died): a request lost
+# by the backend stalls its job for good, which shows at the next restart.
 RESUMED_LINES = 2
 # What the guest kernel prints when a request fails or a task hangs on the disk.
 KERNEL_ERROR_MARKERS = ("I/O error", "blk_update_request", "blocked for more than", "Call Trace")
@@ -68,6 +69,7 @@ INFLIGHT_MEMFD = "vhostmem-inflight"
 AIM_WINDOW = 0.5  # seconds an aimed kill waits for a request in flight before firing anyway
 RESUBMITTING = "resubmitting"
 POLL = 0.02
+RESUME_TIMEOUT = 15.0  # QEMU redials within ~1-2 s; a job silent for this long lost a request
 START_MARK = "=== backend start"
 
 # vmtest --writer block layout (see qemu/guest/vmtest.c).
@@ -184,7 +186,7 @@ class _Run:
         self.qemu_proc: subprocess.Popen[bytes] | None = None
         self.log = GuestLog()
         self.lines: queue.Queue[str | None] = queue.Queue()
-        self.progress = 0  # progress lines seen
+        self.progress = [0] * config.writer_jobs  # progress lines seen, per writer job
         self.stop_requested = False
         self.qemu_done = False
 
@@ -237,21 +239,27 @@ class _Run:
             if line is None:
                 self.qemu_done = True
                 return
-            if PROGRESS_RE.search(line):
-                self.progress += 1
+            if (match := PROGRESS_RE.search(line)) and int(match[1]) < len(self.progress):
+                self.progress[int(match[1])] += 1
             if self.log.feed(line) == WRITER_STOP:
                 self.stop_requested = True
 
-    def wait_progress(self, lines: int, deadline: float) -> bool:
-        target = self.progress + lines
-        while self.progress < target and not self.qemu_done and time.monotonic() < deadline:
+    def wait_progress(self, lines: int, deadline: float) -> list[int]:
+        """Wait until every writer job printed ``lines`` more progress lines; returns the jobs
+        that did not (empty: all resumed)."""
+        target = [n + lines for n in self.progress]
+
+        def stalled() -> list[int]:
+            return [j for j, (n, t) in enumerate(zip(self.progress, target, strict=True)) if n < t]
+
+        while stalled() and not self.qemu_done and time.monotonic() < deadline:
             self.drain(time.monotonic() + POLL)
-        return self.progress >= target
+        return stalled()
 
     def crash_loop(self, result: CrashResult, deadline: float) -> None:
         cfg = self.config
-        if not self.wait_progress(RESUMED_LINES, deadline):
-            result.error = "the guest's writer never made progress"
+        if stalled := self.wait_progress(RESUMED_LINES, deadline):
+            result.error = f"writer jobs {stalled} never made progress"
             return
         while result.kills < cfg.kills:
             self.drain(time.monotonic() + self.rng.uniform(cfg.up_min, cfg.up_max))
@@ -263,8 +271,9 @@ class _Run:
             result.error = self.start_backend()
             if result.error is not None:
                 return
-            if not self.wait_progress(RESUMED_LINES, deadline):
-                result.error = f"guest I/O did not resume after kill {result.kills}"
+            if stalled := self.wait_progress(RESUMED_LINES, min(deadline, time.monotonic()
+                                                               + RESUME_TIMEOUT)):
+                result.error = f"writer jobs {stalled} stalled after kill {result.kills}"
                 return
             result.resumed += 1
             result.outages.append(time.monotonic() - killed_at)
@@ -368,7 +377,8 @@ def run_crash_test(
             if result.error is None:
                 run.start_qemu(assets)
                 run.crash_loop(result, deadline)
-                run.finish(result, deadline)
+                if result.error is None:  # a stalled guest would never finish
+                    run.finish(result, deadline)
         finally:
             run.close()
             result.seconds = time.monotonic() - started
