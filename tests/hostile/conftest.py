@@ -56,7 +56,7 @@ def guest(server: ServerThread) -> Iterator[Guest]:
     """A frontend on device A with queues 0 (the victim) and 1 (must keep serving)."""
     guest_memory.bounds_violations.clear()
     ram = guarded_ram()
-    dev = open_guest(server, server.a, ram, queues=2)
+    dev = open_guest(server.path(server.a), ram, queues=2)
     g = Guest(server, ram, dev)
     yield g
     try:
@@ -76,7 +76,7 @@ def after_checks(g: Guest) -> None:
     real_io(g.dev, 1, srv.images["a"], CHECK_SECTOR_A)
     other_ram = guarded_ram()
     try:
-        with open_guest(srv, srv.b, other_ram) as other:
+        with open_guest(srv.path(srv.b), other_ram) as other:
             real_io(other, 0, srv.images["b"], CHECK_SECTOR_B)
     finally:
         other_ram.close()

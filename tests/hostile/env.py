@@ -136,9 +136,9 @@ def guarded_ram() -> GuardedRam:
     return ram
 
 
-def open_guest(srv: ServerThread, endpoint: Endpoint, ram: GuardedRam,
-               queues: int = 1) -> VhostUserBlk:
-    dev = VhostUserBlk.open(srv.path(endpoint), ram=ram, mem="table")
+def open_guest(path: str, ram: GuardedRam, queues: int = 1) -> VhostUserBlk:
+    """A negotiated frontend on the socket at ``path`` with ``queues`` queues started."""
+    dev = VhostUserBlk.open(path, ram=ram, mem="table")
     for i in range(queues):
         dev.start_queue(i, size=QUEUE_SIZE, depth=QUEUE_DEPTH, max_data=SLOT_DATA)
     return dev

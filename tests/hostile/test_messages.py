@@ -92,7 +92,7 @@ def check_recovered(srv: ServerThread, base: Baseline) -> None:
     srv.assert_no_crashes()
     ram = guarded_ram()
     try:
-        with open_guest(srv, srv.a, ram) as dev:
+        with open_guest(srv.path(srv.a), ram) as dev:
             real_io(dev, 0, srv.images["a"], CHECK_SECTOR_A)
     finally:
         ram.close()
@@ -321,7 +321,7 @@ def test_frontend_that_never_reads_replies_does_not_stall_others(server: ServerT
         assert sent < len(flood), "the server kept reading although nobody read its replies"
         ram = guarded_ram()
         try:
-            with open_guest(server, server.b, ram) as dev:
+            with open_guest(server.path(server.b), ram) as dev:
                 real_io(dev, 0, server.images["b"], CHECK_SECTOR_B)
         finally:
             ram.close()

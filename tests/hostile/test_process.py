@@ -1,0 +1,102 @@
+"""The same hostile messages against a real ``vhostmem serve`` process, observed from outside:
+after each case its /proc/PID/fd and its memfd mappings in /proc/PID/maps are back to the
+baseline, and a fresh frontend does real I/O verified against the image."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.hostile.env import Image, guarded_ram, open_guest, real_io
+from tests.hostile.test_messages import CASES, negotiate
+from tests.hostile.wire import RawConnection
+
+REPO = Path(__file__).resolve().parents[2]
+START_TIMEOUT = 10.0
+SETTLE_TIMEOUT = 5.0
+POLL = 0.01
+IO_SECTOR = 1024
+# A spread of the named cases: memory, ring, fd and framing errors.
+PROCESS_CASES = [
+    "kick-before-mem-table", "add-mem-reg-overlapping", "rem-mem-reg-under-a-started-ring",
+    "mem-table-replaced-under-a-started-ring", "mem-table-offset-beyond-fd",
+    "mem-table-fd-is-an-eventfd", "mem-table-9-regions", "more-than-8-fds",
+    "fd-on-get-features", "vring-num-index-256", "nofd-kick-polling", "backend-req-fd-twice",
+]
+
+
+class ServeProcess:
+    def __init__(self, workdir: Path) -> None:
+        self.image = Image(workdir / "disk.raw", seed=7)
+        self.socket = str(workdir / "blk.sock")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "vhostmem.cli", "serve", "--socket", self.socket,
+             "--disk", str(self.image.path), "--num-queues", "2", "--log-level", "ERROR"],
+            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + START_TIMEOUT
+        while not os.path.exists(self.socket):
+            assert self.proc.poll() is None, self.stderr()
+            assert time.monotonic() < deadline, "vhostmem serve did not create its socket"
+            time.sleep(POLL)
+
+    def stderr(self) -> str:
+        return self.proc.stderr.read().decode() if self.proc.stderr else ""
+
+    def fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+
+    def memfd_maps(self) -> int:
+        with open(f"/proc/{self.proc.pid}/maps") as f:
+            return sum("memfd:" in line for line in f)
+
+    def settle(self, fds: int) -> None:
+        """Wait until the process is back to ``fds`` open fds and no memfd mapping."""
+        deadline = time.monotonic() + SETTLE_TIMEOUT
+        while (self.fds(), self.memfd_maps()) != (fds, 0):
+            assert self.proc.poll() is None, f"vhostmem serve died: {self.stderr()}"
+            assert time.monotonic() < deadline, \
+                f"fds {self.fds()} (baseline {fds}), memfd mappings {self.memfd_maps()}"
+            time.sleep(POLL)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(SETTLE_TIMEOUT)
+
+
+@pytest.fixture(scope="module")
+def serve() -> Iterator[ServeProcess]:
+    with tempfile.TemporaryDirectory(prefix="vhm-hostile-proc-") as d:
+        proc = ServeProcess(Path(d))
+        yield proc
+        proc.stop()
+
+
+@pytest.mark.parametrize("name", PROCESS_CASES)
+def test_hostile_message_against_the_process(serve: ServeProcess, name: str) -> None:
+    baseline = serve.fds()
+    assert serve.memfd_maps() == 0
+    conn = RawConnection(serve.socket)
+    try:
+        negotiate(conn)
+        for data, fds in CASES[name][0]:
+            if not conn.send(data, fds) or conn.reply() is None:
+                break
+    finally:
+        conn.close()
+    serve.settle(baseline)
+    ram = guarded_ram()
+    try:
+        with open_guest(serve.socket, ram) as dev:
+            real_io(dev, 0, serve.image, IO_SECTOR)
+    finally:
+        ram.close()
+    serve.settle(baseline)
+    assert serve.image.unchanged_elsewhere()
+
