@@ -52,7 +52,13 @@ from qemu.launch import (
     _wait_for_socket,
     qemu_command,
 )
-from vhostmem.inflight import D_INFLIGHT, DESC_STATE_SIZE, H_DESC_NUM, QUEUE_HEADER_SIZE
+from vhostmem.inflight import (
+    D_INFLIGHT,
+    DESC_STATE_SIZE,
+    H_DESC_NUM,
+    QUEUE_HEADER_SIZE,
+    queue_region_size,
+)
 
 MIB = 1 << 20
 WRITER_STOP = "writer-stop"
@@ -90,6 +96,8 @@ class CrashConfig:
     up_min: float = 0.0  # seconds it serves after the guest's I/O resumed, before the next kill
     up_max: float = 0.5
     writer_jobs: int = 4
+    num_queues: int = 1
+    smp: int = 1
     disk_size: int = 16 * MIB
     memory_mib: int = 512
     seed: int = 1
@@ -141,7 +149,8 @@ class CrashResult:
 
 
 def writer_cmdline(config: CrashConfig) -> str:
-    settings = {"mode": "writer", "size": config.disk_size, "lbs": 512, "queues": 1, "ro": 0,
+    settings = {"mode": "writer", "size": config.disk_size, "lbs": 512,
+                "queues": min(config.num_queues, config.smp), "ro": 0,
                 "writer_jobs": config.writer_jobs}
     words = ["console=ttyS0", "quiet", "panic=-1"]
     return " ".join(words + [f"vmtest.{k}={v}" for k, v in settings.items()])
@@ -191,7 +200,7 @@ class _Run:
         self.qemu_done = False
 
     def start_backend(self) -> str | None:
-        request = BackendRequest(self.socket, self.image, False, 1)
+        request = BackendRequest(self.socket, self.image, False, self.config.num_queues)
         with self.backend_log.open("ab") as out:
             out.write(f"{START_MARK}\n".encode())
             out.flush()
@@ -217,7 +226,8 @@ class _Run:
         return seen
 
     def start_qemu(self, assets: guest_assets.GuestAssets) -> None:
-        guest = GuestConfig(disk_size=self.config.disk_size, memory_mib=self.config.memory_mib)
+        guest = GuestConfig(disk_size=self.config.disk_size, memory_mib=self.config.memory_mib,
+                            num_queues=self.config.num_queues, smp=self.config.smp)
         argv = qemu_command(assets, guest, self.socket, writer_cmdline(self.config),
                             reconnect=self.config.reconnect)
         self.qemu_proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -328,10 +338,14 @@ def _map_inflight_region(pid: int) -> mmap.mmap | None:
 
 
 def _any_inflight(region: mmap.mmap) -> bool:
-    """Whether queue 0 of an inflight region has a head flagged (layout: vhostmem/inflight)."""
+    """Whether any queue of an inflight region has a head flagged (layout: vhostmem/inflight)."""
     desc_num = int.from_bytes(region[2 * H_DESC_NUM : 2 * H_DESC_NUM + 2], "little")
-    first = QUEUE_HEADER_SIZE + D_INFLIGHT
-    return any(region[first : first + DESC_STATE_SIZE * desc_num : DESC_STATE_SIZE])
+    stride = queue_region_size(desc_num)
+    for start in range(0, len(region) - stride + 1, stride):
+        first = start + QUEUE_HEADER_SIZE + D_INFLIGHT
+        if any(region[first : first + DESC_STATE_SIZE * desc_num : DESC_STATE_SIZE]):
+            return True
+    return False
 
 
 def _host_checks(run: _Run, result: CrashResult) -> list[Check]:
@@ -397,12 +411,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", choices=sorted(BACKEND_FACTORIES), default="vhostmem")
     p.add_argument("--kills", type=int, default=20)
     p.add_argument("--jobs", type=int, default=4, help="guest writer processes")
+    p.add_argument("--num-queues", type=int, default=1)
+    p.add_argument("--smp", type=int, default=1)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--verbose", action="store_true", help="print the serial log too")
     args = p.parse_args(argv)
     config = CrashConfig(kills=args.kills, writer_jobs=args.jobs, seed=args.seed,
-                         timeout=args.timeout)
+                         timeout=args.timeout, num_queues=args.num_queues, smp=args.smp)
     result = run_crash_test(BACKEND_FACTORIES[args.backend](), config)
     if args.verbose:
         print(result.serial_log)
