@@ -417,7 +417,11 @@ class Virtqueue:
                     self._bad_buffer_logged = True
                     # str: a record holding the exception would pin its views via the traceback
                     log.error("virtqueue %d: request %d failed: %s", self.index, head, str(exc))
-                self.push_used(head, 0)
+                # Under the completion lock (pool threads may be completing other chains) and
+                # signalled now: a caller that hands chains to threads never notifies itself.
+                with self._idle:
+                    self.push_used(head, 0)
+                    self.notify()
 
     def _fetch_avail(self, last: int) -> bool:
         """Read avail idx into ``_avail_seen``; False when nothing new is available (kicks are

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import pytest
 
 from tests.hostile.env import (
+    Image,
     ServerThread,
     assert_no_bounds_violations,
     guarded_ram,
@@ -20,6 +21,7 @@ from tests.hostile.env import (
 from tests.hostile.guarded import GuardedRam
 from vhostmem import guest_memory
 from vhostmem.frontend import VhostUserBlk
+from vhostmem.server import Endpoint
 
 # The server-side sectors the after-checks write (hostile cases stay below them).
 CHECK_SECTOR_A = 4096
@@ -49,22 +51,27 @@ class Guest:
     srv: ServerThread
     ram: GuardedRam
     dev: VhostUserBlk
+    endpoint: Endpoint
+    image: Image
 
 
-@pytest.fixture
-def guest(server: ServerThread) -> Iterator[Guest]:
-    """A frontend on device A with queues 0 (the victim) and 1 (must keep serving)."""
+@pytest.fixture(params=["inline", "thread"])
+def guest(server: ServerThread, request: pytest.FixtureRequest) -> Iterator[Guest]:
+    """A frontend with queues 0 (the victim) and 1 (must keep serving) on device A (requests
+    served on the loop) or device T (requests served by a thread pool)."""
     guest_memory.bounds_violations.clear()
+    endpoint, image = (server.a, server.images["a"]) if request.param == "inline" else \
+        (server.t, server.images["t"])
     ram = guarded_ram()
-    dev = open_guest(server.path(server.a), ram, queues=2)
-    g = Guest(server, ram, dev)
+    dev = open_guest(server.path(endpoint), ram, queues=2)
+    g = Guest(server, ram, dev, endpoint, image)
     yield g
     try:
         after_checks(g)
     finally:
         dev.close()
         ram.close()
-    server.wait_disconnected(server.a)
+    server.wait_disconnected(endpoint)
     assert server.call(server.registry.chunks) == [], "registrations left after disconnect"
     assert not memfd_mappings(), "guest memory still mapped after disconnect"
     assert_no_bounds_violations()
@@ -73,7 +80,7 @@ def guest(server: ServerThread) -> Iterator[Guest]:
 
 def after_checks(g: Guest) -> None:
     srv = g.srv
-    real_io(g.dev, 1, srv.images["a"], CHECK_SECTOR_A)
+    real_io(g.dev, 1, g.image, CHECK_SECTOR_A)
     other_ram = guarded_ram()
     try:
         with open_guest(srv.path(srv.b), other_ram) as other:

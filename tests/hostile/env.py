@@ -83,12 +83,14 @@ class ServerThread:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.images = {name: Image(self.dir / f"{name}.raw", seed)
-                       for seed, name in enumerate(("a", "b"))}
+                       for seed, name in enumerate(("a", "b", "t"))}
         self.a = self.add("a", num_queues=2)
         self.b = self.add("b", num_queues=1)
+        self.t = self.add("t", num_queues=2, io_mode="thread")  # requests served by a pool
 
-    def add(self, name: str, num_queues: int) -> Endpoint:
-        device = BlkDevice.from_file(str(self.images[name].path), num_queues=num_queues)
+    def add(self, name: str, num_queues: int, io_mode: str = "inline") -> Endpoint:
+        device = BlkDevice.from_file(str(self.images[name].path), num_queues=num_queues,
+                                     io_mode=io_mode)
         config = EndpointConfig(str(self.dir / f"{name}.sock"))
         return self.call(self.server.add, device, config)
 
@@ -121,7 +123,7 @@ class ServerThread:
     def close(self) -> None:
         logging.getLogger("vhostmem").removeHandler(self.tracebacks)
         self.call(self.server.close)
-        for ep in (self.a, self.b):
+        for ep in (self.a, self.b, self.t):
             ep.device.close()  # type: ignore[attr-defined]
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(SETTLE_TIMEOUT)
