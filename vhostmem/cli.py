@@ -35,7 +35,10 @@ SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 TRUE_WORDS = {"on", "yes", "true", "1"}
 FALSE_WORDS = {"off", "no", "false", "0"}
 SOCKET_MODE_BITS = 0o777
-BLK_KEYS = {"socket", "client", "disk", "ram", "readonly", "num-queues", "serial"}
+BLK_KEYS = {"socket", "client", "disk", "ram", "readonly", "num-queues", "serial", "io-mode"}
+# inline: requests are served on the event loop (fastest on RAM and page cache);
+# thread: file I/O runs on a thread pool so a slow disk cannot stall the control plane.
+IO_MODES = ("inline", "thread")
 
 
 class UsageError(Exception):
@@ -51,6 +54,7 @@ class BlkSpec:
     readonly: bool = False
     num_queues: int = 1
     serial: str = "vhostmem"
+    io_mode: str = "inline"
 
     @property
     def path(self) -> str:
@@ -87,6 +91,12 @@ def parse_socket_mode(text: str) -> int:
     return mode
 
 
+def parse_io_mode(text: str) -> str:
+    if text not in IO_MODES:
+        raise UsageError(f"io-mode={text!r}: expected one of {', '.join(IO_MODES)}")
+    return text
+
+
 def parse_num_queues(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= MAX_QUEUES:
         raise UsageError(f"num-queues={text!r}: expected 1..{MAX_QUEUES}")
@@ -105,6 +115,8 @@ def parse_blk_spec(text: str) -> BlkSpec:
             spec.ram = parse_size(value)
         elif key == "readonly":
             spec.readonly = parse_bool(key, value)
+        elif key == "io-mode":
+            spec.io_mode = parse_io_mode(value)
         else:
             spec.num_queues = parse_num_queues(value)
     return check_spec(spec, f"--blk {text!r}")
@@ -144,11 +156,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--num-queues", type=str, default="1", help=f"1..{MAX_QUEUES} queues")
     serve.add_argument("--serial", default="vhostmem", help="GET_ID serial (<= 20 bytes)")
     serve.add_argument(
+        "--io-mode",
+        default="inline",
+        help="inline (serve on the event loop) or thread (file I/O on a thread pool)",
+    )
+    serve.add_argument(
         "--blk",
         action="append",
         default=[],
         metavar="SPEC",
-        help="a device: socket=P|client=P, disk=F|ram=SIZE, readonly=on, num-queues=N, serial=S",
+        help=(
+            "a device: socket=P|client=P, disk=F|ram=SIZE, readonly=on, num-queues=N, "
+            "serial=S, io-mode=inline|thread"
+        ),
     )
     serve.add_argument(
         "--socket-mode", default=f"{DEFAULT_SOCKET_MODE:o}", help="octal mode of socket files"
@@ -175,6 +195,7 @@ def specs_from_args(args: argparse.Namespace) -> list[BlkSpec]:
             readonly=args.readonly,
             num_queues=parse_num_queues(args.num_queues),
             serial=args.serial,
+            io_mode=parse_io_mode(args.io_mode),
         )
         specs = [check_spec(spec, "serve")]
     paths = [spec.path for spec in specs]
@@ -184,14 +205,16 @@ def specs_from_args(args: argparse.Namespace) -> list[BlkSpec]:
 
 
 def make_device(spec: BlkSpec) -> BlkDevice:
+    options = {
+        "readonly": spec.readonly,
+        "num_queues": spec.num_queues,
+        "serial": spec.serial,
+        "io_mode": spec.io_mode,
+    }
     if spec.disk is not None:
-        return BlkDevice.from_file(
-            spec.disk, readonly=spec.readonly, num_queues=spec.num_queues, serial=spec.serial
-        )
+        return BlkDevice.from_file(spec.disk, **options)
     assert spec.ram is not None
-    return BlkDevice.from_ram(
-        spec.ram, readonly=spec.readonly, num_queues=spec.num_queues, serial=spec.serial
-    )
+    return BlkDevice.from_ram(spec.ram, **options)
 
 
 def qemu_command(spec: BlkSpec) -> str:

@@ -253,3 +253,13 @@ def test_a_stale_socket_file_is_replaced(tmp_path: Path) -> None:
         guest_roundtrip(str(path), 0, b"S")
     finally:
         stop_serve(proc)
+
+
+def test_io_mode_option_and_blk_key() -> None:
+    (spec,) = specs("--io-mode", "thread")
+    assert spec.io_mode == "thread"
+    (a,) = specs("--blk", "socket=a.sock,io-mode=thread")
+    assert a.io_mode == "thread"
+    assert cli.make_device(cli.BlkSpec(ram=1 << 20, io_mode="thread")).io_mode == "thread"
+    with pytest.raises(cli.UsageError, match="io-mode='fast'"):
+        specs("--io-mode", "fast")
