@@ -9,30 +9,15 @@ descriptors; `Layout(single=True)` builds the illegal one-descriptor form for ne
 
 from __future__ import annotations
 
-import enum
 import struct
 from dataclasses import dataclass
 
+from protocol.blk import BlkRequestType
+from protocol.blk import BlkStatus as BlkStatus  # re-exported for frontend users
 from vhostmem.frontend.ring import VIRTQ_DESC_F_WRITE
 
-
-class BlkType(enum.IntEnum):
-    """virtio-blk request types (virtio 1.2, 5.2.6)."""
-
-    IN = 0
-    OUT = 1
-    FLUSH = 4
-    GET_ID = 8
-    GET_LIFETIME = 10
-    DISCARD = 11
-    WRITE_ZEROES = 13
-
-
-class BlkStatus(enum.IntEnum):
-    OK = 0
-    IOERR = 1
-    UNSUPP = 2
-
+# The request types and status codes are the wire format's: one definition, in protocol.
+BlkType = BlkRequestType
 
 SECTOR_SIZE = 512
 SECTOR_SHIFT = 9
