@@ -246,8 +246,12 @@ def serve(args: argparse.Namespace) -> int:
                 socket_group=args.socket_group,
             )
             server.add(device, config)
-            print(f"vhost-user-blk on {spec.path}; attach a VM with:\n  {qemu_command(spec)}",
-                  flush=True)
+            print(
+                f"vhost-user-blk on {spec.path}; attach a VM with:\n  {qemu_command(spec)}\n"
+                "(add your kernel/disk options; `make vm` boots a small test guest on "
+                "./vhostmem.sock)",
+                flush=True,
+            )
         stop = asyncio.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
