@@ -174,6 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--socket-mode", default=f"{DEFAULT_SOCKET_MODE:o}", help="octal mode of socket files"
     )
     serve.add_argument("--socket-group", help="group owning the socket files")
+    serve.add_argument(
+        "--require-sealed-memory",
+        action="store_true",
+        help=(
+            "refuse guest memory fds not sealed against shrinking (F_SEAL_SHRINK, QEMU's "
+            "memory-backend-memfd default): a frontend truncating one would crash the process"
+        ),
+    )
     serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     return parser
 
@@ -244,6 +252,7 @@ def serve(args: argparse.Namespace) -> int:
                 client=spec.client is not None,
                 socket_mode=mode,
                 socket_group=args.socket_group,
+                require_sealed_memory=args.require_sealed_memory,
             )
             server.add(device, config)
             print(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import logging
 import mmap
 import os
@@ -37,6 +38,23 @@ ADDR_LIMIT = 1 << 64
 MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 # Translation value for "not guest memory"; region ids start at 1.
 NO_REGION = 0
+
+# A region fd the frontend can still shrink is a crash risk: touching a page past the new end of
+# the file raises SIGBUS, which no Python code can recover from. QEMU's memory-backend-memfd
+# seals its memfds against shrinking by default (seal=on); other fds (memory-backend-file,
+# unsealed memfds) are accepted with one warning per connection unless sealed memory is required
+# (GuestMemory(require_sealed=True), `vhostmem serve --require-sealed-memory`).
+F_GET_SEALS = getattr(fcntl, "F_GET_SEALS", 1034)
+F_SEAL_SHRINK = getattr(fcntl, "F_SEAL_SHRINK", 0x0002)
+
+
+def shrink_sealed(fd: int) -> bool:
+    """True when ``fd`` is a memfd sealed with F_SEAL_SHRINK (its size can never go down)."""
+    try:
+        return bool(fcntl.fcntl(fd, F_GET_SEALS) & F_SEAL_SHRINK)
+    except OSError:  # EINVAL: not a memfd (a regular or hugetlbfs file, a pipe...)
+        return False
+
 # VHOSTMEM_DEBUG_BOUNDS=1 checks every view handed out against its region's mapping (tests of
 # hostile guests). Read once at import: when off, translate/view are the plain methods.
 DEBUG_BOUNDS_ENV = "VHOSTMEM_DEBUG_BOUNDS"
@@ -104,12 +122,15 @@ class Region:
 class GuestMemory:
     """The guest's memory as seen by one device connection."""
 
-    def __init__(self, registry: MemRegistry | None = None) -> None:
+    def __init__(self, registry: MemRegistry | None = None, require_sealed: bool = False) -> None:
         self.registry = registry if registry is not None else default_registry()
+        # Refuse region fds a frontend could still shrink under us (see F_SEAL_SHRINK above).
+        self.require_sealed = require_sealed
         self._regions: dict[int, Region] = {}
         self._next_id = NO_REGION + 1
         self._last: Region | None = None
         self._pending_unmap: list[mmap.mmap] = []
+        self._warned_unsealed = False
         # Bumped on every table change so cached ring views know to re-resolve.
         self.generation = 0
         self._map: MemMap | None = self.registry.alloc_map(
@@ -134,6 +155,7 @@ class GuestMemory:
         it is closed once mapped, or on any error."""
         try:
             self._check_new(gpa, size, uaddr, mmap_offset)
+            self._check_sealed(gpa, fd)
             region = Region(self._next_id, gpa, size, uaddr, mmap_offset)
             _mmap_region(region, fd)
         finally:
@@ -196,6 +218,23 @@ class GuestMemory:
                 waiting.append(mm)
         self._pending_unmap = waiting
         return len(waiting)
+
+    def _check_sealed(self, gpa: int, fd: int) -> None:
+        if shrink_sealed(fd):
+            return
+        if self.require_sealed:
+            raise GuestMemoryError(
+                f"region gpa={gpa:#x}: fd is not sealed against shrinking (F_SEAL_SHRINK) "
+                "and sealed guest memory is required"
+            )
+        if not self._warned_unsealed:
+            self._warned_unsealed = True
+            log.warning(
+                "region gpa=%#x: fd is not sealed against shrinking; a frontend that truncates "
+                "it would crash this process (SIGBUS). Use sealed memfds (QEMU's "
+                "memory-backend-memfd default) or --require-sealed-memory",
+                gpa,
+            )
 
     def _check_new(self, gpa: int, size: int, uaddr: int, offset: int) -> None:
         where = f"region gpa={gpa:#x} size={size:#x}"

@@ -42,6 +42,8 @@ import threading
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from vhostmem.guest_memory import shrink_sealed
+
 log = logging.getLogger(__name__)
 
 QUEUE_HEADER_SIZE = 16
@@ -199,6 +201,11 @@ def _check_file(fd: int, mmap_size: int, mmap_offset: int, needed: int) -> None:
             f"mmap_offset {mmap_offset} + mmap_size {mmap_size} exceeds the fd's size "
             f"{st.st_size}"
         )
+    # Every backend hands out this region as a memfd sealed against shrinking (we do, and so
+    # does libvhost-user); QEMU only passes it back. An unsealed fd could be truncated under
+    # the mapping, and the next touch would kill the process with SIGBUS.
+    if not shrink_sealed(fd):
+        raise InflightError("inflight fd is not a memfd sealed against shrinking (F_SEAL_SHRINK)")
 
 
 class InflightQueue:

@@ -63,6 +63,8 @@ class EndpointConfig:
     client: bool = False
     socket_mode: int = DEFAULT_SOCKET_MODE
     socket_group: str | None = None
+    # Refuse guest memory fds not sealed against shrinking (a truncation would SIGBUS us).
+    require_sealed_memory: bool = False
 
 
 class LoopKickWatcher:
@@ -232,7 +234,13 @@ class Endpoint:
         self.loop = loop
         self.name = name or os.path.basename(config.path)
         self.watcher = LoopKickWatcher(loop, self.name)
-        self.session = Session(device, registry, self.watcher, name=self.name)
+        self.session = Session(
+            device,
+            registry,
+            self.watcher,
+            name=self.name,
+            require_sealed_memory=config.require_sealed_memory,
+        )
         self.listener: socket.socket | None = None
         self.connection: Connection | None = None
         self.connections_served = 0

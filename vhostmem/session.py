@@ -121,11 +121,12 @@ class Session:
         registry: MemRegistry,
         watcher: KickWatcher,
         name: str = "vhostmem",
+        require_sealed_memory: bool = False,
     ) -> None:
         self.device = device
         self.name = name
         self.watcher = watcher
-        self.memory = GuestMemory(registry)
+        self.memory = GuestMemory(registry, require_sealed=require_sealed_memory)
         self.queues = [Virtqueue(i, self.memory) for i in range(device.num_queues)]
         self.state = SessionState(rings=[RingConfig() for _ in range(device.num_queues)])
         self.inflight = InflightState()

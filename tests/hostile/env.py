@@ -131,8 +131,8 @@ class ServerThread:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def guarded_ram() -> GuardedRam:
-    ram = GuardedRam()
+def guarded_ram(sealed: bool = True) -> GuardedRam:
+    ram = GuardedRam(sealed=sealed)
     ram.add_region(*REGION0)
     ram.add_region(*REGION1)
     return ram

@@ -15,7 +15,7 @@ import mmap
 import os
 from dataclasses import dataclass
 
-from vhostmem.frontend.memory import GuestRam, GuestRegion
+from vhostmem.frontend.memory import GuestRam, GuestRegion, create_memfd
 
 GUARD = 64 << 10
 CANARY = bytes(range(256)) * (GUARD // 256)
@@ -71,9 +71,8 @@ class GuardedRam(GuestRam):
                    name: str = "hostile-guest-ram") -> GuestRegion:
         self._check_new_region(guest_phys_addr, memory_size, mmap_offset)
         total = GUARD + memory_size + GUARD
-        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        fd = create_memfd(name, total, sealed=self.sealed)
         try:
-            os.ftruncate(fd, total)
             os.pwrite(fd, CANARY, 0)
             os.pwrite(fd, CANARY, GUARD + memory_size)
             base = _check(_mmap(None, total, PROT_NONE,

@@ -17,6 +17,7 @@ import pytest
 from tests.hostile.env import Image, guarded_ram, open_guest, real_io
 from tests.hostile.test_messages import CASES, negotiate
 from tests.hostile.wire import RawConnection
+from vhostmem.frontend import VhostUserError
 
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 10.0
@@ -33,12 +34,13 @@ PROCESS_CASES = [
 
 
 class ServeProcess:
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *options: str) -> None:
         self.image = Image(workdir / "disk.raw", seed=7)
         self.socket = str(workdir / "blk.sock")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "vhostmem.cli", "serve", "--socket", self.socket,
-             "--disk", str(self.image.path), "--num-queues", "2", "--log-level", "ERROR"],
+             "--disk", str(self.image.path), "--num-queues", "2", "--log-level", "ERROR",
+             *options],
             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + START_TIMEOUT
         while not os.path.exists(self.socket):
@@ -100,3 +102,29 @@ def test_hostile_message_against_the_process(serve: ServeProcess, name: str) -> 
     serve.settle(baseline)
     assert serve.image.unchanged_elsewhere()
 
+
+
+def test_required_seal_refuses_truncatable_guest_ram(tmp_path: Path) -> None:
+    """With --require-sealed-memory, guest RAM a frontend could still shrink (a truncation
+    under the mapping is a SIGBUS) is refused with REPLY_ACK 1 and nothing of it stays; the
+    same process then serves a frontend whose memfds are sealed, as QEMU's are."""
+    serve = ServeProcess(tmp_path, "--require-sealed-memory")
+    try:
+        baseline = serve.fds()
+        ram = guarded_ram(sealed=False)
+        try:
+            with pytest.raises(VhostUserError, match="refused SET_MEM_TABLE: REPLY_ACK 1"):
+                open_guest(serve.socket, ram)
+        finally:
+            ram.close()
+        serve.settle(baseline)
+        ram = guarded_ram()
+        try:
+            with open_guest(serve.socket, ram, queues=2) as dev:
+                real_io(dev, 1, serve.image, IO_SECTOR)
+        finally:
+            ram.close()
+        serve.settle(baseline)
+    finally:
+        serve.stop()
+    assert "fd is not sealed against shrinking (F_SEAL_SHRINK)" in serve.stderr()

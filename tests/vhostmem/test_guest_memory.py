@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import fcntl
+import logging
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from vhostmem.guest_memory import GuestMemory, GuestMemoryError
+from vhostmem.guest_memory import GuestMemory, GuestMemoryError, shrink_sealed
 from vhostmem.memmap import MemRegistry
 
 MIB = 1 << 20
+PAGE = 4096
 GPA_A = 0x1000_0000
 GPA_B = GPA_A + MIB  # directly after A: buffers can cross from A into B
 UVA_A = 0x7F00_0000_0000
@@ -262,3 +266,54 @@ def test_no_fd_or_mapping_leak(registry: MemRegistry) -> None:
     assert (fd_count(), map_count()) == (fds_before, maps_before)
     assert registry.chunks() == []
     os.close(fd)
+
+
+def sealed_memfd(size: int) -> int:
+    fd = os.memfd_create("test-sealed", os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+    return fd
+
+
+def test_shrink_sealed_tells_sealed_memfds_from_other_fds(tmp_path: Path) -> None:
+    sealed, plain = sealed_memfd(MIB), memfd(MIB)
+    with open(tmp_path / "ram.img", "wb") as f:
+        f.truncate(MIB)
+    file_fd = os.open(tmp_path / "ram.img", os.O_RDWR)
+    try:
+        assert shrink_sealed(sealed)
+        assert not shrink_sealed(plain)
+        assert not shrink_sealed(file_fd)  # a regular file cannot carry seals at all
+        with pytest.raises(PermissionError):
+            os.ftruncate(sealed, PAGE)  # the kernel refuses: no SIGBUS for whoever maps it
+    finally:
+        for fd in (sealed, plain, file_fd):
+            os.close(fd)
+
+
+def test_required_seal_refuses_a_shrinkable_fd_and_closes_it(registry: MemRegistry) -> None:
+    mem = GuestMemory(registry, require_sealed=True)
+    before = fd_count(), map_count()
+    fd = memfd(MIB)
+    with pytest.raises(GuestMemoryError, match=r"gpa=0x10000000: fd is not sealed against shrink"):
+        mem.add_region(GPA_A, MIB, UVA_A, 0, fd)
+    assert not fd_is_open(fd)
+    assert mem.regions == []
+    assert (fd_count(), map_count()) == before
+    mem.add_region(GPA_A, MIB, UVA_A, 0, sealed_memfd(MIB))  # a sealed memfd is served
+    assert [r.guest_phys_addr for r in mem.regions] == [GPA_A]
+    mem.close()
+
+
+def test_unsealed_fds_are_served_with_one_warning(
+    registry: MemRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    mem = GuestMemory(registry)
+    with caplog.at_level(logging.WARNING, logger="vhostmem.guest_memory"):
+        mem.add_region(GPA_A, MIB, UVA_A, 0, memfd(MIB))
+        mem.add_region(GPA_B, MIB, UVA_B, 0, memfd(MIB))
+        mem.add_region(GPA_B + MIB, MIB, UVA_B + MIB, 0, sealed_memfd(MIB))
+    warnings = [r.getMessage() for r in caplog.records if "not sealed" in r.getMessage()]
+    assert len(warnings) == 1 and "gpa=0x10000000" in warnings[0]
+    assert len(mem.regions) == 3
+    mem.close()

@@ -124,6 +124,7 @@ def _memfd(size: int) -> int:
     (lambda: _memfd(8192), (320, 100, 1, 16), "mmap_offset 100 is not a multiple"),
     (lambda: _memfd(100), (320, 0, 1, 16), "exceeds the fd's size 100"),
     (lambda: os.eventfd(0), (320, 0, 1, 16), "not a memory file"),
+    (lambda: _memfd(4096), (4096, 0, 1, 16), "not a memfd sealed against shrinking"),
 ])
 def test_set_inflight_fd_rejects_bad_regions_and_leaks_nothing(
     make_fd: object, args: tuple[int, int, int, int], match: str

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import ctypes
+import fcntl
 import mmap
 import os
 from collections.abc import Iterator
@@ -20,6 +21,24 @@ from dataclasses import dataclass, field
 
 PAGE_SIZE = mmap.PAGESIZE
 DEFAULT_ALIGN = 16  # descriptor tables need 16-byte alignment; a safe default for everything
+
+
+# QEMU's memory-backend-memfd seals guest RAM (seal=on by default): its size can never change,
+# so a backend may map it without fearing a truncation under its feet (SIGBUS).
+GUEST_RAM_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+
+
+def create_memfd(name: str, size: int, *, sealed: bool = True) -> int:
+    """A memfd of ``size`` bytes, sealed against resizing unless ``sealed`` is False."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        if sealed:
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, GUEST_RAM_SEALS)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
 
 
 class GuestRamError(Exception):
@@ -163,9 +182,11 @@ class Allocator:
 class GuestRam:
     """The fake guest's physical memory: memfd regions plus an allocator over them."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, sealed: bool = True) -> None:
         self.regions: list[GuestRegion] = []
         self._alloc = Allocator()
+        # False: memfds a frontend could still truncate (tests of backends that refuse them).
+        self.sealed = sealed
 
     # -- regions ---------------------------------------------------------------------------
     def add_region(self, guest_phys_addr: int, memory_size: int, *,
@@ -173,9 +194,8 @@ class GuestRam:
                    name: str = "vhostmem-guest-ram") -> GuestRegion:
         """Create a memfd of `mmap_offset + memory_size` bytes and map the region part of it."""
         self._check_new_region(guest_phys_addr, memory_size, mmap_offset)
-        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        fd = create_memfd(name, mmap_offset + memory_size, sealed=self.sealed)
         try:
-            os.ftruncate(fd, mmap_offset + memory_size)
             mm = mmap.mmap(fd, memory_size, mmap.MAP_SHARED,
                            mmap.PROT_READ | mmap.PROT_WRITE, offset=mmap_offset)
         except OSError:

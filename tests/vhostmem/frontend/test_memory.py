@@ -1,5 +1,6 @@
 """Guest RAM: memfd regions, byte access across regions, the allocator."""
 
+import fcntl
 import mmap
 import os
 
@@ -89,3 +90,16 @@ def test_remove_region_unmaps_and_forgets_allocations() -> None:
         assert region.fd == -1 and ram.regions == []
         with pytest.raises(GuestRamError):
             ram.read(0, 1)
+
+
+@pytest.mark.parametrize("sealed", [True, False])
+def test_regions_are_size_sealed_like_qemu_memfds(sealed: bool) -> None:
+    with GuestRam(sealed=sealed) as ram:
+        region = ram.add_region(0, MIB)
+        seals = fcntl.fcntl(region.fd, fcntl.F_GET_SEALS)
+        assert bool(seals & fcntl.F_SEAL_SHRINK) is sealed
+        assert bool(seals & fcntl.F_SEAL_GROW) is sealed
+        if sealed:
+            with pytest.raises(PermissionError):
+                os.ftruncate(region.fd, PAGE_SIZE)
+        assert os.fstat(region.fd).st_size == MIB
