@@ -312,7 +312,10 @@ class Session:
             r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset, _take_fds(msg)[0]
         )
         log.info(
-            "%s: registered region gpa=%#x size=%#x", self.name, r.guest_phys_addr, r.memory_size
+            "%s: ADD_MEM_REG registered region gpa=%#x size=%#x",
+            self.name,
+            r.guest_phys_addr,
+            r.memory_size,
         )
 
     def _rem_mem_reg(self, msg: Message) -> None:
@@ -322,7 +325,10 @@ class Session:
         self._check_rings_outside(r.guest_phys_addr, r.memory_size)
         self.memory.remove_region(r.guest_phys_addr, r.memory_size, r.userspace_addr)
         log.info(
-            "%s: unregistered region gpa=%#x size=%#x", self.name, r.guest_phys_addr, r.memory_size
+            "%s: REM_MEM_REG unregistered region gpa=%#x size=%#x",
+            self.name,
+            r.guest_phys_addr,
+            r.memory_size,
         )
 
     def _log_regions(self, what: str) -> None:

@@ -4,8 +4,9 @@ Every boot test runs once per backend in BACKENDS: qemu-storage-daemon and vhost
 ``on_hotplug`` is the backend-specific hook called after the DIMM is plugged and after it is
 unplugged; it receives a ``qemu.backends.HotplugEvent`` (phase, backend pid, DIMM size, backend
 log path) and returns ``Check``s. vhostmem's hook reads its log: the session logs
-``registered region gpa=... size=...`` for every region it maps (ADD_MEM_REG, SET_MEM_TABLE)
-and ``unregistered region gpa=... size=...`` for REM_MEM_REG.
+``ADD_MEM_REG registered region gpa=... size=...`` for a region added at run time (a table
+logs ``SET_MEM_TABLE registered region ...`` instead, so a DIMM announced by a new table would
+not pass) and ``REM_MEM_REG unregistered region gpa=... size=...`` for REM_MEM_REG.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from qemu.assets import GuestAssets, prepare
 from qemu.backends import PLUGGED, Backend, HotplugEvent, qsd_backend, vhostmem_backend
 from qemu.guestlog import Check
 
-# "unregistered" contains "registered": the lookbehind keeps the two apart.
-REGISTERED = re.compile(r"(?<!un)registered region gpa=(0x[0-9a-f]+) size=(0x[0-9a-f]+)")
-UNREGISTERED = re.compile(r"unregistered region gpa=(0x[0-9a-f]+) size=(0x[0-9a-f]+)")
+REGISTERED = re.compile(r"ADD_MEM_REG registered region gpa=(0x[0-9a-f]+) size=(0x[0-9a-f]+)")
+UNREGISTERED = re.compile(
+    r"REM_MEM_REG unregistered region gpa=(0x[0-9a-f]+) size=(0x[0-9a-f]+)"
+)
 LOG_TIMEOUT = 5.0  # the log line is written before the reply, but give the file a moment
 LOG_POLL = 0.05
 
