@@ -141,7 +141,7 @@ class ProtocolFeature(IntEnum):
     LOG_SHMFD = 1
     RARP = 2
     REPLY_ACK = 3
-    MTU = 4
+    NET_MTU = 4
     BACKEND_REQ = 5
     CROSS_ENDIAN = 6
     CRYPTO_SESSION = 7
@@ -161,8 +161,7 @@ class ProtocolFeature(IntEnum):
     GPA_ADDRESSES = 21
     SHMEM = 22
     GET_VRING_BASE_SKIP_DRAIN = 23
-    # previous / alternative names
-    NET_MTU = 4
+    # previous names
     SLAVE_REQ = 5
     SLAVE_SEND_FD = 10
 

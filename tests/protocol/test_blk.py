@@ -106,3 +106,9 @@ def test_feature_mask_and_names() -> None:
         "MQ", "LOG_SHMFD", "REPLY_ACK", "BACKEND_REQ", "PAGEFAULT", "CONFIG",
         "BACKEND_SEND_FD", "HOST_NOTIFIER", "CONFIGURE_MEM_SLOTS",
     ]  # fmt: skip
+
+
+def test_protocol_feature_4_is_net_mtu() -> None:
+    assert ProtocolFeature(4) is ProtocolFeature.NET_MTU
+    assert ProtocolFeature(4).name == "NET_MTU"
+    assert feature_names(1 << 4, ProtocolFeature) == ["NET_MTU"]
