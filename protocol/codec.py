@@ -181,20 +181,32 @@ def parse_message(
 
     ``fds`` are the descriptors that came with it (then ``nfds`` defaults to their number); with
     only ``nfds``, the count is validated and ``Message.fds`` stays empty. On any error the
-    given ``fds`` are closed and :class:`ProtocolError` is raised.
+    given ``fds`` are closed: :class:`ProtocolError` for a bad message (or an ``nfds`` that
+    contradicts ``fds``), TypeError / ValueError for an argument of the wrong type or sender.
     """
     fd_list = list(fds) if fds is not None else []
-    if fds is not None and nfds not in (0, len(fd_list)):
-        close_fds(fd_list)
-        raise ValueError(f"nfds={nfds} but {len(fd_list)} fds were given")
-    count = len(fd_list) if fds is not None else nfds
     try:
+        if sender not in SENDERS:
+            raise ValueError(f"sender must be 'frontend' or 'backend', not {sender!r}")
         with memoryview(data) as view:
+            if fds is not None and nfds not in (0, len(fd_list)):
+                raise ProtocolError(
+                    _peek_request(view, sender), f"nfds={nfds} but {len(fd_list)} fds were given"
+                )
+            count = len(fd_list) if fds is not None else nfds
             request, flags, payload = _parse_view(view, count, sender)
-    except ProtocolError:
+    except BaseException:
         close_fds(fd_list)
         raise
     return Message(request, flags, payload, fd_list)
+
+
+def _peek_request(view: memoryview, sender: str) -> IntEnum | int | None:
+    """The request a header names, for an error raised before the message is decoded."""
+    if len(view) < HEADER_SIZE:
+        return None
+    number, flags, _ = HEADER.unpack_from(view, 0)
+    return name_or_number(number, flags, sender)
 
 
 def _parse_view(view: memoryview, nfds: int, sender: str) -> tuple[IntEnum, int, Any]:

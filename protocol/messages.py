@@ -19,6 +19,7 @@ from protocol.constants import (
     NEED_REPLY_FLAG,
     REPLY_FLAG,
     REQUEST_FLAGS,
+    SHMEM_MAX_REGIONS,
     VERSION_MASK,
 )
 
@@ -155,6 +156,14 @@ def _check_config(payload: Any) -> str | None:
     return None
 
 
+def _check_shmem_config(payload: Any) -> str | None:
+    # QEMU asserts nregions <= VIRTIO_MAX_SHMEM_REGIONS, the length of memory_sizes.
+    nregions = payload["nregions"]
+    if nregions > SHMEM_MAX_REGIONS:
+        return f"shmem config nregions {nregions} > {SHMEM_MAX_REGIONS}"
+    return None
+
+
 def _fixed(name: str, con: Construct, validate: Validator | None = None) -> Shape:
     return Shape(name, con, "struct", con.sizeof(), validate=validate)
 
@@ -184,5 +193,5 @@ INFLIGHT = _fixed("inflight", p.Inflight)
 SHARED_OBJECT = _fixed("shared object", p.SharedObject)
 DEVICE_STATE = _fixed("device state", p.DeviceState)
 SHMEM_MAP = _fixed("shmem map", p.ShmemMap)
-SHMEM_CONFIG = _fixed("shmem config", p.ShmemConfig)
+SHMEM_CONFIG = _fixed("shmem config", p.ShmemConfig, _check_shmem_config)
 CRYPTO_SESSION = Shape("crypto session", p.CryptoSession, "struct", None)

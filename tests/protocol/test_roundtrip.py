@@ -60,6 +60,11 @@ def config(draw: st.DrawFn) -> bytes:
 
 
 @st.composite
+def shmem_config(draw: st.DrawFn) -> bytes:
+    return struct.pack("<I", draw(st.integers(0, 256))) + draw(raw(2052))
+
+
+@st.composite
 def vring_area(draw: st.DrawFn) -> bytes:
     return draw(vring_file()) + draw(raw(16))
 
@@ -80,7 +85,7 @@ PAYLOADS: dict[str, st.SearchStrategy[bytes]] = {
     "shared object": raw(16),
     "device state": raw(8),
     "shmem map": raw(40),
-    "shmem config": raw(2056),
+    "shmem config": shmem_config(),
     "crypto session": st.binary(max_size=600),
 }
 

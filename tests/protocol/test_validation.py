@@ -261,3 +261,42 @@ MAKERS: list[Callable[[], bytes]] = [
 def test_backend_request_encoding_parses_back(make: Callable[[], bytes]) -> None:
     data = make()
     assert build_message(parse_message(data, sender="backend")) == data
+
+
+def test_fd_count_mismatch_is_a_protocol_error_and_closes_the_fds() -> None:
+    with no_fd_leak():
+        fds = eventfds(1)
+        with pytest.raises(ProtocolError, match=r"SET_VRING_KICK: nfds=2 but 1 fds") as info:
+            parse_message(wire(12, 1, u64s(0)), nfds=2, fds=fds)
+        assert info.value.request is FR.SET_VRING_KICK
+        assert not fd_is_open(fds[0])
+        fds = eventfds(2)
+        with pytest.raises(ProtocolError, match="nfds=1 but 2 fds") as info:
+            parse_message(b"\x01", nfds=1, fds=fds)  # not even a header: no request to name
+        assert info.value.request is None
+        assert not any(fd_is_open(fd) for fd in fds)
+
+
+def test_bad_arguments_to_parse_message_close_the_fds() -> None:
+    with no_fd_leak():
+        fds = eventfds(1)
+        with pytest.raises(TypeError):
+            parse_message("not bytes", fds=fds)  # type: ignore[arg-type]
+        assert not fd_is_open(fds[0])
+        fds = eventfds(1)
+        with pytest.raises(ValueError, match="sender"):
+            parse_message(wire(12, 1, u64s(0)), sender="qemu", fds=fds)  # type: ignore[arg-type]
+        assert not fd_is_open(fds[0])
+
+
+def test_shmem_config_nregions_is_at_most_256() -> None:
+    """u32 nregions, u32 padding, u64 memory_sizes[256] (VIRTIO_MAX_SHMEM_REGIONS)."""
+    reply = 0x5  # version 1 + REPLY
+    sizes = bytes(256 * 8)
+    ok = accepts(wire(44, reply, u32s(256, 0) + sizes), 0, sender="backend")
+    assert ok.request is FR.GET_SHMEM_CONFIG and ok.payload.nregions == 256
+    err = rejects(wire(44, reply, u32s(257, 0) + sizes), 0, "nregions 257 > 256", "backend")
+    assert err.request is FR.GET_SHMEM_CONFIG
+    assert err.reason == "shmem config nregions 257 > 256"
+    with pytest.raises(ProtocolError, match="GET_SHMEM_CONFIG: shmem config nregions 300 > 256"):
+        encode_reply(FR.GET_SHMEM_CONFIG, {"nregions": 300, "memory_sizes": [0] * 256})
