@@ -64,9 +64,10 @@ class ViewStream:
 
 
 def close_fds(fds: Sequence[int]) -> None:
-    """Close every fd, ignoring ones already closed (used on every rejection path)."""
+    """Close every fd, ignoring ones already closed and entries that are not fds at all (used
+    on every rejection path, including that of a caller passing garbage)."""
     for fd in fds:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, TypeError, OverflowError):
             os.close(fd)
 
 

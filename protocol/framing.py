@@ -10,26 +10,27 @@ protocol error. Senders must therefore not put a later message start in the same
 a message with fds (QEMU, libvhost-user and vhostmem's own frontend send one message per call).
 
 Copies: complete messages are decoded straight from the chunk given to ``feed`` (no copy). Only
-an incomplete tail is copied, once, into a bytearray, and decoded from a memoryview of it when
-it completes.
+an incomplete message is copied, into a bytearray that holds nothing else: the next chunk adds
+just the bytes that complete it, it is decoded from a memoryview of that bytearray, and the rest
+of the chunk is read in place again. So every byte is copied at most once, and there is nothing
+to compact.
 
 Errors: on a :class:`ProtocolError` from :meth:`Framer.feed` the framer closes every fd it holds
 (those of the bad message, those of messages decoded earlier in the same feed, which are
 discarded with it, and those of partial messages) and refuses further input: the byte stream is
-no longer synchronised, and the caller must disconnect the peer.
+no longer synchronised, and the caller must disconnect the peer. Any other exception while
+decoding is a bug; it is handled the same way and raised as a ProtocolError (its cause
+attached). Data that is not a bytes-like object, or fds that are not ints, raise TypeError with
+the fds closed, and the framer stays usable (nothing was consumed).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from protocol.codec import HEADER, SENDERS, close_fds, decode, lookup_request, name_or_number
 from protocol.constants import HEADER_SIZE, MAX_PAYLOAD_SIZE
 from protocol.messages import Message, ProtocolError
-
-# Compact the buffer (move the partial tail to the front) once this much of it is consumed.
-COMPACT_THRESHOLD = 1 << 16
 
 
 class Framer:
@@ -44,29 +45,25 @@ class Framer:
         if sender not in SENDERS:
             raise ValueError(f"sender must be 'frontend' or 'backend', not {sender!r}")
         self.sender = sender
-        self._buf = bytearray()
-        self._pos = 0  # start of the unconsumed bytes in _buf
-        self._offset = 0  # stream offset of _buf[_pos]
-        self._fd_owners: dict[int, list[int]] = {}  # stream offset of a message -> its fds
+        self._buf = bytearray()  # the bytes of one incomplete message, nothing else
+        self._partial_fds: list[int] = []  # the fds of that message
         self._broken: ProtocolError | None = None
 
     @property
     def buffered(self) -> int:
         """Bytes of an incomplete message held back (0 at a message boundary)."""
-        return len(self._buf) - self._pos
+        return len(self._buf)
 
     @property
     def pending_fds(self) -> list[int]:
         """Fds received for messages that are not complete yet."""
-        return [fd for fds in self._fd_owners.values() for fd in fds]
+        return list(self._partial_fds)
 
     def close(self) -> None:
         """Forget any partial message and close its fds; the framer accepts no more input."""
-        for fds in self._fd_owners.values():
-            close_fds(fds)
-        self._fd_owners.clear()
+        close_fds(self._partial_fds)
+        self._partial_fds = []
         self._buf = bytearray()
-        self._pos = 0
         if self._broken is None:
             self._broken = ProtocolError(None, "framer closed")
 
@@ -76,14 +73,28 @@ class Framer:
         if self._broken is not None:
             close_fds(new_fds)
             raise ProtocolError(None, f"stream unsynchronised after earlier error ({self._broken})")
+        try:
+            if new_fds:
+                _check_fd_types(new_fds)
+            view = memoryview(data)
+            if view.itemsize != 1 or view.ndim != 1:
+                view = _byte_view(view)
+        except TypeError:
+            close_fds(new_fds)
+            raise
         out: list[Message] = []
         try:
-            if self._pos == len(self._buf):
-                self._feed_fresh(data, new_fds, out)
-            else:
-                self._feed_continued(data, new_fds, out)
+            with view:
+                self._feed(view, new_fds, out)
         except ProtocolError as exc:
             self._fail(exc, out, new_fds)
+            raise
+        except Exception as exc:  # a bug, not the peer's fault: still drop the peer cleanly
+            error = ProtocolError(None, f"cannot decode the stream: {type(exc).__name__}: {exc}")
+            self._fail(error, out, new_fds)
+            raise error from exc
+        except BaseException as exc:  # KeyboardInterrupt and the like: clean up, re-raise
+            self._fail(ProtocolError(None, f"interrupted by {type(exc).__name__}"), out, new_fds)
             raise
         return out
 
@@ -92,66 +103,75 @@ class Framer:
     def _fail(self, exc: ProtocolError, out: list[Message], new_fds: list[int]) -> None:
         for msg in out:
             close_fds(msg.fds)
-        # fds are moved (never copied) from new_fds to _fd_owners to a message: each closes once
+        # fds are moved (never copied) from new_fds to a partial message or to a Message: each
+        # list is closed once
         close_fds(new_fds)
         self.close()
         self._broken = exc
 
-    def _feed_fresh(self, data: Any, new_fds: list[int], out: list[Message]) -> None:
-        """Buffer empty: decode whole messages in place, keep only an incomplete tail."""
-        with memoryview(data) as view:
-            self._assign_fds(view, 0, new_fds)
-            used = self._drain(view, out)
-            if used < len(view):
-                self._buf = bytearray(view[used:])
-            else:
-                self._buf = bytearray()
-        self._pos = 0
-        self._offset += used
-
-    def _feed_continued(self, data: Any, new_fds: list[int], out: list[Message]) -> None:
-        """A partial message is buffered: append the chunk, then decode what is complete."""
-        chunk_start = len(self._buf) - self._pos
-        try:
-            self._buf += data
-        except BufferError:
-            # a view of the old buffer is still alive somewhere (e.g. in a traceback):
-            # start a new buffer rather than resize the exported one
-            self._buf = self._buf[self._pos :] + data
-            self._pos = 0
-        with memoryview(self._buf) as whole:
-            view = whole[self._pos :]
-            try:
-                self._assign_fds(view, chunk_start, new_fds)
-                used = self._drain(view, out)
-            finally:
-                view.release()
-        self._pos += used
-        self._offset += used
-        if self._pos == len(self._buf):
-            self._buf = bytearray()
-            self._pos = 0
-        elif self._pos >= COMPACT_THRESHOLD:
-            self._buf = self._buf[self._pos :]
-            self._pos = 0
-
-    def _assign_fds(self, view: memoryview, chunk_start: int, new_fds: list[int]) -> None:
-        """Give the chunk's fds to the last message starting in it (see the module doc)."""
-        if not new_fds:
+    def _feed(self, view: memoryview, new_fds: list[int], out: list[Message]) -> None:
+        used = self._complete_partial(view, new_fds, out) if self._buf else 0
+        if used == len(view):
+            if new_fds:
+                raise ProtocolError(None, f"{len(new_fds)} fds arrived with no message start")
             return
-        owner = self._last_start(view, chunk_start)
-        if owner is None:
-            raise ProtocolError(None, f"{len(new_fds)} fds arrived with no message start")
-        self._fd_owners[self._offset + owner] = list(new_fds)
-        new_fds.clear()
+        rest = view[used:] if used else view
+        try:
+            owner = self._last_start(rest) if new_fds else None
+            used = self._drain(rest, out, owner, new_fds)
+            if used < len(rest):
+                self._buf = bytearray(rest[used:])  # the one copy of an incomplete message
+                if owner == used:
+                    self._partial_fds = new_fds[:]
+                    new_fds.clear()
+        finally:
+            if rest is not view:
+                rest.release()
 
-    def _last_start(self, view: memoryview, chunk_start: int) -> int | None:
+    def _complete_partial(self, view: memoryview, new_fds: list[int], out: list[Message]) -> int:
+        """Append to the buffered message the bytes of ``view`` it lacks; decode it once it is
+        whole. Return how many bytes of ``view`` were taken."""
+        buf = self._buf
+        have = len(buf)
+        if have >= HEADER_SIZE:
+            number, flags, size = HEADER.unpack_from(buf, 0)
+        elif have + len(view) >= HEADER_SIZE:  # peek at the header without buffering past it
+            number, flags, size = HEADER.unpack(buf + view[: HEADER_SIZE - have])
+        else:
+            buf += view
+            return len(view)
+        self._check_size(number, flags, size)
+        total = HEADER_SIZE + size
+        used = total - have
+        if used >= len(view):
+            buf += view
+            used = len(view)
+            if used < total - have:
+                lookup_request(number, flags, self.sender)  # fail early on garbage
+                return used
+        else:
+            buf += view[:used]
+        if new_fds and used == len(view):
+            # checked before decoding, as for a chunk read in place
+            raise ProtocolError(None, f"{len(new_fds)} fds arrived with no message start")
+        fds, self._partial_fds = self._partial_fds, []
+        self._buf = bytearray()  # buf is never resized again: its views need no care
+        with memoryview(buf)[HEADER_SIZE:] as body:
+            try:
+                request, payload = decode(number, flags, body, len(fds), self.sender)
+            except BaseException:
+                close_fds(fds)
+                raise
+        out.append(Message(request, flags, payload, fds))
+        return used
+
+    def _last_start(self, view: memoryview) -> int:
+        """Where the last message starting in ``view`` starts (the owner of the chunk's fds)."""
         pos = 0
-        last = None
+        last = 0
         end = len(view)
         while pos < end:
-            if pos >= chunk_start:
-                last = pos
+            last = pos
             if end - pos < HEADER_SIZE:
                 break
             number, flags, size = HEADER.unpack_from(view, pos)
@@ -165,8 +185,10 @@ class Framer:
                 name_or_number(number, flags, self.sender), f"size {size} > {MAX_PAYLOAD_SIZE}"
             )
 
-    def _drain(self, view: memoryview, out: list[Message]) -> int:
-        """Decode every complete message in ``view``; return how many bytes they used."""
+    def _drain(self, view: memoryview, out: list[Message], owner: int | None,
+               new_fds: list[int]) -> int:
+        """Decode every complete message in ``view``; return how many bytes they used. The
+        message starting at ``owner`` gets ``new_fds``."""
         pos = 0
         end = len(view)
         while end - pos >= HEADER_SIZE:
@@ -176,11 +198,15 @@ class Framer:
                 # fail early on garbage rather than buffer up to 4 KiB of it
                 lookup_request(number, flags, self.sender)
                 break
-            fds = self._fd_owners.pop(self._offset + pos, [])
+            if pos == owner:
+                fds = new_fds[:]
+                new_fds.clear()
+            else:
+                fds = []
             body = view[pos + HEADER_SIZE : pos + HEADER_SIZE + size]
             try:
                 request, payload = decode(number, flags, body, len(fds), self.sender)
-            except ProtocolError:
+            except BaseException:
                 close_fds(fds)
                 raise
             finally:
@@ -188,3 +214,15 @@ class Framer:
             out.append(Message(request, flags, payload, fds))
             pos += HEADER_SIZE + size
         return pos
+
+
+def _byte_view(raw: memoryview) -> memoryview:
+    """A flat view of the bytes of a view of another format (TypeError if not contiguous)."""
+    with raw:
+        return raw.cast("B")
+
+
+def _check_fd_types(fds: list[int]) -> None:
+    for fd in fds:
+        if not isinstance(fd, int):
+            raise TypeError(f"fds must be ints, not {type(fd).__name__}")

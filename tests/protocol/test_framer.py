@@ -155,7 +155,7 @@ def test_backend_framer_reads_replies_and_backend_requests() -> None:
         Framer("qemu")
 
 
-def test_large_stream_compacts_without_losing_messages() -> None:
+def test_large_stream_in_odd_chunks_loses_no_message() -> None:
     framer = Framer()
     stream = (NUM + BASE + GET) * 5000
     got = []
@@ -209,3 +209,63 @@ def test_real_unix_socket_with_capture_traffic(bufsize: int) -> None:
                 os.close(fd)
         a.close()
         b.close()
+
+
+def test_wrong_argument_types_close_the_fds() -> None:
+    with no_fd_leak():
+        framer = Framer()
+        fd = efd()
+        with pytest.raises(TypeError):
+            framer.feed("not bytes", [fd])  # type: ignore[arg-type]
+        assert not fd_is_open(fd)
+        fd = efd()
+        with pytest.raises(TypeError, match="fds must be ints"):
+            framer.feed(KICK, [fd, "3"])  # type: ignore[list-item]
+        assert not fd_is_open(fd)
+        # nothing was consumed: the stream is still in step
+        assert [m.request for m in framer.feed(GET)] == [FR.GET_FEATURES]
+
+
+def test_an_unexpected_error_while_decoding_is_a_protocol_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import protocol.framing
+
+    real = protocol.framing.decode
+
+    def decode(number: int, *args: object) -> object:
+        if number == FR.SET_VRING_NUM:
+            raise KeyError("a bug")
+        return real(number, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(protocol.framing, "decode", decode)
+    with no_fd_leak():
+        framer = Framer()
+        partial = efd()
+        framer.feed(KICK[:12], [partial])
+        fd = efd()
+        with pytest.raises(ProtocolError, match="KeyError") as info:
+            framer.feed(KICK[12:] + GET + NUM + KICK, [fd])
+        assert isinstance(info.value.__cause__, KeyError)
+        assert not fd_is_open(partial) and not fd_is_open(fd)
+        with pytest.raises(ProtocolError, match="unsynchronised"):
+            framer.feed(GET)
+
+
+def test_memoryviews_of_other_formats_are_read_as_bytes() -> None:
+    stream = (NUM + BASE) * 3  # 6 messages of 20 bytes: a whole number of u32s
+    framer = Framer()
+    got = framer.feed(memoryview(stream[:96]).cast("I"))
+    got += framer.feed(memoryview(stream[96:]).cast("I"))
+    assert [m.request for m in got] == [FR.SET_VRING_NUM, FR.SET_VRING_BASE] * 3
+
+
+def test_only_the_incomplete_message_is_kept() -> None:
+    """Each payload byte is copied at most once: the buffer holds the partial message only,
+    never bytes already decoded (nothing to compact)."""
+    framer = Framer()
+    stream = (NUM + BASE + GET) * 3000
+    step = 1001
+    for i in range(0, len(stream), step):
+        framer.feed(stream[i : i + step])
+        assert len(framer._buf) == framer.buffered < 40
