@@ -154,11 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--ram-size", type=str, help="serve a RAM disk of this size (e.g. 1G)")
     serve.add_argument("--readonly", action="store_true", help="refuse writes (VIRTIO_BLK_F_RO)")
     serve.add_argument("--num-queues", type=str, default="1", help=f"1..{MAX_QUEUES} queues")
-    serve.add_argument("--serial", default="vhostmem", help="GET_ID serial (<= 20 bytes)")
+    serve.add_argument("--serial", help="GET_ID serial (<= 20 bytes, default vhostmem)")
     serve.add_argument(
         "--io-mode",
-        default="inline",
-        help="inline (serve on the event loop) or thread (file I/O on a thread pool)",
+        help="inline (serve on the event loop, the default) or thread (file I/O on a pool)",
     )
     serve.add_argument(
         "--blk",
@@ -187,11 +186,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def specs_from_args(args: argparse.Namespace) -> list[BlkSpec]:
-    simple = any(
-        (args.socket, args.client, args.disk, args.ram_size, args.readonly)
-    ) or args.num_queues != "1"
+    simple = [
+        option
+        for option, given in (
+            ("--socket", args.socket),
+            ("--client", args.client),
+            ("--disk", args.disk),
+            ("--ram-size", args.ram_size),
+            ("--readonly", args.readonly),
+            ("--num-queues", args.num_queues != "1"),
+            ("--serial", args.serial is not None),
+            ("--io-mode", args.io_mode is not None),
+        )
+        if given
+    ]
     if args.blk and simple:
-        raise UsageError("--blk cannot be combined with --socket/--client/--disk/--ram-size")
+        raise UsageError(
+            f"--blk cannot be combined with {', '.join(simple)}: give them as settings of "
+            "each --blk (socket=, client=, disk=, ram=, readonly=, num-queues=, serial=, "
+            "io-mode=)"
+        )
     if args.blk:
         specs = [parse_blk_spec(text) for text in args.blk]
     else:
@@ -202,8 +216,8 @@ def specs_from_args(args: argparse.Namespace) -> list[BlkSpec]:
             ram=parse_size(args.ram_size) if args.ram_size else None,
             readonly=args.readonly,
             num_queues=parse_num_queues(args.num_queues),
-            serial=args.serial,
-            io_mode=parse_io_mode(args.io_mode),
+            serial=BlkSpec.serial if args.serial is None else args.serial,
+            io_mode=parse_io_mode(args.io_mode or BlkSpec.io_mode),
         )
         specs = [check_spec(spec, "serve")]
     paths = [spec.path for spec in specs]
@@ -269,7 +283,7 @@ def serve(args: argparse.Namespace) -> int:
     finally:
         server.close()
         for device in devices:
-            device.close()  # flushes and closes the image; joins I/O threads
+            device.close()  # joins I/O threads, makes the image durable and closes it
         loop.close()
     return 0
 

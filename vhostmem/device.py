@@ -9,7 +9,11 @@ says what it offers and serves kicked queues:
 * :meth:`protocol_features` are vhost-user protocol bits the device needs on top of the server's
   own (e.g. CONFIG for GET_CONFIG / SET_CONFIG).
 * :meth:`handle_queue` is called when a started, enabled queue was kicked: pop every available
-  chain, complete each with ``push_used``, then call ``notify`` once for the batch.
+  chain, complete each with ``push_used``, then call ``notify`` once for the batch. An exception
+  escaping it marks that queue broken (the reason is logged and the err eventfd signalled).
+* :attr:`failed_request_status` is what the virtqueue writes at the end of a request it fails
+  itself because a buffer lies outside guest memory (blk: the IOERR status byte); empty means
+  such a request is completed with nothing written.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ class VhostUserDevice(ABC):
     num_queues: int = 1
     max_queue_size: int = 1024
     acked_features: int = 0
+    failed_request_status: bytes = b""
 
     @abstractmethod
     def features(self) -> int:

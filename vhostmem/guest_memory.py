@@ -36,13 +36,19 @@ GPA_LIMIT = 1 << 48
 ADDR_LIMIT = 1 << 64
 # Linux value; the mmap module only exports it from Python 3.12 on.
 MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
+# statfs f_type of hugetlbfs (linux/magic.h). Its pages come from a fixed pool: mapped with
+# MAP_NORESERVE, a page the pool cannot supply faults with SIGBUS when first touched, which
+# would kill the process. Without it the kernel reserves the pages at mmap time, or mmap fails.
+HUGETLBFS_MAGIC = 0x958458F6
+STATFS_BYTES = 256  # struct statfs is 120 bytes on x86-64; f_type is its first long
+_libc = ctypes.CDLL(None, use_errno=True)
 # Translation value for "not guest memory"; region ids start at 1.
 NO_REGION = 0
 
 # A region fd the frontend can still shrink is a crash risk: touching a page past the new end of
 # the file raises SIGBUS, which no Python code can recover from. QEMU's memory-backend-memfd
 # seals its memfds against shrinking by default (seal=on); other fds (memory-backend-file,
-# unsealed memfds) are accepted with one warning per connection unless sealed memory is required
+# unsealed memfds) are accepted with one warning per memory table unless sealed memory is required
 # (GuestMemory(require_sealed=True), `vhostmem serve --require-sealed-memory`).
 F_GET_SEALS = getattr(fcntl, "F_GET_SEALS", 1034)
 F_SEAL_SHRINK = getattr(fcntl, "F_SEAL_SHRINK", 0x0002)
@@ -54,13 +60,6 @@ def shrink_sealed(fd: int) -> bool:
         return bool(fcntl.fcntl(fd, F_GET_SEALS) & F_SEAL_SHRINK)
     except OSError:  # EINVAL: not a memfd (a regular or hugetlbfs file, a pipe...)
         return False
-
-# VHOSTMEM_DEBUG_BOUNDS=1 checks every view handed out against its region's mapping (tests of
-# hostile guests). Read once at import: when off, translate/view are the plain methods.
-DEBUG_BOUNDS_ENV = "VHOSTMEM_DEBUG_BOUNDS"
-DEBUG_BOUNDS = os.environ.get(DEBUG_BOUNDS_ENV) == "1"
-# Every violation seen in debug mode (also raised as AssertionError where it happened).
-bounds_violations: list[str] = []
 
 RegionSpec = tuple[int, int, int, int, int]  # gpa, size, userspace_addr, mmap_offset, fd
 
@@ -153,22 +152,34 @@ class GuestMemory:
     def add_region(self, gpa: int, size: int, uaddr: int, mmap_offset: int, fd: int) -> None:
         """Map ``fd`` at ``mmap_offset`` as guest memory [gpa, gpa + size). Owns ``fd``:
         it is closed once mapped, or on any error."""
+        region = self._map_new(gpa, size, uaddr, mmap_offset, fd, self._regions.values())
+        self._register(region)
+        self._changed()
+
+    def _map_new(self, gpa: int, size: int, uaddr: int, mmap_offset: int, fd: int,
+                 others: Iterable[Region]) -> Region:
+        """Check and mmap one new region (not registered yet); always closes ``fd``."""
         try:
-            self._check_new(gpa, size, uaddr, mmap_offset)
+            self._check_new(gpa, size, uaddr, mmap_offset, others)
             self._check_sealed(gpa, fd)
             region = Region(self._next_id, gpa, size, uaddr, mmap_offset)
             _mmap_region(region, fd)
         finally:
             _close(fd)
         self._next_id += 1
+        return region
+
+    def _register(self, region: Region) -> None:
+        """Add a mapped region to the table and the registry (which fills our gpa map)."""
         self._regions[region.id] = region
         try:
             self.registry.register(region.host_addr, region.host_len)
         except (MemMapError, ValueError) as exc:
             del self._regions[region.id]
             self._retire(region)
-            raise GuestMemoryError(f"region gpa={gpa:#x}: registration failed: {exc}") from exc
-        self._changed()
+            raise GuestMemoryError(
+                f"region gpa={region.guest_phys_addr:#x}: registration failed: {exc}"
+            ) from exc
 
     def remove_region(self, gpa: int, size: int, uaddr: int | None = None) -> None:
         for region in self._regions.values():
@@ -181,22 +192,37 @@ class GuestMemory:
         raise GuestMemoryError(f"no region gpa={gpa:#x} size={size:#x} to remove")
 
     def set_table(self, specs: Iterable[RegionSpec]) -> None:
-        """Replace every region. Owns all fds; on error the table is left empty."""
+        """Replace every region. Owns all fds. Every new region is checked and mapped before
+        the old table goes, so a bad table leaves the old one in place; only a failure to
+        register (out of memory for map tables) can leave the table empty."""
         specs = list(specs)
-        self.clear()
+        new: list[Region] = []
         for n, (gpa, size, uaddr, offset, fd) in enumerate(specs):
             try:
-                self.add_region(gpa, size, uaddr, offset, fd)
+                new.append(self._map_new(gpa, size, uaddr, offset, fd, new))
             except GuestMemoryError:
                 for rest in specs[n + 1 :]:
                     _close(rest[4])
+                for region in new:
+                    self._retire(region)
+                self.reap()
+                raise
+        self.clear()
+        for n, region in enumerate(new):
+            try:
+                self._register(region)
+            except GuestMemoryError:
+                for rest in new[n + 1 :]:
+                    self._retire(rest)
                 self.clear()
                 raise
+        self._changed()
 
     def clear(self) -> None:
         """Unregister and unmap every region (disconnect)."""
         for region in list(self._regions.values()):
             self._drop(region)
+        self._warned_unsealed = False  # the next frontend hears about its own fds
         self._changed()
 
     def close(self) -> None:
@@ -236,7 +262,8 @@ class GuestMemory:
                 gpa,
             )
 
-    def _check_new(self, gpa: int, size: int, uaddr: int, offset: int) -> None:
+    def _check_new(self, gpa: int, size: int, uaddr: int, offset: int,
+                   others: Iterable[Region]) -> None:
         where = f"region gpa={gpa:#x} size={size:#x}"
         if size <= 0:
             raise GuestMemoryError(f"{where}: size must be positive")
@@ -246,7 +273,7 @@ class GuestMemory:
             raise GuestMemoryError(f"{where}: beyond the 48-bit guest address space")
         if offset < 0 or uaddr < 0 or uaddr + size > ADDR_LIMIT:
             raise GuestMemoryError(f"{where}: bad mmap_offset or userspace_addr")
-        for r in self._regions.values():
+        for r in others:
             if gpa < r.gpa_end and r.guest_phys_addr < gpa + size:
                 raise GuestMemoryError(f"{where}: overlaps {r!r}")
 
@@ -353,16 +380,25 @@ def _same_region(prev: int, cur: int) -> bool:
     return prev == cur
 
 
+def on_hugetlbfs(fd: int) -> bool:
+    """Whether ``fd`` is a hugetlbfs file (a MFD_HUGETLB memfd, or a file on /dev/hugepages)."""
+    buf = ctypes.create_string_buffer(STATFS_BYTES)
+    if _libc.fstatfs(fd, buf) != 0:
+        return False  # not a file on a filesystem: mmap will say what is wrong
+    return ctypes.c_long.from_buffer(buf).value == HUGETLBFS_MAGIC
+
+
 def _mmap_region(region: Region, fd: int) -> None:
     """mmap the region's fd from the page-aligned offset at or below mmap_offset."""
     aligned = region.mmap_offset & ~(mmap.ALLOCATIONGRANULARITY - 1)
     delta = region.mmap_offset - aligned
     length = delta + region.memory_size
+    noreserve = 0 if on_hugetlbfs(fd) else MAP_NORESERVE
     try:
         mm = mmap.mmap(
             fd,
             length,
-            flags=mmap.MAP_SHARED | MAP_NORESERVE,
+            flags=mmap.MAP_SHARED | noreserve,
             prot=mmap.PROT_READ | mmap.PROT_WRITE,
             offset=aligned,
         )
@@ -382,70 +418,3 @@ def _mmap_region(region: Region, fd: int) -> None:
 def _close(fd: int) -> None:
     with contextlib.suppress(OSError):
         os.close(fd)
-
-
-# ------------------------------------------------------------ debug bounds mode
-
-
-def _view_address(view: memoryview) -> int:
-    return ctypes.addressof(ctypes.c_char.from_buffer(view))
-
-
-def _check_views(mem: GuestMemory, gpa: int, length: int, views: list[memoryview]) -> None:
-    """Each view must be the host bytes of guest [cur, cur + len) inside one region's mapping
-    of guest memory (not the slack below mmap_offset), and together they cover the request."""
-    cur = gpa
-    for v in views:
-        n = len(v)
-        region = next(
-            (r for r in mem._regions.values() if r.guest_phys_addr <= cur < r.gpa_end), None
-        )
-        where = f"view gpa={cur:#x} len={n:#x} of request gpa={gpa:#x} len={length:#x}"
-        if region is None or cur + n > region.gpa_end:
-            _violation(f"{where}: not inside one region ({region!r})")
-        elif n:
-            lo = region.host_addr + (region.guest_phys_addr - region.view_gpa)
-            addr = _view_address(v)
-            if addr != lo + (cur - region.guest_phys_addr) or addr + n > lo + region.memory_size:
-                _violation(f"{where}: host bytes {addr:#x}+{n:#x} outside {region!r} at {lo:#x}")
-        cur += n
-    if cur != gpa + length:
-        _violation(f"views of gpa={gpa:#x} cover {cur - gpa:#x} bytes, not {length:#x}")
-
-
-def _violation(message: str) -> None:
-    bounds_violations.append(message)
-    log.critical("guest memory bounds violation: %s", message)
-    raise AssertionError(message)
-
-
-def _bounds_checked(method):  # type: ignore[no-untyped-def]
-    def checked(self: GuestMemory, gpa: int, length: int):  # type: ignore[no-untyped-def]
-        result = method(self, gpa, length)
-        _check_views(self, gpa, length, result if isinstance(result, list) else [result])
-        return result
-
-    checked.__wrapped__ = method  # type: ignore[attr-defined]
-    return checked
-
-
-def enable_bounds_checks() -> None:
-    """Install the checked translate/view (idempotent); done at import when the env var is 1."""
-    global DEBUG_BOUNDS
-    if not hasattr(GuestMemory.translate, "__wrapped__"):
-        GuestMemory.translate = _bounds_checked(GuestMemory.translate)  # type: ignore[method-assign]
-        GuestMemory.view = _bounds_checked(GuestMemory.view)  # type: ignore[method-assign]
-    DEBUG_BOUNDS = True
-
-
-def disable_bounds_checks() -> None:
-    """Back to the plain translate/view (tests that enabled the checks for a while)."""
-    global DEBUG_BOUNDS
-    for name in ("translate", "view"):
-        method = getattr(GuestMemory, name)
-        setattr(GuestMemory, name, getattr(method, "__wrapped__", method))
-    DEBUG_BOUNDS = False
-
-
-if DEBUG_BOUNDS:
-    enable_bounds_checks()

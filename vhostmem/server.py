@@ -68,7 +68,8 @@ class EndpointConfig:
 
 
 class LoopKickWatcher:
-    """KickWatcher on an event loop; a device error marks the ring broken instead of crashing."""
+    """KickWatcher on an event loop. The session turns device and kick errors into a broken
+    ring; anything that still escapes a callback stops that fd being watched, never the loop."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, name: str) -> None:
         self.loop = loop
@@ -350,9 +351,12 @@ def bind_unix_socket(path: str, mode: int, group: str | None) -> socket.socket:
     finally:
         os.umask(old_umask)
     try:
-        os.chmod(path, mode)
+        # The umask gave the file its mode. Nothing below follows a symlink: if someone swapped
+        # the path meanwhile, that is an error, not a chown of whatever it now points to.
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise FileExistsError(errno.EEXIST, f"{path} was replaced while binding")
         if gid >= 0:
-            os.chown(path, -1, gid)
+            os.chown(path, -1, gid, follow_symlinks=False)
         sock.listen(LISTEN_BACKLOG)
     except OSError:
         sock.close()

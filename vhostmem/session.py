@@ -13,6 +13,7 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 from typing import Protocol as TypingProtocol
 
 from protocol import (
@@ -23,6 +24,7 @@ from protocol import (
     encode_reply,
 )
 from vhostmem.device import VhostUserDevice
+from vhostmem.eventfd import check_eventfd
 from vhostmem.guest_memory import GuestMemory, GuestMemoryError
 from vhostmem.inflight import InflightError, InflightState
 from vhostmem.memmap import MemRegistry
@@ -127,7 +129,10 @@ class Session:
         self.name = name
         self.watcher = watcher
         self.memory = GuestMemory(registry, require_sealed=require_sealed_memory)
-        self.queues = [Virtqueue(i, self.memory) for i in range(device.num_queues)]
+        self.queues = [
+            Virtqueue(i, self.memory, failure_status=device.failed_request_status)
+            for i in range(device.num_queues)
+        ]
         self.state = SessionState(rings=[RingConfig() for _ in range(device.num_queues)])
         self.inflight = InflightState()
         self._handlers: dict[FrontendRequest, Callable[[Message], object]] = {
@@ -294,6 +299,7 @@ class Session:
             raise SessionError(
                 f"SET_MEM_TABLE: {table.nregions} regions but {len(msg.fds)} fds"
             )
+        self._check_started_rings_in(table.regions)
         regions = [
             (r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset, fd)
             for r, fd in zip(table.regions, _take_fds(msg), strict=True)
@@ -301,6 +307,24 @@ class Session:
         self.memory.set_table(regions)
         self._log_regions("SET_MEM_TABLE")
         self._reresolve_rings()
+
+    def _check_started_rings_in(self, regions: list[Any]) -> None:
+        """Refuse a table that would pull a started ring's memory away, before anything
+        changes (the rings keep running on the old table)."""
+        for i, ring in enumerate(self.state.rings):
+            if not ring.started or ring.addr is None:
+                continue
+            _, desc, used, avail, _ = ring.addr
+            sizes = self.queues[i].ring_sizes()
+            for what, uva, size in zip(("descriptor table", "used ring", "avail ring"),
+                                       (desc, used, avail), (sizes[0], sizes[2], sizes[1]),
+                                       strict=True):
+                if not any(r.userspace_addr <= uva and uva + size <= r.userspace_addr
+                           + r.memory_size for r in regions):
+                    raise SessionError(
+                        f"SET_MEM_TABLE: the {what} of started ring {i} (frontend address "
+                        f"{uva:#x}) is in none of the new regions"
+                    )
 
     def _add_mem_reg(self, msg: Message) -> None:
         if len(msg.fds) != 1:
@@ -324,6 +348,7 @@ class Session:
         r = msg.payload.region
         self._check_rings_outside(r.guest_phys_addr, r.memory_size)
         self.memory.remove_region(r.guest_phys_addr, r.memory_size, r.userspace_addr)
+        self._unmap_stopped_rings()
         log.info(
             "%s: REM_MEM_REG unregistered region gpa=%#x size=%#x",
             self.name,
@@ -348,10 +373,19 @@ class Session:
                 raise SessionError(f"REM_MEM_REG: ring {i} lives in region gpa={gpa:#x}")
 
     def _reresolve_rings(self) -> None:
-        """After the table changed, point every configured ring at the new mappings."""
+        """After the table changed, point every started ring at the new mappings (checked
+        beforehand to be there); stopped rings let go of the old ones and are resolved again
+        when they start."""
         for i, ring in enumerate(self.state.rings):
-            if ring.addr is not None:
-                self._apply_ring_addr(i, ring.addr)
+            if ring.started and ring.addr is not None:
+                self._resolve_ring(i, ring.addr)
+        self._unmap_stopped_rings()
+
+    def _unmap_stopped_rings(self) -> None:
+        """A stopped ring's views must not keep removed guest memory mapped."""
+        for i, ring in enumerate(self.state.rings):
+            if not ring.started:
+                self.queues[i].unmap()
 
     # ------------------------------------------------------------------- rings
 
@@ -379,10 +413,8 @@ class Session:
         a = msg.payload
         i = self._ring_index(msg.request, a.index)
         addr = (a.flags, a.desc_user_addr, a.used_user_addr, a.avail_user_addr, a.log_guest_addr)
-        self._apply_ring_addr(i, addr)
+        self._resolve_ring(i, addr)
         self.state.rings[i].addr = addr
-
-    def _apply_ring_addr(self, i: int, addr: tuple[int, int, int, int, int]) -> None:
         vq = self.queues[i]
         if not self.state.rings[i].started and vq.broken:
             # New addresses on a stopped ring (a driver restarting it after an error or a
@@ -390,6 +422,9 @@ class Session:
             log.info("%s: ring %d reconfigured; clearing its error state", self.name, i)
             vq.broken = False
             vq.broken_reason = ""
+
+    def _resolve_ring(self, i: int, addr: tuple[int, int, int, int, int]) -> None:
+        """Translate the frontend addresses of SET_VRING_ADDR through the current table."""
         flags, desc, used, avail, log_addr = addr
         to_gpa = self.memory.uva_to_gpa
         self.queues[i].set_addr(to_gpa(desc), to_gpa(used), to_gpa(avail), log_addr, flags)
@@ -415,6 +450,7 @@ class Session:
             return i, -1
         if len(msg.fds) != 1:
             raise SessionError(f"{msg.request.name}: expected exactly one fd")
+        check_eventfd(msg.fds[0], f"{msg.request.name} ring {i}")  # refused: handle() closes it
         return i, _take_fds(msg)[0]
 
     def _set_vring_kick(self, msg: Message) -> None:
@@ -427,6 +463,9 @@ class Session:
         _, fd = self._vring_fd(msg)
         self._stop_ring(i)
         vq.set_kick_fd(fd)
+        addr = self.state.rings[i].addr
+        if addr is not None:  # the table may have changed since SET_VRING_ADDR
+            self._resolve_ring(i, addr)
         self._start_ring(i)
 
     def _set_vring_call(self, msg: Message) -> None:
@@ -457,8 +496,12 @@ class Session:
     def _start_ring(self, i: int) -> None:
         vq = self.queues[i]
         vq.start()
+        try:
+            self.watcher.watch(vq.kick_fd, lambda: self.on_kick(i))
+        except Exception:
+            vq.stop()
+            raise
         self.state.rings[i].started = True
-        self.watcher.watch(vq.kick_fd, lambda: self.on_kick(i))
         if self.state.rings[i].enabled:
             self.process_queue(i)
 
@@ -471,7 +514,13 @@ class Session:
 
     def on_kick(self, i: int) -> None:
         """The ring's kick eventfd is readable: drain it and process the ring."""
-        self.queues[i].drain_kick()
+        vq = self.queues[i]
+        try:
+            vq.drain_kick()
+        except OSError as exc:
+            self.watcher.unwatch(vq.kick_fd)
+            vq.mark_broken(f"kick eventfd unreadable: {exc}")
+            return
         if self.state.rings[i].enabled:
             self.process_queue(i)
 
@@ -479,7 +528,11 @@ class Session:
         vq = self.queues[i]
         if vq.broken:
             return
-        self.device.handle_queue(vq)
+        try:
+            self.device.handle_queue(vq)
+        except Exception as exc:  # a device bug stops its queue, not the connection
+            log.exception("%s: device failed serving ring %d", self.name, i)
+            vq.mark_broken(f"device error: {exc!r}")
 
     # ---------------------------------------------------------------- teardown
 

@@ -16,8 +16,15 @@ Error policy, per case:
   one), the head index is out of range, or the avail index ran more than ``num`` ahead of us: the
   queue is marked **broken**, the reason is logged once and the err eventfd is signalled. A broken
   queue processes nothing until :meth:`reset`.
-* a data buffer of a well-formed chain is not in guest memory: only that **request fails**: the
-  chain is completed with used length 0 (nothing is read or written) and the next chain is popped.
+* a data buffer of a well-formed chain is not in guest memory: only that **request fails**: no
+  data is read or written, the device's ``failure_status`` (blk: the IOERR status byte) is
+  written at the end of the chain's last descriptor when that one is device-writable guest
+  memory, the chain is completed with the bytes written (0 if none) and the next one is popped.
+
+Requests served on other threads (``hold`` / ``begin`` / ``complete``) publish their used
+entries under the queue's completion lock, which every change of the ring views also takes; the
+driver is signalled when no held request of the queue still waits for a worker, so a batch
+handed to a pool gets one interrupt when its last request completes, not one per request.
 
 Memory ordering: rings are plain shared memory. Stores from this thread become visible in program
 order on x86-64 (TSO), which is the host this runs on; the one store->load ordering the protocol
@@ -34,7 +41,8 @@ import struct
 import threading
 from typing import TYPE_CHECKING
 
-from vhostmem import guest_memory
+from vhostmem import bounds
+from vhostmem.eventfd import KickReader, signal_eventfd
 from vhostmem.guest_memory import GuestMemory, GuestMemoryError
 
 if TYPE_CHECKING:
@@ -117,21 +125,23 @@ def _fence() -> None:
 _FENCE_LOCK = threading.Lock()
 
 
-def _signal(fd: int) -> None:
-    if fd >= 0:
-        # BlockingIOError: the counter is saturated, so the peer is signalled already.
-        with contextlib.suppress(BlockingIOError):
-            os.eventfd_write(fd, 1)
-
-
 class Virtqueue:
     """Device side of one split virtqueue. Rings start stopped and disabled."""
 
-    def __init__(self, index: int, mem: GuestMemory, max_size: int = MAX_QUEUE_SIZE) -> None:
+    def __init__(
+        self,
+        index: int,
+        mem: GuestMemory,
+        max_size: int = MAX_QUEUE_SIZE,
+        failure_status: bytes = b"",
+    ) -> None:
         self.index = index
         self.mem = mem
         self.max_size = max_size
+        # Written at the end of a request that failed because a buffer is outside guest memory.
+        self.failure_status = failure_status
         self.num = 0
+        self._kick = KickReader(-1)
         self.kick_fd = -1
         self.call_fd = -1
         self.err_fd = -1
@@ -158,8 +168,10 @@ class Virtqueue:
         self._used_hdr: memoryview | None = None
         self._used_ring: memoryview | None = None
         self._avail_event: memoryview | None = None
-        # Requests handed to other threads (io_mode="thread"); stop() waits for them.
+        # Requests handed to other threads (io_mode="thread"); stop() waits for them. ``queued``
+        # of them were not picked up by a worker yet.
         self.inflight = 0
+        self.queued = 0
         self._idle = threading.Condition(threading.Lock())
 
     # ------------------------------------------------------------ configuration
@@ -189,9 +201,10 @@ class Virtqueue:
                     f"queue {self.index}: {what} address {gpa:#x} is not {align}-byte aligned"
                 )
         self._addr = (desc_gpa, avail_gpa, used_gpa)
-        self._unmap()
         if self.num:
-            self._map()
+            self._map()  # swaps the views in one step: completions never see them missing
+        else:
+            self.unmap()
 
     def set_base(self, base: int) -> None:
         self._last_avail = self._avail_seen = base & IDX_MASK
@@ -216,16 +229,21 @@ class Virtqueue:
         """Take ownership of the kick eventfd (-1 for none); it is made non-blocking."""
         _close(self.kick_fd)
         self.kick_fd = fd
-        if fd >= 0:
-            os.set_blocking(fd, False)
+        self._kick = KickReader(fd)
 
     def set_call_fd(self, fd: int) -> None:
+        """Take ownership of the call eventfd (-1 for none); it is made non-blocking."""
         _close(self.call_fd)
+        if fd >= 0:
+            os.set_blocking(fd, False)
         self.call_fd = fd
         self._signalled_valid = False
 
     def set_err_fd(self, fd: int) -> None:
+        """Take ownership of the error eventfd (-1 for none); it is made non-blocking."""
         _close(self.err_fd)
+        if fd >= 0:
+            os.set_blocking(fd, False)
         self.err_fd = fd
 
     def enable(self, enabled: bool = True) -> None:
@@ -258,7 +276,7 @@ class Virtqueue:
         if base is not None:
             self.set_base(base)
         # The previous backend may have published completions without signalling them.
-        _signal(self.call_fd)
+        signal_eventfd(self.call_fd)
 
     def stop(self) -> None:
         """Stop processing; returns once requests in flight on other threads completed, so
@@ -269,16 +287,26 @@ class Virtqueue:
     # ------------------------------------------------------- requests in flight
 
     def hold(self) -> None:
-        """A popped chain is handed to another thread; it ends with :meth:`complete`."""
+        """A popped chain is handed to another thread: :meth:`begin` when a worker takes it
+        up, :meth:`complete` when it is done."""
         with self._idle:
             self.inflight += 1
+            self.queued += 1
+
+    def begin(self) -> None:
+        """A worker started serving a held chain."""
+        with self._idle:
+            self.queued -= 1
 
     def complete(self, head: int, written_len: int) -> None:
-        """Thread-safe ``push_used`` + ``notify`` for a chain taken with :meth:`hold`."""
+        """Thread-safe ``push_used`` for a chain taken with :meth:`hold`; the driver is
+        signalled once no other held chain waits for a worker (whichever completion comes
+        last in a batch signals it)."""
         with self._idle:
             try:
                 self.push_used(head, written_len)
-                self.notify()
+                if not self.queued:
+                    self.notify()
             finally:
                 self.inflight -= 1
                 if not self.inflight:
@@ -294,18 +322,14 @@ class Virtqueue:
         if self._addr is None or not self.num:
             return False
         desc, avail, used = self._addr
-        sizes = self._ring_sizes()
+        sizes = self.ring_sizes()
         starts = (desc, avail, used)
         return any(a < gpa + size and gpa < a + n for a, n in zip(starts, sizes, strict=True))
 
     def drain_kick(self) -> int:
-        """Read the kick eventfd's counter (0 if nothing was pending or no fd)."""
-        if self.kick_fd < 0:
-            return 0
-        try:
-            return os.eventfd_read(self.kick_fd)
-        except BlockingIOError:
-            return 0
+        """Read the kick eventfd's counter (0 if nothing was pending or no fd); never blocks,
+        even if the frontend cleared O_NONBLOCK on the shared file."""
+        return self._kick.drain()
 
     def reset(self) -> None:
         """Back to a fresh queue: stopped, disabled, unconfigured, not broken; fds closed."""
@@ -331,7 +355,8 @@ class Virtqueue:
 
     # ------------------------------------------------------------------ rings
 
-    def _ring_sizes(self) -> tuple[int, int, int]:
+    def ring_sizes(self) -> tuple[int, int, int]:
+        """Bytes of the descriptor table, the avail ring and the used ring (with event idx)."""
         n = self.num
         return (
             n * DESC_SIZE,
@@ -340,27 +365,46 @@ class Virtqueue:
         )
 
     def _map(self) -> None:
+        """(Re)resolve the ring views. Under the completion lock: a worker thread completing a
+        request meanwhile writes its used entry through the old views or the new ones, never
+        through released ones (both map the same guest memory)."""
         assert self._addr is not None
-        self._unmap()
         desc_gpa, avail_gpa, used_gpa = self._addr
-        desc_len, avail_len, used_len = self._ring_sizes()
+        desc_len, avail_len, used_len = self.ring_sizes()
         gen = self.mem.generation
+        views: list[memoryview] = []
         try:
-            desc = self.mem.view(desc_gpa, desc_len)
-            avail = self.mem.view(avail_gpa, avail_len)
-            used = self.mem.view(used_gpa, used_len)
+            for gpa, length in ((desc_gpa, desc_len), (avail_gpa, avail_len), (used_gpa, used_len)):
+                views.append(self.mem.view(gpa, length))
         except GuestMemoryError as exc:
-            raise VirtqueueError(f"queue {self.index}: ring not in guest memory: {exc}") from exc
+            for view in views:
+                view.release()  # the traceback must not pin the old mappings
+            self.unmap()
+            raise VirtqueueError(f"queue {self.index}: ring not in guest memory: {exc}") from None
+        desc, avail, used = views
         ring_end = RING_HEADER_SIZE + USED_ELEM_SIZE * self.num
-        self._desc = desc
-        self._avail = avail.cast("H")
-        self._used_hdr = used[:RING_HEADER_SIZE].cast("H")
-        self._used_ring = used[RING_HEADER_SIZE:ring_end].cast("I")
-        self._avail_event = used[ring_end:].cast("H")
-        self._mem_gen = gen
+        with self._idle:
+            self._release_views()
+            self._desc = desc
+            self._avail = avail.cast("H")
+            self._used_hdr = used[:RING_HEADER_SIZE].cast("H")
+            self._used_ring = used[RING_HEADER_SIZE:ring_end].cast("I")
+            self._avail_event = used[ring_end:].cast("H")
+            self._mem_gen = gen
+        avail.release()
+        used.release()
+        self.mem.reap()
 
-    def _unmap(self) -> None:
-        """Release the ring views so that replaced guest memory can be unmapped."""
+    def unmap(self) -> None:
+        """Release the ring views so that replaced guest memory can be unmapped; a started
+        ring resolves them again on its next pop, a stopped one when it starts."""
+        with self._idle:
+            self._release_views()
+        self.mem.reap()
+
+    _unmap = unmap
+
+    def _release_views(self) -> None:
         for name in ("_desc", "_avail", "_used_hdr", "_used_ring", "_avail_event"):
             view = getattr(self, name)
             if view is not None:
@@ -368,14 +412,14 @@ class Virtqueue:
                 setattr(self, name, None)
         self._mem_gen = -1
         self._region_cache = _NO_REGION
-        self.mem.reap()
 
-    def _break(self, reason: str) -> None:
+    def mark_broken(self, reason: str) -> None:
+        """Stop processing this queue: log the reason once and signal the err eventfd."""
         if not self.broken:
             self.broken = True
             self.broken_reason = reason
             log.error("virtqueue %d broken: %s", self.index, reason)
-            _signal(self.err_fd)
+            signal_eventfd(self.err_fd)
 
     # -------------------------------------------------------------- hot path
 
@@ -391,7 +435,7 @@ class Virtqueue:
             try:
                 self._map()
             except VirtqueueError as exc:
-                self._break(str(exc))
+                self.mark_broken(str(exc))
                 return None
         avail = self._avail
         assert avail is not None
@@ -405,23 +449,58 @@ class Virtqueue:
             if self._inflight is not None:
                 head = self._inflight.next_head(head)
             if head >= num:
-                self._break(f"avail ring entry {last} holds head {head} >= size {num}")
+                self.mark_broken(f"avail ring entry {last} holds head {head} >= size {num}")
                 return None
             try:
                 return self._walk(head)
             except _ChainError as exc:
-                self._break(f"chain at head {head}: {exc}")
+                self.mark_broken(f"chain at head {head}: {exc}")
                 return None
             except _BufferError as exc:
                 if not self._bad_buffer_logged:
                     self._bad_buffer_logged = True
                     # str: a record holding the exception would pin its views via the traceback
                     log.error("virtqueue %d: request %d failed: %s", self.index, head, str(exc))
+                written = self._write_failure_status(head)
                 # Under the completion lock (pool threads may be completing other chains) and
                 # signalled now: a caller that hands chains to threads never notifies itself.
                 with self._idle:
-                    self.push_used(head, 0)
+                    self.push_used(head, written)
                     self.notify()
+
+    def _write_failure_status(self, head: int) -> int:
+        """Write ``failure_status`` over the end of the chain's last descriptor if it is
+        device-writable guest memory; returns the bytes written. The chain was walked once
+        already, so it is known to be well formed (no loop, indexes in range)."""
+        status = self.failure_status
+        if not status:
+            return 0
+        addr, length, flags = self._last_descriptor(head)
+        if not flags & VRING_DESC_F_WRITE or length < len(status):
+            return 0
+        try:
+            views = self.mem.translate(addr + length - len(status), len(status))
+        except GuestMemoryError:
+            return 0  # the status itself is outside guest memory: nothing can be said
+        done = 0
+        for view in views:
+            view[:] = status[done : done + len(view)]
+            done += len(view)
+            view.release()
+        return done
+
+    def _last_descriptor(self, head: int) -> tuple[int, int, int]:
+        """(addr, len, flags) of the last descriptor of the chain at ``head``."""
+        table = self._desc
+        i = head
+        while True:
+            addr, length, flags, nxt = _DESC.unpack_from(table, i * DESC_SIZE)  # type: ignore[arg-type]
+            if flags & VRING_DESC_F_INDIRECT:
+                table, i = self.mem.view(addr, length), 0
+                continue
+            if not flags & VRING_DESC_F_NEXT:
+                return addr, length, flags
+            i = nxt
 
     def _fetch_avail(self, last: int) -> bool:
         """Read avail idx into ``_avail_seen``; False when nothing new is available (kicks are
@@ -434,7 +513,7 @@ class Virtqueue:
                 return False
             avail_idx = avail[IDX]
         if (avail_idx - last) & IDX_MASK > self.num:
-            self._break(f"avail idx {avail_idx} is more than {self.num} ahead of {last}")
+            self.mark_broken(f"avail idx {avail_idx} is more than {self.num} ahead of {last}")
             return False
         if not self.event_idx and not self._no_notify:
             self._set_used_flags(VRING_USED_F_NO_NOTIFY)
@@ -510,14 +589,12 @@ class Virtqueue:
         return DescChain(head, readable, rlen, writable, wlen)
 
     def _cache_region(self, gpa: int) -> tuple[int, int, memoryview | None, int]:
-        """Remember the region holding ``gpa`` for :meth:`_walk` (not in bounds-check mode,
-        where every view must come from GuestMemory)."""
+        """Remember the region holding ``gpa`` for :meth:`_walk`."""
         cache = _NO_REGION
-        if not guest_memory.DEBUG_BOUNDS:
-            for r in self.mem.regions:
-                if r.view is not None and r.guest_phys_addr <= gpa < r.gpa_end:
-                    cache = (r.guest_phys_addr, r.gpa_end, r.view, r.view_gpa)
-                    break
+        for r in self.mem.regions:
+            if r.view is not None and r.guest_phys_addr <= gpa < r.gpa_end:
+                cache = (r.guest_phys_addr, r.gpa_end, r.view, r.view_gpa)
+                break
         self._region_cache = cache
         return cache
 
@@ -572,7 +649,7 @@ class Virtqueue:
         self._signalled_used = new
         self._signalled_valid = True
         if need:
-            _signal(self.call_fd)
+            signal_eventfd(self.call_fd)
         return need
 
 
@@ -580,3 +657,7 @@ def _close(fd: int) -> None:
     if fd >= 0:
         with contextlib.suppress(OSError):
             os.close(fd)
+
+
+if bounds.ENV_ON:
+    bounds.enable()

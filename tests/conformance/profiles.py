@@ -63,10 +63,10 @@ class Profile:
     # every reply with version 1 | REPLY; libvhost-user copies the request's flags into its
     # GET_FEATURES reply (our own protocol framer rejects such a reply as malformed).
     echoes_need_reply_on: frozenset[FrontendRequest]
-    # A descriptor pointing outside guest memory: vhostmem completes the chain with used
-    # length 0 (status byte untouched) and keeps serving; libvhost-user panics ("invalid
-    # address for buffers") and drops the connection.
-    completes_unmapped_buffer_empty: bool
+    # A descriptor pointing outside guest memory: vhostmem fails that request alone (IOERR in
+    # its status byte, used length 1, no data moved) and keeps serving; libvhost-user panics
+    # ("invalid address for buffers") and drops the connection.
+    fails_unmapped_buffer_with_ioerr: bool
     # REM_MEM_REG of the region a started ring lives in: vhostmem refuses it (REPLY_ACK 1)
     # and the ring keeps running; qsd acks it, and the next kick crashes the daemon (SIGSEGV).
     refuses_removing_ring_region: bool
@@ -101,7 +101,7 @@ VHOSTMEM = Profile(
     refuses_extra_slot_with_ack=True,
     echoes_need_reply_on=frozenset(),
     refuses_unoffered_features=True,
-    completes_unmapped_buffer_empty=True,
+    fails_unmapped_buffer_with_ioerr=True,
     refuses_removing_ring_region=True,
 )
 QSD = Profile(
@@ -120,7 +120,7 @@ QSD = Profile(
     refuses_extra_slot_with_ack=False,
     echoes_need_reply_on=frozenset({FrontendRequest.GET_FEATURES}),
     refuses_unoffered_features=False,
-    completes_unmapped_buffer_empty=False,
+    fails_unmapped_buffer_with_ioerr=False,
     refuses_removing_ring_region=False,
 )
 PROFILES = {p.name: p for p in (VHOSTMEM, QSD)}

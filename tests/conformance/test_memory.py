@@ -193,8 +193,8 @@ def test_memory_slot_limit(blk_peer) -> None:
 
 
 def test_buffer_outside_guest_memory(blk_peer) -> None:
-    """vhostmem returns the chain with used length 0 and no status, then serves the next
-    request; qsd panics and drops the connection (the daemon survives)."""
+    """vhostmem fails the request with IOERR (the status byte is the one byte written), then
+    serves the next request; qsd panics and drops the connection (the daemon survives)."""
     peer = blk_peer()
     with VhostUserBlk.open(peer.socket_path) as dev:
         q = dev.start_queue(0)
@@ -204,9 +204,9 @@ def test_buffer_outside_guest_memory(blk_peer) -> None:
         req = q.prepare_chain([(hdr, 16, 0), (UNMAPPED_GPA, 4096, VIRTQ_DESC_F_WRITE),
                                (status, 1, VIRTQ_DESC_F_WRITE)], status_gpa=status)
         q.notify()
-        if profile(peer).completes_unmapped_buffer_empty:
+        if profile(peer).fails_unmapped_buffer_with_ioerr:
             q.wait_for(req, timeout=DROP_WAIT)
-            assert req.used_len == 0 and req.status == STATUS_UNSET
+            assert req.used_len == 1 and req.status == BlkStatus.IOERR
             assert q.read(0, SECTOR) == initial(peer, 0, SECTOR)
         else:
             with pytest.raises(TimeoutError):

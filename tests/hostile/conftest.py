@@ -19,7 +19,7 @@ from tests.hostile.env import (
     real_io,
 )
 from tests.hostile.guarded import GuardedRam
-from vhostmem import guest_memory
+from vhostmem import bounds
 from vhostmem.frontend import VhostUserBlk
 from vhostmem.server import Endpoint
 
@@ -32,11 +32,11 @@ CHECK_SECTOR_B = 2048
 def bounds_checks() -> Iterator[None]:
     """Every guest-memory view is checked against its region while this package runs (what
     VHOSTMEM_DEBUG_BOUNDS=1 does at import), and only then: other packages keep the fast path."""
-    was_on = guest_memory.DEBUG_BOUNDS
-    guest_memory.enable_bounds_checks()
+    was_on = bounds.enabled
+    bounds.enable()
     yield
     if not was_on:
-        guest_memory.disable_bounds_checks()
+        bounds.disable()
 
 
 @pytest.fixture(scope="package")
@@ -59,7 +59,7 @@ class Guest:
 def guest(server: ServerThread, request: pytest.FixtureRequest) -> Iterator[Guest]:
     """A frontend with queues 0 (the victim) and 1 (must keep serving) on device A (requests
     served on the loop) or device T (requests served by a thread pool)."""
-    guest_memory.bounds_violations.clear()
+    bounds.violations.clear()
     endpoint, image = (server.a, server.images["a"]) if request.param == "inline" else \
         (server.t, server.images["t"])
     ram = guarded_ram()

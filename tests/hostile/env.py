@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from tests.hostile.guarded import GuardedRam
-from vhostmem import guest_memory
+from vhostmem import bounds
 from vhostmem.devices.blk import BlkDevice
 from vhostmem.frontend import VhostUserBlk
 from vhostmem.memmap import MemRegistry
@@ -171,5 +171,5 @@ def open_fds() -> set[str]:
 
 
 def assert_no_bounds_violations() -> None:
-    assert guest_memory.DEBUG_BOUNDS, "bounds checks are not enabled"
-    assert not guest_memory.bounds_violations, guest_memory.bounds_violations
+    assert bounds.enabled, "bounds checks are not enabled"
+    assert not bounds.violations, bounds.violations

@@ -9,9 +9,10 @@ import pytest
 
 from tests.hostile.env import guarded_ram
 from tests.hostile.guarded import GUARD, GuardedRegion
-from vhostmem import guest_memory
+from vhostmem import bounds
 from vhostmem.guest_memory import GuestMemory
 from vhostmem.memmap import MemRegistry
+from vhostmem.virtqueue import DescChain, Virtqueue
 
 REGION_SIZE = 1 << 20
 
@@ -63,7 +64,7 @@ def memory() -> GuestMemory:
 
 
 def test_bounds_checks_pass_views_inside_a_region(memory: GuestMemory) -> None:
-    assert guest_memory.DEBUG_BOUNDS
+    assert bounds.enabled
     views = memory.translate(0x10000, REGION_SIZE)
     assert sum(len(v) for v in views) == REGION_SIZE
     assert len(memory.view(0x10000 + REGION_SIZE - 16, 16)) == 16
@@ -74,15 +75,15 @@ def test_bounds_checks_reject_a_view_outside_its_region(memory: GuestMemory) -> 
     region = memory.regions[0]
     assert region.view is not None
     slack = region.view[:16]  # the bytes below mmap_offset, mapped but not guest memory
-    before = len(guest_memory.bounds_violations)
+    before = len(bounds.violations)
     with pytest.raises(AssertionError, match="outside"):
-        guest_memory._check_views(memory, 0x10000, 16, [slack])
+        bounds.check_views(memory, 0x10000, 16, [slack])
     with pytest.raises(AssertionError, match="not inside one region"):
-        guest_memory._check_views(memory, 0x10000 + REGION_SIZE - 8, 16, [slack])
+        bounds.check_views(memory, 0x10000 + REGION_SIZE - 8, 16, [slack])
     with pytest.raises(AssertionError, match="cover"):
-        guest_memory._check_views(memory, 0x10000, 32, memory.translate(0x10000, 16))
-    assert len(guest_memory.bounds_violations) == before + 3
-    del guest_memory.bounds_violations[before:]
+        bounds.check_views(memory, 0x10000, 32, memory.translate(0x10000, 16))
+    assert len(bounds.violations) == before + 3
+    del bounds.violations[before:]
     slack.release()
     memory.close()
 
@@ -90,3 +91,22 @@ def test_bounds_checks_reject_a_view_outside_its_region(memory: GuestMemory) -> 
 def test_the_server_translates_through_the_checked_methods() -> None:
     assert hasattr(GuestMemory.translate, "__wrapped__")
     assert hasattr(GuestMemory.view, "__wrapped__")
+    assert hasattr(Virtqueue._walk, "__wrapped__")  # chains, fast path included
+
+
+def test_chain_check_rejects_a_buffer_in_the_slack(memory: GuestMemory) -> None:
+    """The chain check sees views the walk sliced itself (its region-cache fast path)."""
+    region = memory.regions[0]
+    assert region.view is not None
+    inside, slack = region.view[0x800:0x810], region.view[:16]
+    vq = Virtqueue(3, memory)
+    before = len(bounds.violations)
+    bounds.check_chain(vq, DescChain(7, [inside], 16, [], 0))  # guest bytes: fine
+    with pytest.raises(AssertionError, match="queue 3 chain 7 buffer 1"):
+        bounds.check_chain(vq, DescChain(7, [inside], 16, [slack], 16))
+    assert len(bounds.violations) == before + 1
+    del bounds.violations[before:]
+    inside.release()
+    slack.release()
+    vq.close()
+    memory.close()

@@ -34,6 +34,8 @@ from tests.hostile.wire import (
     R,
     RawConnection,
     config,
+    hugetlb_beyond_pool,
+    inflight,
     mem_table,
     message,
     region,
@@ -53,6 +55,7 @@ CONFIGURE_MEM_SLOTS_BIT = 1 << 15
 GOOD_REGION = region(0, 2 * MiB, UADDR, 0)
 EVENTFD = Fds(["eventfd"])
 MEMFD = Fds(["memfd"])
+HUGE = hugetlb_beyond_pool()
 NACK = "nack"
 HANGUP = "hangup"
 EMPTY = "empty reply"
@@ -175,6 +178,38 @@ CASES: dict[str, tuple[list[Step], str]] = {
     "payload-over-4096": ([(message(R.SET_CONFIG, bytes(5000)), None)], HANGUP),
     "reply-flag-from-frontend": ([(message(R.GET_FEATURES, flags=VERSION | 0x4), None)],
                                  HANGUP),
+    # Notifier fds that are not eventfds: reads, writes and poll behave differently
+    "kick-fd-is-a-pipe": ([*ring0()[:4], (vring_file(R.SET_VRING_KICK, 0), Fds(["pipe"]))],
+                          NACK),
+    "kick-fd-is-a-regular-file": (
+        [*ring0()[:4], (vring_file(R.SET_VRING_KICK, 0), Fds(["file"]))], NACK),
+    "call-fd-is-a-regular-file": ([(vring_file(R.SET_VRING_CALL, 0), Fds(["file"]))], NACK),
+    "err-fd-is-a-socket": ([(vring_file(R.SET_VRING_ERR, 1), Fds(["socket"]))], NACK),
+    # A sealed hugetlb memfd larger than the free huge pages: refused at mmap, never a SIGBUS
+    "mem-table-hugetlb-beyond-pool": (
+        [(mem_table([region(0, HUGE, UADDR, 0)]), Fds(["hugetlb"], memfd_size=HUGE))], NACK),
+    "add-mem-reg-hugetlb-beyond-pool": (
+        [(single_region(R.ADD_MEM_REG, region(0, HUGE, UADDR, 0)),
+          Fds(["hugetlb"], memfd_size=HUGE))], NACK),
+    # INFLIGHT_SHMFD: shapes, an fd that could be truncated under the mapping, started rings
+    "get-inflight-fd-65535-queues": ([(inflight(R.GET_INFLIGHT_FD, 0, 65535, 128), None)],
+                                     "ok"),
+    "get-inflight-fd-queue-size-0": ([(inflight(R.GET_INFLIGHT_FD, 0, 2, 0), None)], "ok"),
+    "set-inflight-fd-unsealed": (
+        [(inflight(R.SET_INFLIGHT_FD, 4096, 2, 64), Fds(["memfd"], memfd_size=4096))], NACK),
+    "set-inflight-fd-too-small": (
+        [(inflight(R.SET_INFLIGHT_FD, 4096, 2, 1024), Fds(["sealed-memfd"], memfd_size=4096))],
+        NACK),
+    "set-inflight-fd-beyond-fd": (
+        [(inflight(R.SET_INFLIGHT_FD, 8192, 1, 64), Fds(["sealed-memfd"], memfd_size=4096))],
+        NACK),
+    "set-inflight-fd-while-started": (
+        [*ring0(), (inflight(R.SET_INFLIGHT_FD, 4096, 2, 64),
+                    Fds(["sealed-memfd"], memfd_size=4096))], NACK),
+    "set-inflight-fd-without-fd": ([(inflight(R.SET_INFLIGHT_FD, 4096, 2, 64), None)], HANGUP),
+    "set-inflight-fd-valid": (
+        [(inflight(R.SET_INFLIGHT_FD, 4096, 2, 64), Fds(["sealed-memfd"], memfd_size=4096)),
+         *ring0()], "ok"),
     "backend-req-fd-twice": ([(message(R.SET_BACKEND_REQ_FD), EVENTFD),
                               (message(R.SET_BACKEND_REQ_FD), EVENTFD),
                               (message(R.SET_BACKEND_REQ_FD), None)], HANGUP),
@@ -213,7 +248,8 @@ addresses = st.one_of(
 )
 region_sizes = st.sampled_from([0, 0x1000, MiB, 2 * MiB, 4 * MiB, 0x1234, 1 << 40])
 offsets = st.sampled_from([0, 0x1000, 0x800, MiB, 2 * MiB, 1 << 40])
-fd_kinds = st.lists(st.sampled_from(["eventfd", "memfd"]), max_size=10)
+fd_kinds = st.lists(st.sampled_from(["eventfd", "memfd", "eventfd", "memfd", "sealed-memfd",
+                                      "pipe", "file", "socket"]), max_size=10)
 
 
 @st.composite
@@ -227,7 +263,8 @@ def with_fds(data: st.SearchStrategy[bytes], fds: st.SearchStrategy[list[str]] =
     return st.tuples(data, fds.map(lambda kinds: Fds(kinds)))
 
 
-one_fd = st.sampled_from([[], ["eventfd"], ["memfd"], ["eventfd", "eventfd"]])
+one_fd = st.sampled_from([[], ["eventfd"], ["memfd"], ["eventfd", "eventfd"], ["pipe"],
+                          ["file"], ["sealed-memfd"]])
 steps = st.one_of(
     with_fds(st.builds(u64, st.sampled_from([R.SET_FEATURES, R.SET_PROTOCOL_FEATURES,
                                              R.SET_STATUS]),
@@ -253,6 +290,12 @@ steps = st.one_of(
     with_fds(st.builds(config, st.sampled_from([R.GET_CONFIG, R.SET_CONFIG]),
                        st.integers(0, 300), st.integers(0, 300), st.binary(max_size=300)),
              st.just([])),
+    with_fds(st.builds(inflight, st.sampled_from([R.GET_INFLIGHT_FD, R.SET_INFLIGHT_FD]),
+                       st.sampled_from([0, 320, 4096, 8192, 2**64 - 1]),
+                       st.sampled_from([0, 1, 2, 3, 65535]),
+                       st.sampled_from([0, 1, 64, 1024, 32768, 65535]),
+                       st.sampled_from([0, 100, 4096])),
+             st.sampled_from([[], ["sealed-memfd"], ["memfd"], ["eventfd"]])),
     st.just(memory()),
     st.just((message(R.RESET_OWNER), None)),
     st.builds(lambda: ring0()[1]),

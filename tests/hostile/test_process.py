@@ -30,6 +30,8 @@ PROCESS_CASES = [
     "mem-table-replaced-under-a-started-ring", "mem-table-offset-beyond-fd",
     "mem-table-fd-is-an-eventfd", "mem-table-9-regions", "more-than-8-fds",
     "fd-on-get-features", "vring-num-index-256", "nofd-kick-polling", "backend-req-fd-twice",
+    "kick-fd-is-a-pipe", "call-fd-is-a-regular-file", "mem-table-hugetlb-beyond-pool",
+    "set-inflight-fd-unsealed", "set-inflight-fd-valid", "get-inflight-fd-65535-queues",
 ]
 
 

@@ -6,8 +6,9 @@ the sectors written on purpose, the guard bytes around every guest region are in
 bounds-checked guest memory saw no view outside a region, and after disconnect every
 registration and mapping is gone.
 
-Outcomes: a malformed *request* fails alone (status IOERR, or, when a buffer is not guest memory,
-the chain comes back with used length 0 and nothing written); a malformed *chain or ring* breaks
+Outcomes: a malformed *request* fails alone (status IOERR; when a buffer is not guest memory
+nothing but that status byte is written, and when the status byte itself is not guest memory
+the chain comes back with used length 0); a malformed *chain or ring* breaks
 queue 0 only: the err eventfd fires and the reason is logged once.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import re
 import struct
 import time
+import tracemalloc
 
 import pytest
 
@@ -36,6 +38,8 @@ SETTLE = 0.05
 # Raw cases use the top descriptors, which the BlkQueue of the fixture does not hand out first.
 D = QUEUE_SIZE - 8
 TARGET_SECTOR = 64  # sector the hostile requests aim at (never really written)
+PROBE_BYTES = 1 << 16  # how much of a failed buffer is checked for stray writes
+COPY_LIMIT = 8 << 20  # allocations allowed while a hostile segment list is refused
 
 
 def buf(g: Guest, data: bytes | int) -> int:
@@ -153,8 +157,37 @@ def test_status_byte_in_a_read_only_descriptor(guest: Guest) -> None:
 def test_buffer_outside_guest_memory_fails_the_request(guest: Guest, addr: int, length: int,
                                                        indirect: bool) -> None:
     pieces, status = read_chain(guest, (addr, length, WRITE))
-    # nothing may be written: not the status byte, not the (partly) mapped buffer bytes
-    assert run_chain(guest, pieces, status, indirect) == (STATUS_UNSET, 0)
+    mapped = mapped_parts(guest, addr, min(length, PROBE_BYTES))
+    before = [guest.ram.read(a, n) for a, n in mapped]
+    # the request fails with IOERR in its status byte, and that is the one byte written
+    assert run_chain(guest, pieces, status, indirect) == (BlkStatus.IOERR, 1)
+    assert [guest.ram.read(a, n) for a, n in mapped] == before, "wrote into a failed buffer"
+    queue0_still_serves(guest)
+
+
+def mapped_parts(g: Guest, addr: int, length: int) -> list[tuple[int, int]]:
+    """The pieces of [addr, addr + length) that are guest RAM (a straddling buffer's)."""
+    parts = []
+    for r in g.ram.regions:
+        lo, hi = max(addr, r.guest_phys_addr), min(addr + length, r.end)
+        if lo < hi:
+            parts.append((lo, hi - lo))
+    return parts
+
+
+@pytest.mark.parametrize("indirect", [False, True], ids=["direct", "indirect"])
+def test_status_outside_guest_memory_completes_empty(guest: Guest, indirect: bool) -> None:
+    """Data in memory, status byte in the hole: nothing can be said and nothing is written."""
+    data = buf(guest, 512)
+    before = guest.ram.read(data, 512)
+    hdr = buf(guest, blk_header(BlkType.IN, TARGET_SECTOR))
+    q = guest.dev.queue(0)
+    req = q.prepare_chain([(hdr, 16, 0), (data, 512, WRITE), (HOLE + 0x1000, 1, WRITE)],
+                          indirect=indirect)
+    q.notify()
+    q.wait_for(req, TIMEOUT)
+    assert req.used_len == 0
+    assert guest.ram.read(data, 512) == before
     queue0_still_serves(guest)
 
 
@@ -338,3 +371,20 @@ def test_requests_inside_limits_do_not_touch_other_sectors(guest: Guest) -> None
     guest.image.record_write(last, data)
     with pytest.raises(BlkError, match="status 0x1"):
         q.write(last, data * 2)  # one sector past the end
+
+
+@pytest.mark.parametrize("rtype", [BlkType.DISCARD, BlkType.WRITE_ZEROES])
+def test_huge_segment_list_fails_without_copying_it(guest: Guest, rtype: int) -> None:
+    """DISCARD / WRITE_ZEROES whose "segment list" is every byte of guest RAM, many times over
+    (all inside memory): IOERR from the length alone, nothing copied out of guest memory."""
+    n = QUEUE_SIZE - 2
+    hdr, st = buf(guest, blk_header(rtype, TARGET_SECTOR)), buf(guest, 1)
+    pieces = [(hdr, 16, 0), *[(REGION0[0], REGION0[1], 0)] * n, (st, 1, WRITE)]
+    tracemalloc.start()
+    try:
+        assert run_chain(guest, pieces, st, indirect=True) == (BlkStatus.IOERR, 1)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < COPY_LIMIT, f"{peak} bytes allocated for a {n * REGION0[1]}-byte segment list"
+    queue0_still_serves(guest)

@@ -4,9 +4,11 @@ counts, indexes), and a raw connection that sends them with real fds."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import socket
 import struct
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -19,6 +21,7 @@ VRING_ADDR = struct.Struct("<II4Q")
 REGION = struct.Struct("<4Q")
 TABLE_HEAD = struct.Struct("<II")
 CONFIG_HEAD = struct.Struct("<III")
+INFLIGHT = struct.Struct("<QQHH4x")  # mmap_size, mmap_offset, num_queues, queue_size
 VERSION = 0x1
 REPLY = 0x4
 NEED_REPLY = 0x8
@@ -68,23 +71,51 @@ def config(request: int, offset: int, size: int, data: bytes = b"") -> bytes:
     return message(request, CONFIG_HEAD.pack(offset, size, 0) + data)
 
 
+def inflight(request: int, mmap_size: int, num_queues: int, queue_size: int,
+             mmap_offset: int = 0) -> bytes:
+    return message(request, INFLIGHT.pack(mmap_size, mmap_offset, num_queues, queue_size))
+
+
+def hugetlb_beyond_pool() -> int:
+    """A hugetlb size one page larger than the free pages of the default pool."""
+    with open("/proc/meminfo") as f:
+        info = dict(line.split(":", 1) for line in f)
+    return (int(info["HugePages_Free"]) + 1) * (int(info["Hugepagesize"].split()[0]) << 10)
+
+
 @dataclass
 class Fds:
-    """Kinds of fds to attach: ``eventfd`` or ``memfd`` (of ``memfd_size`` bytes)."""
+    """Kinds of fds to attach: ``eventfd``, ``memfd`` and ``sealed-memfd`` (of ``memfd_size``
+    bytes; sealed against resizing), ``hugetlb`` (a sealed MFD_HUGETLB memfd of
+    ``memfd_size``), and fds of the wrong kind: ``pipe``, ``file`` (regular), ``socket``."""
 
     kinds: list[str] = field(default_factory=list)
     memfd_size: int = 2 << 20
 
     def create(self) -> list[int]:
-        out = []
-        for kind in self.kinds:
-            if kind == "memfd":
-                fd = os.memfd_create("hostile-msg", os.MFD_CLOEXEC)
-                os.ftruncate(fd, self.memfd_size)
-            else:
-                fd = os.eventfd(0, os.EFD_CLOEXEC)
-            out.append(fd)
-        return out
+        return [self._one(kind) for kind in self.kinds]
+
+    def _one(self, kind: str) -> int:
+        if kind in ("memfd", "sealed-memfd", "hugetlb"):
+            flags = os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
+            fd = os.memfd_create("hostile-msg", flags | (os.MFD_HUGETLB if kind == "hugetlb"
+                                                         else 0))
+            os.ftruncate(fd, self.memfd_size)
+            if kind != "memfd":
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+            return fd
+        if kind == "pipe":
+            r, w = os.pipe2(os.O_CLOEXEC)
+            os.close(w)
+            return r
+        if kind == "file":
+            with tempfile.TemporaryFile() as f:
+                return os.dup(f.fileno())
+        if kind == "socket":
+            a, b = socket.socketpair()
+            b.close()
+            return a.detach()
+        return os.eventfd(0, os.EFD_CLOEXEC)
 
 
 class RawConnection:

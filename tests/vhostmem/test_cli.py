@@ -55,7 +55,10 @@ def test_repeated_blk_specs() -> None:
         (["--blk", "socket=a.sock,client=b.sock"], "socket or client"),
         (["--blk", "socket=a.sock,disk=a.img,ram=1G"], "disk or ram"),
         (["--blk", "socket=a.sock", "--blk", "socket=a.sock,ram=1M"], "same socket"),
-        (["--blk", "socket=a.sock", "--disk", "x.img"], "cannot be combined"),
+        (["--blk", "socket=a.sock", "--disk", "x.img"], "cannot be combined with --disk"),
+        (["--blk", "socket=a.sock", "--serial", "XYZ"], "cannot be combined with --serial"),
+        (["--blk", "socket=a.sock", "--io-mode", "thread"], "combined with --io-mode"),
+        (["--io-mode", "async"], "io-mode='async'"),
         (["--serial", "x" * 21], "longer than 20 bytes"),
     ],
 )

@@ -191,23 +191,33 @@ def test_set_table_replaces(
     assert registry.chunks() == [] and mem.regions == []
 
 
-def test_set_table_error_leaves_empty_and_closes_fds(registry: MemRegistry) -> None:
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        ((GPA_B + 1, MIB, UVA_B, 0), "aligned"),
+        ((0x4000_0000 + MIB // 2, MIB, UVA_B, 0), "overlaps"),  # the table's first region
+        ((0x8000_0000, MIB, UVA_B, 2 * MIB), "mmap of fd"),  # offset beyond the fd's size
+    ],
+)
+def test_a_bad_table_keeps_the_old_one_and_closes_fds(
+    two_regions: tuple[GuestMemory, int, int], registry: MemRegistry,
+    bad: tuple[int, int, int, int], match: str,
+) -> None:
+    mem, _, _ = two_regions
+    before_regions, before_chunks = mem.regions, registry.chunks()
+    old = mem.translate(GPA_A, 16)[0].tobytes()
     fd = memfd(MIB)
-    mem = GuestMemory(registry)
     dups = [os.dup(fd) for _ in range(3)]
+    maps = map_count()
     try:
-        with pytest.raises(GuestMemoryError, match="aligned"):
-            mem.set_table(
-                [
-                    (GPA_A, MIB, UVA_A, 0, dups[0]),
-                    (GPA_B + 1, MIB, UVA_B, 0, dups[1]),
-                    (0x8000_0000, MIB, UVA_B, 0, dups[2]),
-                ]
-            )
+        with pytest.raises(GuestMemoryError, match=match):
+            mem.set_table([(0x4000_0000, MIB, UVA_A, 0, dups[0]), (*bad, dups[1]),
+                           (0x9000_0000, MIB, UVA_B + MIB, 0, dups[2])])
         assert not any(fd_is_open(d) for d in dups)
-        assert mem.regions == [] and registry.chunks() == []
+        assert mem.regions == before_regions and registry.chunks() == before_chunks
+        assert mem.translate(GPA_A, 16)[0].tobytes() == old  # still served
+        assert map_count() == maps  # the new regions mapped before the error are gone
     finally:
-        mem.close()
         os.close(fd)
 
 
@@ -316,4 +326,29 @@ def test_unsealed_fds_are_served_with_one_warning(
     warnings = [r.getMessage() for r in caplog.records if "not sealed" in r.getMessage()]
     assert len(warnings) == 1 and "gpa=0x10000000" in warnings[0]
     assert len(mem.regions) == 3
+    mem.close()
+
+
+def hugetlb_pool() -> tuple[int, int]:
+    """(free huge pages, huge page size) of the default pool."""
+    with open("/proc/meminfo") as f:
+        info = dict(line.split(":", 1) for line in f)
+    return int(info["HugePages_Free"]), int(info["Hugepagesize"].split()[0]) << 10
+
+
+def test_hugetlb_memory_the_pool_cannot_back_is_refused_at_mmap(registry: MemRegistry) -> None:
+    """Mapped with MAP_NORESERVE, a hugetlb page the pool lacks would SIGBUS on first touch;
+    hugetlbfs regions are mapped with a reservation, so the shortfall is a clean error."""
+    free, page = hugetlb_pool()
+    size = (free + 1) * page  # one page more than the pool has
+    before = fd_count(), map_count()
+    fd = os.memfd_create("test-huge", os.MFD_HUGETLB | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+    mem = GuestMemory(registry, require_sealed=True)  # sealed, so the seal check passes
+    with pytest.raises(GuestMemoryError, match=r"mmap of fd .* Cannot allocate memory"):
+        mem.add_region(GPA_A, size, UVA_A, 0, fd)
+    assert not fd_is_open(fd)
+    assert mem.regions == [] and registry.chunks() == []
+    assert (fd_count(), map_count()) == before
     mem.close()

@@ -263,6 +263,44 @@ def test_removing_the_region_a_running_ring_lives_in_is_refused(ep: Endpoint) ->
         roundtrip(q, 0, b"k")
 
 
+def test_a_table_without_a_started_ring_is_refused_and_the_old_one_kept(
+    srv: ServerThread, ep: Endpoint
+) -> None:
+    with VhostUserBlk.open(ep.config.path, ram_size=RAM) as dev:
+        q = program(dev)
+        roundtrip(q, 0, b"o")
+        chunks = srv.call(srv.registry.chunks)
+        extra = dev.ram.add_region(RAM, EXTRA)
+        with pytest.raises(VhostUserError, match="REPLY_ACK 1"):
+            dev.client.set_mem_table([extra.as_dict()], [extra.fd])
+        assert srv.call(srv.registry.chunks) == chunks  # nothing of the new table stayed
+        roundtrip(q, 1, b"p")
+
+
+def inode_mapped(inode: int) -> bool:
+    return any(line.split()[4] == str(inode) for line in memfd_mappings())
+
+
+def test_a_stopped_ring_lets_its_memory_go_with_a_new_table(
+    srv: ServerThread, ep: Endpoint
+) -> None:
+    """A ring stopped by GET_VRING_BASE still names addresses in the old table: a new table
+    without them is accepted, the old memory is unmapped at once, and the ring starts again
+    in the new memory."""
+    with VhostUserBlk.open(ep.config.path, ram_size=RAM) as dev:
+        q = program(dev)
+        roundtrip(q, 0, b"s")
+        assert dev.client.get_vring_base(0) == 2
+        drop_queue(dev, 0)
+        first = dev.ram.regions[0]
+        inode = os.fstat(first.fd).st_ino
+        extra = dev.ram.add_region(RAM, RAM)
+        dev.client.set_mem_table([extra.as_dict()], [extra.fd])
+        dev.ram.remove_region(first.guest_phys_addr)
+        srv.wait_until(lambda: not inode_mapped(inode))  # the server let go of it too
+        roundtrip(program(dev), 1, b"t")  # the ring now lives in the new region
+
+
 def test_disconnect_releases_every_registration_fd_and_mapping(
     srv: ServerThread, ep: Endpoint
 ) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ from tests.vhostmem.ringhelpers import (
     GuestRam,
     eventfd_count,
 )
+from tests.vhostmem.test_eventfd import SATURATED, returns_promptly
 from vhostmem.guest_memory import GuestMemory
 from vhostmem.memmap import MemRegistry
 from vhostmem.virtqueue import (
@@ -364,3 +366,60 @@ def test_reset_releases_everything(env: Env) -> None:
     assert not env.vq.started and not env.vq.enabled and not env.vq.ready_to_start()
     env.mem.clear()
     assert env.mem.pending_unmaps == 0
+
+
+def test_completions_from_threads_survive_ring_remaps(env: Env) -> None:
+    """Worker threads complete requests while the loop re-resolves the rings (as a new memory
+    table or SET_VRING_ADDR does): every used entry is written, none raises."""
+    completions = 20000
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            for n in range(completions):
+                env.vq.hold()
+                env.vq.begin()
+                env.vq.complete(n % NUM, 1)
+        except BaseException as exc:  # handed to the test thread
+            errors.append(exc)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    while t.is_alive():
+        env.vq.set_addr(env.ring.desc, env.ring.used, env.ring.avail)
+    t.join()
+    assert errors == []
+    used_idx = struct.unpack_from("<H", env.ram.read(env.ring.used + 2, 2))[0]
+    assert used_idx == completions & 0xFFFF
+
+
+def test_held_requests_signal_once_the_last_queued_one_completes(env: Env) -> None:
+    """Completions on worker threads batch their interrupt: none while another held request
+    still waits for a worker, one when the last of them completes."""
+    env.vq.set_features(0)  # no EVENT_IDX: every notify that may signal does
+    for _ in range(3):
+        env.vq.hold()
+    env.vq.begin()
+    env.vq.complete(0, 1)  # two still wait for a worker
+    assert eventfd_count(env.call) == 0
+    env.vq.begin()
+    env.vq.begin()
+    env.vq.complete(1, 1)  # nothing waits any more: signal
+    assert eventfd_count(env.call) == 1
+    env.vq.complete(2, 1)
+    assert eventfd_count(env.call) == 1
+    assert env.vq.inflight == 0 and env.vq.wait_idle(0)
+
+
+def test_a_saturated_blocking_call_fd_cannot_stall_the_queue(env: Env) -> None:
+    """A frontend hands over a blocking call eventfd whose counter is full: signalling must
+    not block (the fd is made non-blocking when received)."""
+    call = os.eventfd(0)
+    os.eventfd_write(call, SATURATED)
+    env.vq.set_call_fd(os.dup(call))
+    try:
+        env.ring.add([(env.ram.alloc(8), 8, True)])
+        assert returns_promptly(env.serve_all) == [0]
+        assert env.ring.take_used() == [(0, 0)]
+    finally:
+        os.close(call)

@@ -102,6 +102,9 @@ DEFAULT_IO_THREADS = 4
 class BlkDevice(VhostUserDevice):
     """A virtio block device serving ``backend``."""
 
+    # A request with a buffer outside guest memory fails with IOERR in its status byte.
+    failed_request_status = bytes([VIRTIO_BLK_S_IOERR])
+
     def __init__(
         self,
         backend: BlkBackend,
@@ -249,6 +252,7 @@ class BlkDevice(VhostUserDevice):
 
     def _serve_in_thread(self, vq: Virtqueue, chain: DescChain) -> None:
         written = 0
+        vq.begin()
         try:
             written = self.serve(chain)
         except Exception:  # a bug must not lose the completion: the driver would hang
@@ -320,9 +324,11 @@ class BlkDevice(VhostUserDevice):
         if rtype == VIRTIO_BLK_T_GET_ID:
             return VIRTIO_BLK_S_OK, _copy_into(data_out, self.serial)
         if rtype in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES):
-            if self.readonly:
+            # The length is checked before the segments are copied out of guest memory: a chain
+            # of huge readable buffers must not turn into a huge allocation.
+            if self.readonly or not _segment_bytes_ok(in_len):
                 return VIRTIO_BLK_S_IOERR, 0
-            return self._discard_write_zeroes(rtype, b"".join(data_in), in_len), 0
+            return self._discard_write_zeroes(rtype, b"".join(data_in)), 0
         return VIRTIO_BLK_S_UNSUPP, 0
 
     def _in_range(self, sector: int, nbytes: int) -> bool:
@@ -335,13 +341,10 @@ class BlkDevice(VhostUserDevice):
             self.backend.flush()
         return VIRTIO_BLK_S_OK
 
-    def _discard_write_zeroes(self, rtype: int, payload: bytes, length: int) -> int:
+    def _discard_write_zeroes(self, rtype: int, payload: bytes) -> int:
         """Validate every segment first (5.2.6.2), then apply them."""
-        seg_size = DWZ_SEGMENT.size
-        if length == 0 or length % seg_size or length // seg_size > MAX_DWZ_SEGMENTS:
-            return VIRTIO_BLK_S_IOERR
         is_discard = rtype == VIRTIO_BLK_T_DISCARD
-        segments = [DWZ_SEGMENT.unpack_from(payload, off) for off in range(0, length, seg_size)]
+        segments = list(DWZ_SEGMENT.iter_unpack(payload))
         for sector, count, flags in segments:
             if flags & ~VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP or (
                 is_discard and flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
@@ -359,6 +362,12 @@ class BlkDevice(VhostUserDevice):
                 unmap = bool(flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP)
                 self.backend.write_zeroes(offset, nbytes, unmap)
         return self._after_write()
+
+
+def _segment_bytes_ok(length: int) -> bool:
+    """1..MAX_DWZ_SEGMENTS whole discard / write-zeroes segments."""
+    seg = DWZ_SEGMENT.size
+    return 0 < length <= MAX_DWZ_SEGMENTS * seg and length % seg == 0
 
 
 def _split(views: list[memoryview], n: int) -> tuple[bytes, list[memoryview]]:

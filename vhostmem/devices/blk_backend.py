@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import os
+
+log = logging.getLogger(__name__)
 
 # fallocate(2) modes (linux/falloc.h).
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -115,9 +118,16 @@ class BlkBackend:
             done += n
 
     def close(self) -> None:
+        """Make what was written durable (the guest may not have flushed), then close."""
         if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+            try:
+                if not self.readonly:
+                    self.flush()
+            except OSError as exc:  # e.g. EIO from the disk: still close, but say so
+                log.error("%s: flush at close failed: %s", self.name, exc)
+            finally:
+                os.close(self.fd)
+                self.fd = -1
 
 
 def _advance(views: list[memoryview], n: int) -> list[memoryview]:
