@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from vhostmem.memmap import MapOps, MemMap, MemMapError, MemRegistry, NotifyAction
+from vhostmem.memmap import MapOps, MemMap, MemMapError, MemRegistry, NotifyAction, _map
 
 K4 = 4096
 M2 = 2 << 20
@@ -420,6 +420,94 @@ def test_enomem_leaves_the_map_unchanged() -> None:
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          timeout=120, check=True)
     assert out.stdout.split() == ["True", "1", "0", "9"], out.stderr
+
+
+class FailingAllocations:
+    """Makes the Nth list a write allocates raise MemoryError (all of a write's large
+    allocations go through ``_map._filled`` and ``_map._copied``); counts the calls."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, fail_at: int | None) -> None:
+        self.calls, self.fail_at = 0, fail_at
+        for name in ("_filled", "_copied"):
+            monkeypatch.setattr(_map, name, self._wrap(getattr(_map, name)))
+
+    def _wrap(self, real: Any) -> Any:
+        def allocate(*args: Any) -> Any:
+            self.calls += 1
+            if self.calls == self.fail_at:
+                raise MemoryError
+            return real(*args)
+        return allocate
+
+
+def map_state(mem_map: MemMap, addresses: np.ndarray) -> tuple[Any, ...]:
+    return (mem_map.stats(), [mem_map.translate(int(a)) for a in addresses],
+            mem_map.translate_many(addresses).tolist())
+
+
+ENOMEM_WRITES = {
+    # new tables, whole frames, a split head and tail, one whole table in the middle
+    "new-tables": (BASE + G1 - M2 - 3 * K4, G1 + 2 * M2 + 5 * K4, 5),
+    # an existing table partly covered: new splits at both ends, two splits overwritten
+    "over-splits": (BASE + M2 - K4, 2 * M2 + 2 * K4, 4),
+    "fold-back": (BASE + M2, K4, 2),
+    "change-a-split": (BASE + 2 * M2 + 8 * K4, 2 * K4, 7),
+    "clear": (BASE, 3 * G1, None),
+}
+
+
+@pytest.mark.parametrize(("vaddr", "size", "value"), ENOMEM_WRITES.values(),
+                         ids=ENOMEM_WRITES.keys())
+def test_enomem_at_any_allocation_leaves_the_map_unchanged(
+    monkeypatch: pytest.MonkeyPatch, vaddr: int, size: int, value: int | None
+) -> None:
+    rng = np.random.default_rng(3)
+    addresses = np.concatenate([
+        rng.integers(BASE - M2, BASE + 3 * G1, 3000, dtype=np.uint64),
+        np.arange(BASE + M2 - 8 * K4, BASE + 2 * M2 + 8 * K4, K4, dtype=np.uint64),
+        np.arange(BASE + G1 - 2 * M2, BASE + G1 + 2 * M2, K4, dtype=np.uint64)])
+
+    def build() -> MemMap:
+        mem_map = MemRegistry().alloc_map(0, MapOps(are_contiguous=lambda a, b: a == b))
+        mem_map.set_translation(BASE, M2 * 3, 2)
+        mem_map.set_translation(BASE + M2, K4, 3)  # frame 1 split: 3, then 2 for the rest
+        mem_map.set_translation(BASE + 2 * M2 + 8 * K4, K4, 9)  # frame 2 split
+        mem_map.translate_many(addresses[:1])  # the numpy mirror must stay in step too
+        return mem_map
+
+    def write(mem_map: MemMap) -> None:
+        if value is None:
+            mem_map.clear_translation(vaddr, size)
+        else:
+            mem_map.set_translation(vaddr, size, value)
+
+    counter = FailingAllocations(monkeypatch, None)
+    expected = build()
+    counter.calls = 0
+    write(expected)
+    allocations = counter.calls
+    assert allocations >= 2
+    for fail_at in range(1, allocations + 1):
+        mem_map = build()
+        before = map_state(mem_map, addresses)
+        counter.calls, counter.fail_at = 0, fail_at
+        err = expect_errno(errno.ENOMEM, write, mem_map)
+        assert isinstance(err.__cause__, MemoryError)
+        assert map_state(mem_map, addresses) == before, f"changed by a failure at {fail_at}"
+        counter.fail_at = None
+        write(mem_map)  # the same write succeeds afterwards
+        assert map_state(mem_map, addresses) == map_state(expected, addresses)
+
+
+def test_translate_rejects_a_negative_or_non_integer_size() -> None:
+    mem_map = MemRegistry().alloc_map(0)
+    mem_map.set_translation(BASE, M2, 1)
+    for bad in (-5, -1, 1.5, "4096"):
+        err = expect_errno(errno.EINVAL, mem_map.translate, BASE, bad)
+        assert "size" in str(err)
+    assert mem_map.translate(BASE, 0) == (1, 0)
+    assert mem_map.translate(BASE, np.uint64(4096)) == (1, 4096)
+    assert mem_map.translate(BASE, True) == (1, 1)
 
 
 def test_concurrent_registrations_and_translations() -> None:

@@ -9,11 +9,19 @@ differ (a uniform split entry collapses back), so ``_split`` stays as small as t
 Writers hold ``_lock``; readers take no lock (list subscripts are atomic under the GIL). Writes
 are ordered so a lock-free reader never sees a marker without its sub-table, and a reader that
 loses a race with an un-split retries.
+
+A write is all or nothing: it first builds every list it needs (new or changed 1 GiB tables,
+4 KiB sub-tables, fill lists) without touching the map, so a MemoryError there is ENOMEM with
+the map unchanged; then it only stores references (a whole table into ``_l1``, a few entries in
+place, markers, sub-tables under existing keys), which allocate nothing. The one store that can
+grow a dict, a new key in ``_split``, is made during preparation (no marker points at it yet)
+and undone on failure.
 """
 
 from __future__ import annotations
 
 import errno
+import operator
 import threading
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -57,6 +65,35 @@ _GUARD_TABLE: list[Any] = [_SPLIT] * ENTRIES
 
 def _new_l1(shared: list[int]) -> list[list[int]]:
     return [shared] * L1_ENTRIES + [_GUARD_TABLE] * L1_ENTRIES
+
+
+# A write makes every list it needs (1 GiB tables, 4 KiB sub-tables, fill lists) through these
+# two, before its first store; tests replace them to make the Nth allocation fail.
+def _filled(value: Any, length: int) -> list[Any]:
+    return [value] * length
+
+
+def _copied(items: list[Any]) -> list[Any]:
+    return items.copy()
+
+
+def _check_size(size: Any) -> int:
+    """The ``size`` of ``translate`` when it is not a plain non-negative int (slow path)."""
+    try:
+        size = operator.index(size)
+    except TypeError:
+        kind = type(size).__name__
+        raise MemMapError(errno.EINVAL, f"translate: size must be an integer, not {kind}") from None
+    if size < 0:
+        raise MemMapError(errno.EINVAL, f"translate: size {size} is negative")
+    return size
+
+
+# What a write does to a partial 2 MiB frame (see MemMap._prepare_pages).
+_NEW_SPLIT, _NEW_SUB, _FOLD = 0, 1, 2
+# A write of up to this many entries of an existing 1 GiB table stores them one by one (no
+# allocation); more, and it builds a changed copy of the table (cheaper than item stores).
+_IN_PLACE_MAX = 64
 
 
 class MemMap:
@@ -111,7 +148,8 @@ class MemMap:
         Without ``size``: the bytes from ``vaddr`` to the end of its page (2 MiB, or 4 KiB in a
         split entry). With ``size``: that page remainder, extended page by page while the map's
         ``are_contiguous(prev, cur)`` holds, capped at ``size`` (no extension for the default
-        translation or without ``are_contiguous``, as in SPDK).
+        translation or without ``are_contiguous``, as in SPDK). A ``size`` that is negative or
+        not an integer is EINVAL.
         """
         try:
             value = self._l1[vaddr >> SHIFT_1G][(vaddr >> SHIFT_2M) & ENTRY_MASK]
@@ -123,6 +161,8 @@ class MemMap:
             cur = PAGE_2M - (vaddr & MASK_2M)
         if size is None:
             return value, cur
+        if size.__class__ is not int or size < 0:
+            size = _check_size(size)
         if size <= cur or self._are_contiguous is None or value == self._default:
             return value, min(size, cur)
         return value, self._extend(vaddr + cur, value, cur, size)
@@ -175,7 +215,7 @@ class MemMap:
         """Store ``translation`` (the same value) for every page of ``[vaddr, vaddr+size)``.
 
         Raises MemMapError EINVAL for a bad range or value, ENOMEM if a table cannot be
-        allocated (the translations are then unchanged).
+        allocated (the translations are then unchanged, and no table is added).
         """
         vaddr, size = check_range("set_translation", vaddr, size)
         translation = check_translation(translation)
@@ -202,18 +242,128 @@ class MemMap:
             raise MemMapError(errno.EINVAL, "this map was freed")
 
     def _set(self, start: int, end: int, value: int) -> None:
+        """Store ``value`` over ``[start, end)`` all or nothing: every list the write needs is
+        made first (ENOMEM, map unchanged, if one cannot be); then come only stores that
+        allocate nothing, ordered for lock-free readers."""
         if start == end:
             return
-        self._ensure_tables(start >> SHIFT_1G, (end - 1) >> SHIFT_1G)
-        # Split the range into a partial head frame, whole 2 MiB frames and a partial tail frame.
+        # A partial head frame, whole 2 MiB frames [f_first, f_stop), a partial tail frame.
         head_end = min(end, (start | MASK_2M) + 1) if start & MASK_2M else start
         tail_start = max(end & ~MASK_2M, head_end)
-        if head_end < tail_start:
-            self._set_frames(head_end >> SHIFT_2M, tail_start >> SHIFT_2M, value)
-        if start < head_end:
-            self._set_pages(start, head_end, value)
-        if tail_start < end:
-            self._set_pages(tail_start, end, value)
+        f_first, f_stop = head_end >> SHIFT_2M, tail_start >> SHIFT_2M
+        split = self._split
+        tables: list[tuple[int, list[int]]] = []  # (index, new table) to store in l1
+        stores: list[tuple[int, int, int]] = []  # (index, lo, hi): a few entries set in place
+        pages: list[tuple[int, int, list[int] | None]] = []  # (kind, frame, sub-table)
+        published: list[int] = []
+        try:
+            self._prepare_tables(start >> SHIFT_1G, (end - 1) >> SHIFT_1G, f_first, f_stop,
+                                 value, tables, stores)
+            if start < head_end:
+                self._prepare_pages(start, head_end, value, pages)
+            if tail_start < end:
+                self._prepare_pages(tail_start, end, value, pages)
+            if not split or f_first >= f_stop:
+                dropped: list[int] = []
+            elif f_stop - f_first < len(split):
+                dropped = [f for f in range(f_first, f_stop) if f in split]
+            else:
+                dropped = [f for f in split if f_first <= f < f_stop]
+            for kind, frame, sub in pages:
+                if kind == _NEW_SPLIT:  # no marker points here yet: invisible to readers
+                    split[frame] = sub  # a new key may grow the dict
+                    published.append(frame)
+        except MemoryError as exc:
+            for frame in published:
+                del split[frame]
+            raise MemMapError(errno.ENOMEM, "out of memory allocating a memory-map table") from exc
+        l1 = self._l1
+        for index, table in tables:
+            l1[index] = table
+        for index, lo, hi in stores:
+            table = l1[index]
+            for slot in range(lo, hi):
+                table[slot] = value
+        for frame in dropped:  # after the stores that overwrote their markers
+            del split[frame]
+        for kind, frame, sub in pages:
+            if kind == _NEW_SPLIT:
+                l1[frame >> _FRAME_TO_TABLE][frame & ENTRY_MASK] = _SPLIT
+            elif kind == _NEW_SUB:
+                split[frame] = sub  # an existing key: replaced in place
+            else:  # _FOLD: the frame is uniform again
+                l1[frame >> _FRAME_TO_TABLE][frame & ENTRY_MASK] = value
+                del split[frame]
+        if self._mirror is not None:
+            self._mark_mirror(tables, stores, dropped, pages)
+
+    def _prepare_tables(self, first: int, last: int, f_first: int, f_stop: int, value: int,
+                        tables: list[tuple[int, list[int]]],
+                        stores: list[tuple[int, int, int]]) -> None:
+        """Plan the 1 GiB tables first..last for whole frames [f_first, f_stop): new tables
+        (fully covered, not allocated yet, or many entries changed) into ``tables``, a few
+        entries of an existing table into ``stores``."""
+        full_first = (f_first + ENTRY_MASK) >> _FRAME_TO_TABLE
+        full_stop = max(f_stop >> _FRAME_TO_TABLE, full_first)
+        if full_first < full_stop:
+            tables += [(index, _filled(value, ENTRIES)) for index in range(full_first, full_stop)]
+        l1 = self._l1
+        # Only the first and the last table can be partly covered.
+        for index in (first, last) if first != last else (first,):
+            if full_first <= index < full_stop:
+                continue
+            base = index << _FRAME_TO_TABLE
+            lo, hi = max(f_first - base, 0), min(f_stop - base, ENTRIES)
+            old = l1[index]
+            if old is self._default_table:
+                table = _filled(self._default, ENTRIES)
+            elif lo >= hi:
+                continue
+            elif hi - lo <= _IN_PLACE_MAX:
+                stores.append((index, lo, hi))
+                continue
+            else:
+                table = _copied(old)
+            if lo < hi:
+                table[lo:hi] = _filled(value, hi - lo)
+            tables.append((index, table))
+
+    def _prepare_pages(self, start: int, end: int, value: int,
+                       pages: list[tuple[int, int, list[int] | None]]) -> None:
+        """Add to ``pages`` what setting 4 KiB pages ``[start, end)`` inside one 2 MiB frame
+        takes, if anything: a new split (sub-table, then marker), a new sub-table for a split
+        frame, or a fold back into one entry."""
+        frame = start >> SHIFT_2M
+        lo = (start >> SHIFT_4K) & SUB_MASK
+        hi = ((end - 1) >> SHIFT_4K & SUB_MASK) + 1
+        current = self._l1[frame >> _FRAME_TO_TABLE][frame & ENTRY_MASK]
+        if current is _SPLIT:
+            sub = _copied(self._split[frame])
+            sub[lo:hi] = _filled(value, hi - lo)
+            if sub.count(value) == SUB_ENTRIES:
+                pages.append((_FOLD, frame, None))
+            else:
+                pages.append((_NEW_SUB, frame, sub))
+        elif current != value:
+            sub = _filled(current, SUB_ENTRIES)
+            sub[lo:hi] = _filled(value, hi - lo)
+            pages.append((_NEW_SPLIT, frame, sub))
+
+    def _mark_mirror(self, tables: list[tuple[int, list[int]]],
+                     stores: list[tuple[int, int, int]], dropped: list[int],
+                     pages: list[tuple[int, int, list[int] | None]]) -> None:
+        mirror = self._mirror
+        assert mirror is not None
+        try:
+            mirror.mark_tables([index for index, _ in tables])
+            mirror.mark_tables([index for index, _, _ in stores])
+            for frame in dropped:
+                mirror.mark_frame(frame)
+            for _, frame, _ in pages:
+                mirror.mark_frame(frame)
+                mirror.mark_tables((frame >> _FRAME_TO_TABLE,))
+        except MemoryError:
+            self._mirror = None  # the next translate_many rebuilds it from the tables
 
     def _ensure_tables(self, first: int, last: int) -> None:
         """Allocate tables first..last; on MemoryError drop the new ones and raise ENOMEM."""
@@ -231,52 +381,6 @@ class MemMap:
             raise MemMapError(errno.ENOMEM, "out of memory allocating a 1 GiB table") from exc
         if new and self._mirror is not None:
             self._mirror.mark_tables(new)
-
-    def _set_frames(self, first: int, stop: int, value: int) -> None:
-        """Set whole 2 MiB frames ``first..stop-1`` with one slice store per 1 GiB table."""
-        l1 = self._l1
-        t_first, t_last = first >> _FRAME_TO_TABLE, (stop - 1) >> _FRAME_TO_TABLE
-        fill = [value] * ENTRIES if t_last - t_first > 1 else None
-        for index in range(t_first, t_last + 1):
-            lo = first - (index << _FRAME_TO_TABLE) if index == t_first else 0
-            hi = stop - (index << _FRAME_TO_TABLE) if index == t_last else ENTRIES
-            if fill is not None and hi - lo == ENTRIES:
-                l1[index][:] = fill
-            else:
-                l1[index][lo:hi] = [value] * (hi - lo)
-        if self._split:
-            # The marker was overwritten above before the sub-tables go (lock-free readers).
-            for frame in [f for f in self._split if first <= f < stop]:
-                del self._split[frame]
-                if self._mirror is not None:
-                    self._mirror.mark_frame(frame)
-        if self._mirror is not None:
-            self._mirror.mark_tables(range(t_first, t_last + 1))
-
-    def _set_pages(self, start: int, end: int, value: int) -> None:
-        """Set 4 KiB pages ``[start, end)`` inside one 2 MiB frame, splitting it if needed."""
-        frame = start >> SHIFT_2M
-        table = self._l1[frame >> _FRAME_TO_TABLE]
-        slot = frame & ENTRY_MASK
-        lo = (start >> SHIFT_4K) & SUB_MASK
-        hi = ((end - 1) >> SHIFT_4K & SUB_MASK) + 1
-        current = table[slot]
-        if current is _SPLIT:
-            sub = self._split[frame]
-            sub[lo:hi] = [value] * (hi - lo)
-            if sub.count(value) == SUB_ENTRIES:  # uniform again: fold back into one entry
-                table[slot] = value
-                del self._split[frame]
-        elif current != value:
-            sub = [current] * SUB_ENTRIES
-            sub[lo:hi] = [value] * (hi - lo)
-            self._split[frame] = sub  # published before the marker (lock-free readers)
-            table[slot] = _SPLIT
-        else:
-            return
-        if self._mirror is not None:
-            self._mirror.mark_frame(frame)
-            self._mirror.mark_tables((frame >> _FRAME_TO_TABLE,))
 
     # ----------------------------------------------------------------- bookkeeping
 
