@@ -8,113 +8,49 @@ server through a :class:`KickWatcher` so that this module never touches the even
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
-from typing import Protocol as TypingProtocol
 
-from protocol import (
-    FrontendRequest,
-    Message,
-    ProtocolFeature,
-    VirtioFeature,
-    encode_reply,
-)
+from protocol import FrontendRequest, Message, ProtocolFeature, encode_reply
 from vhostmem.device import VhostUserDevice
 from vhostmem.eventfd import check_eventfd
-from vhostmem.guest_memory import GuestMemory, GuestMemoryError
+from vhostmem.guest_memory import GuestMemory
 from vhostmem.inflight import InflightError, InflightState
 from vhostmem.memmap import MemRegistry
+from vhostmem.session_base import (
+    ACK_FAILED,
+    ACK_OK,
+    BASE_PROTOCOL_FEATURES,
+    EXPECTED_ERRORS,
+    MAX_MEM_SLOTS,
+    MAX_QUEUE_SIZE,
+    OWN_REPLY_REQUESTS,
+    PROTOCOL_FEATURES_BIT,
+    FdReply,
+    KickWatcher,
+    Reply,
+    RingConfig,
+    SessionError,
+    SessionState,
+    close_fd,
+    close_fds,
+    request_name,
+    take_fds,
+)
+from vhostmem.session_memory import MemoryRequests
 from vhostmem.virtqueue import Virtqueue
+
+__all__ = [
+    "BASE_PROTOCOL_FEATURES",
+    "MAX_MEM_SLOTS",
+    "KickWatcher",
+    "Session",
+    "SessionError",
+]
 
 log = logging.getLogger(__name__)
 
-# Memory slots offered with CONFIGURE_MEM_SLOTS: the limit QEMU itself enforces for vhost-user.
-MAX_MEM_SLOTS = 509
-# Largest split ring the virtio spec allows.
-MAX_QUEUE_SIZE = 32768
-# REPLY_ACK payloads: zero is success, anything else a failure.
-ACK_OK = 0
-ACK_FAILED = 1
-
-PROTOCOL_FEATURES_BIT = 1 << VirtioFeature.VHOST_USER_F_PROTOCOL_FEATURES
-
-# Protocol features the server implements for every device; a device may add more (e.g. CONFIG).
-BASE_PROTOCOL_FEATURES = (
-    (1 << ProtocolFeature.MQ)
-    | (1 << ProtocolFeature.REPLY_ACK)
-    | (1 << ProtocolFeature.BACKEND_REQ)
-    | (1 << ProtocolFeature.CONFIGURE_MEM_SLOTS)
-    | (1 << ProtocolFeature.RESET_DEVICE)
-    | (1 << ProtocolFeature.STATUS)
-    | (1 << ProtocolFeature.INFLIGHT_SHMFD)
-)
-
-
-# Requests answered by a reply of their own (never by a REPLY_ACK u64).
-OWN_REPLY_REQUESTS = frozenset({
-    FrontendRequest.GET_FEATURES,
-    FrontendRequest.GET_PROTOCOL_FEATURES,
-    FrontendRequest.GET_QUEUE_NUM,
-    FrontendRequest.GET_MAX_MEM_SLOTS,
-    FrontendRequest.GET_VRING_BASE,
-    FrontendRequest.GET_CONFIG,
-    FrontendRequest.GET_STATUS,
-    FrontendRequest.GET_INFLIGHT_FD,
-})
-
-
-class SessionError(Exception):
-    """A request the session refuses; the message names the request and the reason."""
-
-
-EXPECTED_ERRORS = (SessionError, GuestMemoryError, OSError, ValueError)
-
-
-class KickWatcher(TypingProtocol):
-    """How the session asks the server to watch (or stop watching) a ring's kick eventfd."""
-
-    def watch(self, fd: int, callback: Callable[[], None]) -> None: ...
-
-    def unwatch(self, fd: int) -> None: ...
-
-
-Reply = tuple[bytes, list[int]]
-
-
-@dataclass
-class FdReply:
-    """A handler's explicit reply that carries fds (GET_INFLIGHT_FD)."""
-
-    payload: object
-    fds: list[int]
-
-
-@dataclass
-class RingConfig:
-    """What the frontend told us about one ring, kept so rings can be re-resolved."""
-
-    num: int = 0
-    base: int = 0
-    addr: tuple[int, int, int, int, int] | None = None  # flags, desc, used, avail, log
-    started: bool = False
-    enabled: bool = False
-
-
-@dataclass
-class SessionState:
-    features: int = 0
-    protocol_features: int = 0
-    owner: bool = False
-    status: int = 0
-    backend_req_fd: int = -1
-    rings: list[RingConfig] = field(default_factory=list)
-
-
-class Session:
+class Session(MemoryRequests):
     """The vhost-user message handler for one frontend connection to one device."""
 
     def __init__(
@@ -188,10 +124,10 @@ class Session:
         wants_ack = msg.need_reply and self._reply_ack_negotiated()
         try:
             if handler is None:
-                raise SessionError(f"{_name(msg.request)}: request not supported")
+                raise SessionError(f"{request_name(msg.request)}: request not supported")
             result = handler(msg)
         except Exception as exc:  # every failure is answered
-            _close_fds(msg.fds)
+            close_fds(msg.fds)
             return self._failed(msg, exc, wants_ack)
         if isinstance(result, FdReply):
             return [(encode_reply(msg.request, result.payload), result.fds)]
@@ -207,8 +143,10 @@ class Session:
             error = exc
         else:
             if not isinstance(exc, EXPECTED_ERRORS):
-                log.exception("%s: unexpected error handling %s", self.name, _name(msg.request))
-            error = SessionError(f"{_name(msg.request)}: {exc}")
+                log.exception(
+                    "%s: unexpected error handling %s", self.name, request_name(msg.request)
+                )
+            error = SessionError(f"{request_name(msg.request)}: {exc}")
         if msg.request == FrontendRequest.GET_CONFIG:
             # The spec's error form of a GET_CONFIG reply: a config reply with no payload.
             log.error("%s: %s (empty reply)", self.name, error)
@@ -267,8 +205,8 @@ class Session:
     def _set_backend_req_fd(self, msg: Message) -> None:
         if len(msg.fds) != 1:
             raise SessionError("SET_BACKEND_REQ_FD: expected exactly one fd")
-        _close_fd(self.state.backend_req_fd)
-        self.state.backend_req_fd = _take_fds(msg)[0]
+        close_fd(self.state.backend_req_fd)
+        self.state.backend_req_fd = take_fds(msg)[0]
 
     def _get_status(self, msg: Message) -> int:
         return self.state.status
@@ -290,102 +228,6 @@ class Session:
         self.device.reset()
         self.state.features = 0
         self.state.status = 0
-
-    # ------------------------------------------------------------------ memory
-
-    def _set_mem_table(self, msg: Message) -> None:
-        table = msg.payload
-        if len(msg.fds) != table.nregions:
-            raise SessionError(
-                f"SET_MEM_TABLE: {table.nregions} regions but {len(msg.fds)} fds"
-            )
-        self._check_started_rings_in(table.regions)
-        regions = [
-            (r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset, fd)
-            for r, fd in zip(table.regions, _take_fds(msg), strict=True)
-        ]
-        self.memory.set_table(regions)
-        self._log_regions("SET_MEM_TABLE")
-        self._reresolve_rings()
-
-    def _check_started_rings_in(self, regions: list[Any]) -> None:
-        """Refuse a table that would pull a started ring's memory away, before anything
-        changes (the rings keep running on the old table)."""
-        for i, ring in enumerate(self.state.rings):
-            if not ring.started or ring.addr is None:
-                continue
-            _, desc, used, avail, _ = ring.addr
-            sizes = self.queues[i].ring_sizes()
-            for what, uva, size in zip(("descriptor table", "used ring", "avail ring"),
-                                       (desc, used, avail), (sizes[0], sizes[2], sizes[1]),
-                                       strict=True):
-                if not any(r.userspace_addr <= uva and uva + size <= r.userspace_addr
-                           + r.memory_size for r in regions):
-                    raise SessionError(
-                        f"SET_MEM_TABLE: the {what} of started ring {i} (frontend address "
-                        f"{uva:#x}) is in none of the new regions"
-                    )
-
-    def _add_mem_reg(self, msg: Message) -> None:
-        if len(msg.fds) != 1:
-            raise SessionError("ADD_MEM_REG: expected exactly one fd")
-        if len(self.memory.regions) >= MAX_MEM_SLOTS:
-            raise SessionError(f"ADD_MEM_REG: all {MAX_MEM_SLOTS} memory slots are in use")
-        r = msg.payload.region
-        self.memory.add_region(
-            r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset, _take_fds(msg)[0]
-        )
-        log.info(
-            "%s: ADD_MEM_REG registered region gpa=%#x size=%#x",
-            self.name,
-            r.guest_phys_addr,
-            r.memory_size,
-        )
-
-    def _rem_mem_reg(self, msg: Message) -> None:
-        # QEMU may attach the region's fd again; it is not needed to find the region.
-        _close_fds(_take_fds(msg))
-        r = msg.payload.region
-        self._check_rings_outside(r.guest_phys_addr, r.memory_size)
-        self.memory.remove_region(r.guest_phys_addr, r.memory_size, r.userspace_addr)
-        self._unmap_stopped_rings()
-        log.info(
-            "%s: REM_MEM_REG unregistered region gpa=%#x size=%#x",
-            self.name,
-            r.guest_phys_addr,
-            r.memory_size,
-        )
-
-    def _log_regions(self, what: str) -> None:
-        for region in self.memory.regions:
-            log.info(
-                "%s: %s registered region gpa=%#x size=%#x",
-                self.name,
-                what,
-                region.guest_phys_addr,
-                region.memory_size,
-            )
-
-    def _check_rings_outside(self, gpa: int, size: int) -> None:
-        """Refuse to remove memory that a started ring still lives in."""
-        for i, vq in enumerate(self.queues):
-            if self.state.rings[i].started and vq.ring_overlaps(gpa, size):
-                raise SessionError(f"REM_MEM_REG: ring {i} lives in region gpa={gpa:#x}")
-
-    def _reresolve_rings(self) -> None:
-        """After the table changed, point every started ring at the new mappings (checked
-        beforehand to be there); stopped rings let go of the old ones and are resolved again
-        when they start."""
-        for i, ring in enumerate(self.state.rings):
-            if ring.started and ring.addr is not None:
-                self._resolve_ring(i, ring.addr)
-        self._unmap_stopped_rings()
-
-    def _unmap_stopped_rings(self) -> None:
-        """A stopped ring's views must not keep removed guest memory mapped."""
-        for i, ring in enumerate(self.state.rings):
-            if not ring.started:
-                self.queues[i].unmap()
 
     # ------------------------------------------------------------------- rings
 
@@ -451,7 +293,7 @@ class Session:
         if len(msg.fds) != 1:
             raise SessionError(f"{msg.request.name}: expected exactly one fd")
         check_eventfd(msg.fds[0], f"{msg.request.name} ring {i}")  # refused: handle() closes it
-        return i, _take_fds(msg)[0]
+        return i, take_fds(msg)[0]
 
     def _set_vring_kick(self, msg: Message) -> None:
         i = self._ring_index(msg.request, msg.payload.index)
@@ -562,14 +404,14 @@ class Session:
         started = [i for i, ring in enumerate(self.state.rings) if ring.started]
         if started:
             raise SessionError(f"SET_INFLIGHT_FD: rings {started} are started")
-        self.inflight.attach(_take_fds(msg)[0], msg.payload, self.queues)
+        self.inflight.attach(take_fds(msg)[0], msg.payload, self.queues)
 
     def reset(self) -> None:
         """Back to the state of a fresh connection (RESET_OWNER, disconnect)."""
         self.reset_rings()
         self.device.reset()
         self.memory.clear()
-        _close_fd(self.state.backend_req_fd)
+        close_fd(self.state.backend_req_fd)
         self.state = SessionState(rings=[RingConfig() for _ in self.queues])
 
     def close(self) -> None:
@@ -578,26 +420,3 @@ class Session:
         for vq in self.queues:
             vq.close()
         self.memory.close()
-
-
-def _name(request: object) -> str:
-    """A request's name for messages (unknown numbers print as numbers)."""
-    return str(getattr(request, "name", request))
-
-
-def _take_fds(msg: Message) -> list[int]:
-    """Move the message's fds to the caller, so the error path cannot close them twice."""
-    fds = list(msg.fds)
-    msg.fds.clear()
-    return fds
-
-
-def _close_fd(fd: int) -> None:
-    if fd >= 0:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-
-
-def _close_fds(fds: list[int]) -> None:
-    for fd in fds:
-        _close_fd(fd)

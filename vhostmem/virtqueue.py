@@ -37,23 +37,43 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import struct
 import threading
 from typing import TYPE_CHECKING
 
 from vhostmem import bounds
+from vhostmem.descriptors import (
+    DESC_SIZE,
+    NO_REGION,
+    VRING_DESC_F_INDIRECT,
+    VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE,
+    ChainError,
+    ChainWalker,
+    DescChain,
+    OutsideMemoryError,
+)
 from vhostmem.eventfd import KickReader, signal_eventfd
 from vhostmem.guest_memory import GuestMemory, GuestMemoryError
 
 if TYPE_CHECKING:
     from vhostmem.inflight import InflightQueue
 
+__all__ = [
+    "MAX_QUEUE_SIZE",
+    "VIRTIO_RING_F_EVENT_IDX",
+    "VIRTIO_RING_F_INDIRECT_DESC",
+    "VRING_AVAIL_F_NO_INTERRUPT",
+    "VRING_DESC_F_INDIRECT",
+    "VRING_DESC_F_NEXT",
+    "VRING_DESC_F_WRITE",
+    "VRING_USED_F_NO_NOTIFY",
+    "DescChain",
+    "Virtqueue",
+    "VirtqueueError",
+]
+
 log = logging.getLogger(__name__)
 
-# Descriptor flags (virtio 1.2 2.7.5).
-VRING_DESC_F_NEXT = 1
-VRING_DESC_F_WRITE = 2
-VRING_DESC_F_INDIRECT = 4
 # Ring flags.
 VRING_AVAIL_F_NO_INTERRUPT = 1
 VRING_USED_F_NO_NOTIFY = 1
@@ -61,7 +81,6 @@ VRING_USED_F_NO_NOTIFY = 1
 VIRTIO_RING_F_INDIRECT_DESC = 28
 VIRTIO_RING_F_EVENT_IDX = 29
 
-DESC_SIZE = 16
 USED_ELEM_SIZE = 8
 RING_HEADER_SIZE = 4  # flags u16 + idx u16
 EVENT_FIELD_SIZE = 2  # used_event / avail_event u16
@@ -75,45 +94,10 @@ FLAGS = 0
 IDX = 1
 AVAIL_RING = 2
 
-_DESC = struct.Struct("<QIHH")
-# Empty region cache of Virtqueue._walk: (gpa, gpa_end, view, view_gpa) that matches nothing.
-_NO_REGION: tuple[int, int, memoryview | None, int] = (0, 0, None, 0)
 
 
 class VirtqueueError(ValueError):
     """A ring configuration that cannot be used (names the queue and the problem)."""
-
-
-class DescChain:
-    """One available descriptor chain, with its buffers already translated to views.
-
-    ``readable`` are the device-readable buffers (the driver wrote them), ``writable`` the
-    device-writable ones, in chain order; ``*_len`` are their total byte counts.
-    """
-
-    __slots__ = ("head", "readable", "readable_len", "writable", "writable_len")
-
-    def __init__(
-        self,
-        head: int,
-        readable: list[memoryview],
-        readable_len: int,
-        writable: list[memoryview],
-        writable_len: int,
-    ) -> None:
-        self.head = head
-        self.readable = readable
-        self.readable_len = readable_len
-        self.writable = writable
-        self.writable_len = writable_len
-
-
-class _ChainError(Exception):
-    """Internal: the chain is malformed; the queue breaks."""
-
-
-class _BufferError(Exception):
-    """Internal: a buffer of the chain is outside guest memory; the request fails."""
 
 
 def _fence() -> None:
@@ -125,7 +109,7 @@ def _fence() -> None:
 _FENCE_LOCK = threading.Lock()
 
 
-class Virtqueue:
+class Virtqueue(ChainWalker):
     """Device side of one split virtqueue. Rings start stopped and disabled."""
 
     def __init__(
@@ -154,7 +138,7 @@ class Virtqueue:
         self._addr: tuple[int, int, int] | None = None  # desc, avail, used GPAs
         self._last_avail = 0
         self._avail_seen = 0  # avail idx last read; chains up to it need no re-read
-        self._region_cache = _NO_REGION
+        self._region_cache = NO_REGION
         self._used_idx = 0
         self._inflight: InflightQueue | None = None  # INFLIGHT_SHMFD tracking, if attached
         self._signalled_used = 0
@@ -411,7 +395,7 @@ class Virtqueue:
                 view.release()
                 setattr(self, name, None)
         self._mem_gen = -1
-        self._region_cache = _NO_REGION
+        self._region_cache = NO_REGION
 
     def mark_broken(self, reason: str) -> None:
         """Stop processing this queue: log the reason once and signal the err eventfd."""
@@ -453,10 +437,10 @@ class Virtqueue:
                 return None
             try:
                 return self._walk(head)
-            except _ChainError as exc:
+            except ChainError as exc:
                 self.mark_broken(f"chain at head {head}: {exc}")
                 return None
-            except _BufferError as exc:
+            except OutsideMemoryError as exc:
                 if not self._bad_buffer_logged:
                     self._bad_buffer_logged = True
                     # str: a record holding the exception would pin its views via the traceback
@@ -467,40 +451,6 @@ class Virtqueue:
                 with self._idle:
                     self.push_used(head, written)
                     self.notify()
-
-    def _write_failure_status(self, head: int) -> int:
-        """Write ``failure_status`` over the end of the chain's last descriptor if it is
-        device-writable guest memory; returns the bytes written. The chain was walked once
-        already, so it is known to be well formed (no loop, indexes in range)."""
-        status = self.failure_status
-        if not status:
-            return 0
-        addr, length, flags = self._last_descriptor(head)
-        if not flags & VRING_DESC_F_WRITE or length < len(status):
-            return 0
-        try:
-            views = self.mem.translate(addr + length - len(status), len(status))
-        except GuestMemoryError:
-            return 0  # the status itself is outside guest memory: nothing can be said
-        done = 0
-        for view in views:
-            view[:] = status[done : done + len(view)]
-            done += len(view)
-            view.release()
-        return done
-
-    def _last_descriptor(self, head: int) -> tuple[int, int, int]:
-        """(addr, len, flags) of the last descriptor of the chain at ``head``."""
-        table = self._desc
-        i = head
-        while True:
-            addr, length, flags, nxt = _DESC.unpack_from(table, i * DESC_SIZE)  # type: ignore[arg-type]
-            if flags & VRING_DESC_F_INDIRECT:
-                table, i = self.mem.view(addr, length), 0
-                continue
-            if not flags & VRING_DESC_F_NEXT:
-                return addr, length, flags
-            i = nxt
 
     def _fetch_avail(self, last: int) -> bool:
         """Read avail idx into ``_avail_seen``; False when nothing new is available (kicks are
@@ -535,85 +485,6 @@ class Virtqueue:
         assert self._used_hdr is not None
         self._used_hdr[FLAGS] = flags
         self._no_notify = bool(flags & VRING_USED_F_NO_NOTIFY)
-
-    def _walk(self, head: int) -> DescChain:
-        table = self._desc
-        limit = self.num
-        in_indirect = False
-        # The last region a buffer was found in: most buffers hit it, and slicing its view here
-        # saves a call into GuestMemory per descriptor.
-        lo, hi, rview, rbase = self._region_cache
-        readable: list[memoryview] = []
-        writable: list[memoryview] = []
-        rlen = wlen = 0
-        bad: str | None = None
-        i = head
-        seen = 0
-        while True:
-            seen += 1
-            if seen > limit:
-                raise _ChainError(f"more than {limit} descriptors: the chain loops")
-            addr, length, flags, nxt = _DESC.unpack_from(table, i * DESC_SIZE)  # type: ignore[arg-type]
-            if flags & VRING_DESC_F_INDIRECT:
-                table = self._indirect_table(addr, length, flags, in_indirect)
-                limit = length // DESC_SIZE
-                in_indirect = True
-                i = seen = 0
-                continue
-            if flags & VRING_DESC_F_WRITE:
-                wlen += length
-                target = writable
-            else:
-                if wlen:
-                    raise _ChainError("a device-readable descriptor follows a writable one")
-                rlen += length
-                target = readable
-            if length and bad is None:
-                if lo <= addr and addr + length <= hi:
-                    off = addr - rbase
-                    target.append(rview[off : off + length])  # type: ignore[index]
-                else:
-                    try:
-                        target += self.mem.translate(addr, length)
-                    except GuestMemoryError as exc:
-                        bad = str(exc)  # keep walking: a loop must still break the queue
-                    else:
-                        lo, hi, rview, rbase = self._cache_region(addr)
-            if not flags & VRING_DESC_F_NEXT:
-                break
-            i = nxt
-            if i >= limit:
-                raise _ChainError(f"next {i} out of range (table of {limit})")
-        if bad is not None:
-            raise _BufferError(bad)
-        return DescChain(head, readable, rlen, writable, wlen)
-
-    def _cache_region(self, gpa: int) -> tuple[int, int, memoryview | None, int]:
-        """Remember the region holding ``gpa`` for :meth:`_walk`."""
-        cache = _NO_REGION
-        for r in self.mem.regions:
-            if r.view is not None and r.guest_phys_addr <= gpa < r.gpa_end:
-                cache = (r.guest_phys_addr, r.gpa_end, r.view, r.view_gpa)
-                break
-        self._region_cache = cache
-        return cache
-
-    def _indirect_table(self, addr: int, length: int, flags: int, nested: bool) -> memoryview:
-        if not self.indirect:
-            raise _ChainError("indirect descriptor but INDIRECT_DESC was not negotiated")
-        if nested:
-            raise _ChainError("indirect descriptor inside an indirect table")
-        if flags & VRING_DESC_F_NEXT:
-            raise _ChainError("indirect descriptor with NEXT set")
-        if length == 0 or length % DESC_SIZE or length > self.num * DESC_SIZE:
-            raise _ChainError(
-                f"indirect table length {length} is not a multiple of {DESC_SIZE} "
-                f"in 1..{self.num * DESC_SIZE}"
-            )
-        try:
-            return self.mem.view(addr, length)
-        except GuestMemoryError as exc:
-            raise _ChainError(f"indirect table: {exc}") from exc
 
     def push_used(self, head: int, written_len: int) -> None:
         """Return a chain to the driver with the number of bytes written into it."""

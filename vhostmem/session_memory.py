@@ -1,0 +1,131 @@
+"""The memory requests of a session: SET_MEM_TABLE, ADD_MEM_REG, REM_MEM_REG.
+
+A mixin of :class:`vhostmem.session.Session`. The rule it keeps: memory a started ring lives in
+never goes away under it (such a request is refused before anything changes), and a stopped
+ring never keeps removed memory mapped (it lets go at once and is resolved again when it
+starts).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from protocol import Message
+from vhostmem.guest_memory import GuestMemory
+from vhostmem.session_base import (
+    MAX_MEM_SLOTS,
+    SessionError,
+    SessionState,
+    close_fds,
+    take_fds,
+)
+from vhostmem.virtqueue import Virtqueue
+
+log = logging.getLogger("vhostmem.session")
+
+
+class MemoryRequests:
+    """Handlers of the memory-table requests (the session provides the state)."""
+
+    name: str
+    memory: GuestMemory
+    queues: list[Virtqueue]
+    state: SessionState
+
+    def _resolve_ring(self, i: int, addr: tuple[int, int, int, int, int]) -> None:
+        raise NotImplementedError  # the session translates ring addresses
+
+    def _set_mem_table(self, msg: Message) -> None:
+        table = msg.payload
+        if len(msg.fds) != table.nregions:
+            raise SessionError(
+                f"SET_MEM_TABLE: {table.nregions} regions but {len(msg.fds)} fds"
+            )
+        self._check_started_rings_in(table.regions)
+        regions = [
+            (r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset, fd)
+            for r, fd in zip(table.regions, take_fds(msg), strict=True)
+        ]
+        self.memory.set_table(regions)
+        self._log_regions("SET_MEM_TABLE")
+        self._reresolve_rings()
+
+    def _check_started_rings_in(self, regions: list[Any]) -> None:
+        """Refuse a table that would pull a started ring's memory away, before anything
+        changes (the rings keep running on the old table)."""
+        for i, ring in enumerate(self.state.rings):
+            if not ring.started or ring.addr is None:
+                continue
+            _, desc, used, avail, _ = ring.addr
+            sizes = self.queues[i].ring_sizes()
+            for what, uva, size in zip(("descriptor table", "used ring", "avail ring"),
+                                       (desc, used, avail), (sizes[0], sizes[2], sizes[1]),
+                                       strict=True):
+                if not any(r.userspace_addr <= uva and uva + size <= r.userspace_addr
+                           + r.memory_size for r in regions):
+                    raise SessionError(
+                        f"SET_MEM_TABLE: the {what} of started ring {i} (frontend address "
+                        f"{uva:#x}) is in none of the new regions"
+                    )
+
+    def _add_mem_reg(self, msg: Message) -> None:
+        if len(msg.fds) != 1:
+            raise SessionError("ADD_MEM_REG: expected exactly one fd")
+        if len(self.memory.regions) >= MAX_MEM_SLOTS:
+            raise SessionError(f"ADD_MEM_REG: all {MAX_MEM_SLOTS} memory slots are in use")
+        r = msg.payload.region
+        self.memory.add_region(
+            r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset, take_fds(msg)[0]
+        )
+        log.info(
+            "%s: ADD_MEM_REG registered region gpa=%#x size=%#x",
+            self.name,
+            r.guest_phys_addr,
+            r.memory_size,
+        )
+
+    def _rem_mem_reg(self, msg: Message) -> None:
+        # QEMU may attach the region's fd again; it is not needed to find the region.
+        close_fds(take_fds(msg))
+        r = msg.payload.region
+        self._check_rings_outside(r.guest_phys_addr, r.memory_size)
+        self.memory.remove_region(r.guest_phys_addr, r.memory_size, r.userspace_addr)
+        self._unmap_stopped_rings()
+        log.info(
+            "%s: REM_MEM_REG unregistered region gpa=%#x size=%#x",
+            self.name,
+            r.guest_phys_addr,
+            r.memory_size,
+        )
+
+    def _log_regions(self, what: str) -> None:
+        for region in self.memory.regions:
+            log.info(
+                "%s: %s registered region gpa=%#x size=%#x",
+                self.name,
+                what,
+                region.guest_phys_addr,
+                region.memory_size,
+            )
+
+    def _check_rings_outside(self, gpa: int, size: int) -> None:
+        """Refuse to remove memory that a started ring still lives in."""
+        for i, vq in enumerate(self.queues):
+            if self.state.rings[i].started and vq.ring_overlaps(gpa, size):
+                raise SessionError(f"REM_MEM_REG: ring {i} lives in region gpa={gpa:#x}")
+
+    def _reresolve_rings(self) -> None:
+        """After the table changed, point every started ring at the new mappings (checked
+        beforehand to be there); stopped rings let go of the old ones and are resolved again
+        when they start."""
+        for i, ring in enumerate(self.state.rings):
+            if ring.started and ring.addr is not None:
+                self._resolve_ring(i, ring.addr)
+        self._unmap_stopped_rings()
+
+    def _unmap_stopped_rings(self) -> None:
+        """A stopped ring's views must not keep removed guest memory mapped."""
+        for i, ring in enumerate(self.state.rings):
+            if not ring.started:
+                self.queues[i].unmap()
