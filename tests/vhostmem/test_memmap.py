@@ -319,6 +319,21 @@ def test_4k_entries_split_only_where_unaligned_and_fold_back() -> None:
     assert mem_map.stats()["split_entries"] == 0
 
 
+def test_a_few_entries_on_each_side_of_a_table_boundary() -> None:
+    mem_map = MemRegistry().alloc_map(0)
+    mem_map.translate_many([BASE])  # with a mirror to keep in step
+    mem_map.set_translation(BASE, 2 * G1, 1)
+    mem_map.set_translation(BASE + G1 - M2, 2 * M2, 2)  # one entry in each existing table
+    addresses = [BASE + G1 - 2 * M2, BASE + G1 - M2, BASE + G1, BASE + G1 + M2]
+    assert [mem_map.lookup(a) for a in addresses] == [1, 2, 2, 1]
+    assert mem_map.translate_many(addresses).tolist() == [1, 2, 2, 1]
+    mem_map.set_translation(BASE + G1 - 100 * M2, 200 * M2, 3)  # many entries: table copies
+    assert [mem_map.lookup(a) for a in addresses] == [3, 3, 3, 3]
+    assert mem_map.lookup(BASE + G1 - 101 * M2) == 1 and mem_map.lookup(BASE + G1 + 100 * M2) == 1
+    assert mem_map.translate_many(addresses).tolist() == [3, 3, 3, 3]
+    assert mem_map.stats() == {"tables": 2, "split_entries": 0}
+
+
 def test_translate_size_without_are_contiguous_is_page_remainder() -> None:
     mem_map = MemRegistry().alloc_map(0)
     mem_map.set_translation(BASE, 8 * M2, 5)
@@ -535,3 +550,30 @@ def test_concurrent_registrations_and_translations() -> None:
     assert len(reg.chunks()) == 4 * 100
     for vaddr, length in reg.chunks():
         assert mem_map.translate(vaddr) == (vaddr, length)
+
+
+def test_translate_many_into_an_out_array() -> None:
+    mem_map = MemRegistry().alloc_map(3)
+    mem_map.set_translation(BASE, 2 * G1, 11)
+    mem_map.set_translation(BASE + M2 + K4, 5 * K4, 12)  # a split entry
+    rng = np.random.default_rng(5)
+    addresses = np.concatenate([
+        rng.integers(BASE - G1, BASE + 3 * G1, 40_000, dtype=np.uint64),
+        np.arange(BASE + M2, BASE + 2 * M2, K4, dtype=np.uint64)])
+    expected = mem_map.translate_many(addresses)
+    out = np.full(addresses.size, 99, dtype=np.uint64)
+    assert mem_map.translate_many(addresses, out=out) is out
+    assert np.array_equal(out, expected)
+    grid = np.zeros((2, addresses.size // 2), dtype=np.uint64)  # any shape of the right size
+    assert mem_map.translate_many(list(addresses), out=grid) is grid
+    assert np.array_equal(grid.ravel(), expected)
+    in_place = addresses.copy()  # out may be the addresses themselves
+    assert mem_map.translate_many(in_place, out=in_place) is in_place
+    assert np.array_equal(in_place, expected)
+    for bad in (np.zeros(addresses.size, dtype=np.int64), np.zeros(addresses.size - 1,
+                dtype=np.uint64), np.zeros(2 * addresses.size, dtype=np.uint64)[::2],
+                [0] * addresses.size):
+        expect_errno(errno.EINVAL, mem_map.translate_many, addresses, bad)
+    frozen = np.zeros(addresses.size, dtype=np.uint64)
+    frozen.flags.writeable = False
+    expect_errno(errno.EINVAL, mem_map.translate_many, addresses, frozen)

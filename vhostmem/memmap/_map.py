@@ -94,6 +94,7 @@ _NEW_SPLIT, _NEW_SUB, _FOLD = 0, 1, 2
 # A write of up to this many entries of an existing 1 GiB table stores them one by one (no
 # allocation); more, and it builds a changed copy of the table (cheaper than item stores).
 _IN_PLACE_MAX = 64
+_Store = tuple[int, int, int]  # (table index, lo, hi): entries lo..hi-1 set in place
 
 
 class MemMap:
@@ -198,8 +199,14 @@ class MemMap:
             pos += step
         return min(cur, size)
 
-    def translate_many(self, addresses: Iterable[int] | np.ndarray) -> np.ndarray:
-        """Translations of a batch of addresses as a numpy ``uint64`` array of the same shape."""
+    def translate_many(self, addresses: Iterable[int] | np.ndarray,
+                       out: np.ndarray | None = None) -> np.ndarray:
+        """Translations of a batch of addresses as a numpy ``uint64`` array of the same shape.
+
+        ``out``: a C-contiguous, writable numpy ``uint64`` array with one element per address
+        (any shape) to write the translations into, and return, instead of a new array; it may
+        be the addresses array itself. Anything else is EINVAL.
+        """
         from vhostmem.memmap._mirror import Mirror
 
         with self._lock:
@@ -207,7 +214,7 @@ class MemMap:
                 self._mirror = Mirror(self._default)
                 self._mirror.mark_all(self._l1, self._default_table, self._split)
             self._mirror.sync(self._l1, self._default_table, self._split, _SPLIT)
-            return self._mirror.translate(addresses)
+            return self._mirror.translate(addresses, out)
 
     # ----------------------------------------------------------------- writes
 
@@ -252,19 +259,17 @@ class MemMap:
         tail_start = max(end & ~MASK_2M, head_end)
         f_first, f_stop = head_end >> SHIFT_2M, tail_start >> SHIFT_2M
         split = self._split
-        tables: list[tuple[int, list[int]]] = []  # (index, new table) to store in l1
-        stores: list[tuple[int, int, int]] = []  # (index, lo, hi): a few entries set in place
         pages: list[tuple[int, int, list[int] | None]] = []  # (kind, frame, sub-table)
         published: list[int] = []
         try:
-            self._prepare_tables(start >> SHIFT_1G, (end - 1) >> SHIFT_1G, f_first, f_stop,
-                                 value, tables, stores)
+            indexes, new_tables, stores = self._prepare_tables(
+                start >> SHIFT_1G, (end - 1) >> SHIFT_1G, f_first, f_stop, value)
             if start < head_end:
                 self._prepare_pages(start, head_end, value, pages)
             if tail_start < end:
                 self._prepare_pages(tail_start, end, value, pages)
             if not split or f_first >= f_stop:
-                dropped: list[int] = []
+                dropped: list[int] | tuple[()] = ()
             elif f_stop - f_first < len(split):
                 dropped = [f for f in range(f_first, f_stop) if f in split]
             else:
@@ -278,8 +283,9 @@ class MemMap:
                 del split[frame]
             raise MemMapError(errno.ENOMEM, "out of memory allocating a memory-map table") from exc
         l1 = self._l1
-        for index, table in tables:
-            l1[index] = table
+        if new_tables:
+            for index, table in zip(indexes, new_tables, strict=True):
+                l1[index] = table
         for index, lo, hi in stores:
             table = l1[index]
             for slot in range(lo, hi):
@@ -295,38 +301,51 @@ class MemMap:
                 l1[frame >> _FRAME_TO_TABLE][frame & ENTRY_MASK] = value
                 del split[frame]
         if self._mirror is not None:
-            self._mark_mirror(tables, stores, dropped, pages)
+            self._mark_mirror(indexes, stores, dropped, pages)
 
-    def _prepare_tables(self, first: int, last: int, f_first: int, f_stop: int, value: int,
-                        tables: list[tuple[int, list[int]]],
-                        stores: list[tuple[int, int, int]]) -> None:
-        """Plan the 1 GiB tables first..last for whole frames [f_first, f_stop): new tables
-        (fully covered, not allocated yet, or many entries changed) into ``tables``, a few
-        entries of an existing table into ``stores``."""
+    def _prepare_tables(self, first: int, last: int, f_first: int, f_stop: int,
+                        value: int) -> tuple[Any, list[list[int]], tuple[_Store, ...]]:
+        """Plan the 1 GiB tables first..last for whole frames [f_first, f_stop).
+
+        Returns ``(indexes, new_tables, stores)``: ``new_tables[i]`` (fully covered, newly
+        allocated, or with many entries changed) is to replace ``l1[indexes[i]]``; ``stores``
+        holds ``(index, lo, hi)`` for an existing table whose entries lo..hi-1 are few enough
+        to be set in place."""
         full_first = (f_first + ENTRY_MASK) >> _FRAME_TO_TABLE
-        full_stop = max(f_stop >> _FRAME_TO_TABLE, full_first)
+        full_stop = f_stop >> _FRAME_TO_TABLE
         if full_first < full_stop:
-            tables += [(index, _filled(value, ENTRIES)) for index in range(full_first, full_stop)]
+            indexes: Any = range(full_first, full_stop)
+            new_tables = [_filled(value, ENTRIES) for _ in indexes]
+        else:
+            full_first = full_stop = first  # no whole table: only first and last are touched
+            indexes = ()
+            new_tables = []
+        stores: tuple[_Store, ...] = ()
         l1 = self._l1
         # Only the first and the last table can be partly covered.
         for index in (first, last) if first != last else (first,):
             if full_first <= index < full_stop:
                 continue
             base = index << _FRAME_TO_TABLE
-            lo, hi = max(f_first - base, 0), min(f_stop - base, ENTRIES)
+            lo = f_first - base if f_first > base else 0
+            hi = f_stop - base if f_stop - base < ENTRIES else ENTRIES
             old = l1[index]
             if old is self._default_table:
                 table = _filled(self._default, ENTRIES)
             elif lo >= hi:
                 continue
             elif hi - lo <= _IN_PLACE_MAX:
-                stores.append((index, lo, hi))
+                stores += ((index, lo, hi),)
                 continue
             else:
                 table = _copied(old)
             if lo < hi:
                 table[lo:hi] = _filled(value, hi - lo)
-            tables.append((index, table))
+            if indexes.__class__ is not list:
+                indexes = list(indexes)
+            indexes.append(index)
+            new_tables.append(table)
+        return indexes, new_tables, stores
 
     def _prepare_pages(self, start: int, end: int, value: int,
                        pages: list[tuple[int, int, list[int] | None]]) -> None:
@@ -349,13 +368,13 @@ class MemMap:
             sub[lo:hi] = _filled(value, hi - lo)
             pages.append((_NEW_SPLIT, frame, sub))
 
-    def _mark_mirror(self, tables: list[tuple[int, list[int]]],
-                     stores: list[tuple[int, int, int]], dropped: list[int],
-                     pages: list[tuple[int, int, list[int] | None]]) -> None:
+    def _mark_mirror(self, indexes: Iterable[int], stores: tuple[_Store, ...],
+                     dropped: Iterable[int], pages: list[tuple[int, int, list[int] | None]]
+                     ) -> None:
         mirror = self._mirror
         assert mirror is not None
         try:
-            mirror.mark_tables([index for index, _ in tables])
+            mirror.mark_tables(indexes)
             mirror.mark_tables([index for index, _, _ in stores])
             for frame in dropped:
                 mirror.mark_frame(frame)

@@ -137,9 +137,16 @@ class Mirror:
 
     # ----------------------------------------------------------------- batch translate
 
-    def translate(self, addresses: Any) -> np.ndarray:
+    def translate(self, addresses: Any, out: np.ndarray | None = None) -> np.ndarray:
         flat = _as_addresses(addresses)
-        out = np.empty(flat.size, dtype=np.uint64)
+        given = out
+        copy = None
+        if given is None:
+            out = np.empty(flat.size, dtype=np.uint64)
+        else:
+            out = _as_output(given, flat.size)
+            if np.may_share_memory(out, flat):  # in place: each block is read from a copy
+                copy = np.empty(_BLOCK, dtype=np.uint64)
         has_split = bool(self.sub_rows)
         frames = np.empty(_BLOCK, dtype=np.uint64)
         scratch = np.empty(_BLOCK, dtype=np.uint64)
@@ -147,6 +154,9 @@ class Mirror:
         for start in range(0, flat.size, _BLOCK):
             block = flat[start:start + _BLOCK]
             n = block.size
+            if copy is not None:
+                block = copy[:n]
+                np.copyto(block, flat[start:start + n])
             f, s, o = frames[:n], scratch[:n], offsets[:n]
             np.right_shift(block, _S2M, out=f)
             np.right_shift(f, _S_TABLE, out=s)
@@ -157,6 +167,8 @@ class Mirror:
             np.take(self.pool, o, out=dest)
             if has_split:
                 self._fix_split(block, o, dest)
+        if given is not None:
+            return given
         return out.reshape(np.shape(addresses)) if isinstance(addresses, np.ndarray) else out
 
     def _fix_split(self, block: np.ndarray, offsets: np.ndarray, dest: np.ndarray) -> None:
@@ -178,3 +190,15 @@ def _as_addresses(addresses: Any) -> np.ndarray:
         raise MemMapError(errno.EINVAL,
                           "translate_many: an address is outside the 48-bit address space")
     return flat
+
+
+def _as_output(out: Any, size: int) -> np.ndarray:
+    """A flat view of the caller's ``out`` array, which must take ``size`` uint64 values."""
+    if not isinstance(out, np.ndarray) or out.dtype != np.uint64:
+        raise MemMapError(errno.EINVAL, "translate_many: out must be a numpy uint64 array")
+    if out.size != size:
+        raise MemMapError(errno.EINVAL,
+                          f"translate_many: out has {out.size} elements for {size} addresses")
+    if not out.flags.c_contiguous or not out.flags.writeable:
+        raise MemMapError(errno.EINVAL, "translate_many: out must be C-contiguous and writable")
+    return out.reshape(-1)
