@@ -2,5 +2,7 @@
 
 Modules: ``assets`` (kernel/busybox cache, initramfs), ``pattern`` (the data pattern and the
 expected disk image), ``backends`` (pluggable backend command lines), ``qmp`` (a tiny QMP client),
-``guestlog`` (parsing the guest's result lines) and ``launch`` (``run_guest`` and the CLI).
+``guestlog`` (parsing the guest's result lines), ``accel`` (the KVM probe), ``vhost_tap`` (a
+recording vhost-user relay), ``hotplug``, ``reconnect`` (backend crash test) and ``launch``
+(``run_guest`` and the CLI).
 """

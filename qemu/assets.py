@@ -173,6 +173,9 @@ def fetch_kernel() -> tuple[Path, str]:
         for name in GUEST_MODULES:
             _atomic_write(folder / f"{name}.ko", _read_module(_find_module(modules, name)))
         _atomic_write(folder / "vmlinuz", vmlinuz[0].read_bytes())
+        config = work / "root/boot" / f"config-{release}"
+        if config.is_file():  # kept for reference: which options the guest kernel has
+            _atomic_write(folder / "config", config.read_bytes())
         stamp = {"package": package, "release": release, "deb": debs[0].name}
         _atomic_write(folder / KERNEL_STAMP, json.dumps(stamp, indent=1).encode())
     return folder, release

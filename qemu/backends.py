@@ -8,6 +8,11 @@ to the QEMU test suite is one entry in ``tests/qemu/conftest.py``'s backend list
 Backend-specific checks after memory hot-plug go into an ``on_hotplug`` hook (see
 ``HotplugHook``); the harness already checks generically that the backend process maps the new
 DIMM after the plug and unmaps it after the unplug.
+
+Storage: a request is file-backed (``storage="file"``: an image file on a disk file system) or
+RAM-backed (``storage="ram"``). For a RAM-backed disk a backend with ``ram_disk=True`` (vhostmem:
+``serve --ram-size``) serves its own RAM disk and gets ``disk=None``; any other backend gets an
+image file on a RAM file system (``/dev/shm``).
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from qemu.guestlog import Check
 ROOT = Path(__file__).resolve().parent.parent
 VHOSTMEM_BIN = ROOT / ".venv" / "bin" / "vhostmem"
 PLUGGED, UNPLUGGED = "plugged", "unplugged"
+FILE, RAM = "file", "ram"
+STORAGES = (FILE, RAM)
 
 
 @dataclass(frozen=True)
@@ -29,9 +36,17 @@ class BackendRequest:
     """What the harness asks a backend to serve."""
 
     socket: Path
-    disk: Path
+    disk: Path | None  # None: serve a RAM disk of ``size`` bytes of your own (Backend.ram_disk)
     readonly: bool
     num_queues: int
+    size: int = 0  # the disk's size in bytes
+    storage: str = FILE  # FILE or RAM (see the module docstring)
+
+    def image(self) -> Path:
+        """The image path, for backends that always serve an image file."""
+        if self.disk is None:
+            raise ValueError(f"this backend needs an image file (storage={self.storage!r})")
+        return self.disk
 
 
 @dataclass(frozen=True)
@@ -63,6 +78,9 @@ class Backend:
     discard_zeroes: bool = True
     block_size: int = 512
     on_hotplug: HotplugHook = no_hotplug_checks
+    # Serves storage="ram" from its own memory (request.disk is None); if false the harness
+    # puts the image on a RAM file system instead.
+    ram_disk: bool = False
 
     def argv(self, request: BackendRequest) -> list[str]:
         return self.command(request)
@@ -73,7 +91,7 @@ def _qsd_command(req: BackendRequest) -> list[str]:
     return [
         shutil.which("qemu-storage-daemon") or "qemu-storage-daemon",
         "--blockdev",
-        f"driver=file,node-name=file0,filename={req.disk},discard=unmap,"
+        f"driver=file,node-name=file0,filename={req.image()},discard=unmap,"
         f"read-only={_onoff(req.readonly)}",
         "--blockdev",
         f"driver=raw,node-name=disk0,file=file0,discard=unmap,read-only={_onoff(req.readonly)}",
@@ -88,32 +106,40 @@ def _onoff(flag: bool) -> str:
 
 
 def qsd_backend() -> Backend:
-    """qemu-storage-daemon exporting the image as vhost-user-blk."""
+    """qemu-storage-daemon exporting the image as vhost-user-blk (a RAM-backed disk is an
+    image on /dev/shm)."""
     return Backend(name="qsd", command=_qsd_command)
 
 
 def vhostmem_backend(
     executable: Path = VHOSTMEM_BIN, on_hotplug: HotplugHook = no_hotplug_checks
 ) -> Backend:
-    """``vhostmem serve`` on the image; pass ``on_hotplug`` for registration assertions."""
+    """``vhostmem serve`` on the image, or on its own RAM disk (``--ram-size``) for
+    storage="ram"; pass ``on_hotplug`` for registration assertions."""
 
     def command(req: BackendRequest) -> list[str]:
-        argv = [str(executable), "serve", "--socket", str(req.socket), "--disk", str(req.disk)]
+        argv = [str(executable), "serve", "--socket", str(req.socket)]
+        if req.disk is None:
+            argv += ["--ram-size", str(req.size)]
+        else:
+            argv += ["--disk", str(req.disk)]
         if req.readonly:
             argv.append("--readonly")
         return [*argv, "--num-queues", str(req.num_queues)]
 
-    return Backend(name="vhostmem", command=command, on_hotplug=on_hotplug)
+    return Backend(name="vhostmem", command=command, on_hotplug=on_hotplug, ram_disk=True)
 
 
 def command_backend(name: str, template: str, *, discard_zeroes: bool = True) -> Backend:
-    """Any command line; ``{socket}``, ``{disk}``, ``{num_queues}`` and ``{readonly}``
-    ("on"/"off") are substituted, e.g. ``"mybackend --sock {socket} --img {disk}"``."""
+    """Any command line; ``{socket}``, ``{disk}``, ``{size}`` (bytes), ``{num_queues}`` and
+    ``{readonly}`` ("on"/"off") are substituted, e.g. ``"mybackend --sock {socket} --img {disk}"``.
+    """
 
     def command(req: BackendRequest) -> list[str]:
         values = {
             "socket": str(req.socket),
-            "disk": str(req.disk),
+            "disk": str(req.image()),
+            "size": str(req.size),
             "num_queues": str(req.num_queues),
             "readonly": _onoff(req.readonly),
         }

@@ -1,16 +1,32 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the QEMU and qemu-storage-daemon tests need, when missing.
+# --dry-run: only print the packages that would be installed (one line, maybe empty).
+# $BUSYBOX (default /bin/busybox): the busybox to check, for tests of this script.
 set -euo pipefail
+dry_run=0
+[ "${1:-}" = --dry-run ] && dry_run=1
+busybox=${BUSYBOX:-/bin/busybox}
 need=()
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v qemu-storage-daemon >/dev/null || need+=(qemu-system-common)
 command -v qemu-img >/dev/null || need+=(qemu-utils)
-[ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -qx blkdiscard || need+=(busybox-static)
+# The initramfs needs a static busybox with blkdiscard (Debian's plain busybox package is
+# dynamically linked): the ELF test qemu/assets.py applies (no PT_INTERP), with python3 alone.
+busybox_is_static() {
+    [ -x "$busybox" ] || return 1
+    PYTHONPATH="$(dirname "$0")/.." python3 -c 'import sys
+from qemu.assets import _is_static_elf
+with open(sys.argv[1], "rb") as f:
+    sys.exit(0 if _is_static_elf(f.read()) else 1)' "$busybox"
+}
+{ busybox_is_static && "$busybox" --list 2>/dev/null | grep -qx blkdiscard; } || need+=(busybox-static)
 command -v cpio >/dev/null || need+=(cpio)
 # The guest's checker (qemu/guest/vmtest.c) is compiled statically on the host.
 command -v gcc >/dev/null || need+=(gcc)
 [ -f /usr/lib/x86_64-linux-gnu/libc.a ] || need+=(libc6-dev)
-if [ ${#need[@]} -gt 0 ]; then
+if [ "$dry_run" = 1 ]; then
+    echo "${need[*]}"
+elif [ ${#need[@]} -gt 0 ]; then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
     echo "installing Debian packages: ${need[*]}"

@@ -12,8 +12,8 @@ Command line::
     python -m qemu.launch --backend qsd --num-queues 2 --smp 2     # one checked boot
     python -m qemu.launch --interactive --socket ./vhostmem.sock   # a shell on a running backend
 
-Acceleration is TCG: /dev/kvm exists on the development machines but cannot run a guest, and
-a cloud kernel boots and runs the checks in a few seconds under TCG anyway.
+Acceleration: ``accel="auto"`` (the default) is KVM only where a probe boot of the test guest
+under KVM succeeds, else TCG (see qemu/accel.py); the report says which one ran and why.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ from __future__ import annotations
 import argparse
 import os
 import queue
+import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -32,10 +34,12 @@ from pathlib import Path
 from typing import IO
 
 from qemu import assets as guest_assets
-from qemu.backends import BACKEND_FACTORIES, Backend, BackendRequest
+from qemu.accel import ACCELS, resolve_accel
+from qemu.backends import BACKEND_FACTORIES, FILE, RAM, STORAGES, Backend, BackendRequest
 from qemu.guestlog import Check, GuestLog
 from qemu.hotplug import EXPECTED_HOST_CHECKS, HotplugDriver
 from qemu.pattern import DiskLayout, expected_image, first_difference, md5_hex, pattern
+from qemu.vhost_tap import TapMessage, VhostUserTap, ring_restart_check
 
 MIB = 1 << 20
 QEMU = "qemu-system-x86_64"
@@ -45,12 +49,16 @@ HOTPLUG_SLOTS, HOTPLUG_MAXMEM = 2, "2G"
 HOTPLUG_ROUNDS = 3  # before the plug, with the DIMM, after the unplug
 DEFAULT_SOCKET = Path("vhostmem.sock")
 LOG_TAIL_LINES = 40
+RAM_DIR = Path("/dev/shm")  # where a RAM-backed image lives when the backend needs a file
+RAM_FSTYPES = ("tmpfs", "ramfs")
+DISK_DIR_FALLBACK = Path("/var/tmp")  # for file-backed images when the temp dir is a tmpfs
 
 BOOT_CHECKS = ("boot.disk", "boot.sysfs-size", "boot.sysfs-lbs", "boot.sysfs-ro", "boot.queues")
 RW_ROUND_CHECKS = ("ioctl-geometry", "pattern-write", "flush", "pattern-read", "last-sector",
                    "discard", "write-zeroes", "flush-final", "read-past-end", "write-past-end")
 RO_ROUND_CHECKS = ("ioctl-geometry", "readonly-reject", "pattern-read", "read-past-end")
 HOTPLUG_GUEST_CHECKS = ("hotplug-online", "r2.hotplug-buffer", "hotunplug-offline")
+FINAL_CHECKS = ("queues-used",)  # after the rounds: every hardware queue carried I/O
 
 
 @dataclass(frozen=True)
@@ -66,7 +74,16 @@ class GuestConfig:
     seed: int = 1
     memory_mib: int = 512
     timeout: float = 90.0
-    accel: str = "tcg"
+    # "auto": KVM where a probe boot under KVM succeeds, else TCG (qemu/accel.py); or "kvm"/"tcg".
+    accel: str = "auto"
+    # FILE: an image file on a disk file system; RAM: the backend's own RAM disk if it has one
+    # (Backend.ram_disk), else an image on /dev/shm.
+    storage: str = FILE
+    # The CPUs the guest pins its queue-coverage readers to (None: every vCPU), see queues-used.
+    queue_io_cpus: tuple[int, ...] | None = None
+    # Put a vhost-user tap (qemu/vhost_tap.py) between QEMU and the backend and check that ring 0
+    # was started, stopped and started again on one connection (host.vhost-user-ring-restart).
+    trace_vhost_user: bool = False
     # > 0: instead of the checks, the guest runs `vmtest --bench` (O_DIRECT 4 KiB random reads)
     # for this many seconds in ``bench_jobs`` processes and reports VHOSTMEM-INFO bench lines.
     bench_seconds: int = 0
@@ -94,6 +111,12 @@ class GuestResult:
     backend_log: str = ""
     seconds: float = 0.0
     first_result_seconds: float | None = None
+    accel: str = ""  # what QEMU ran with: "kvm" or "tcg"
+    accel_reason: str = ""
+    # Host checks that cannot apply to this boot, with the reason (reported as N/A, not PASS).
+    not_applicable: list[tuple[str, str]] = field(default_factory=list)
+    vhost_user: list[TapMessage] = field(default_factory=list)  # with trace_vhost_user
+    backend_argv: list[str] = field(default_factory=list)
 
     @property
     def failures(self) -> list[Check]:
@@ -107,10 +130,14 @@ class GuestResult:
 
     def report(self, with_logs: bool = True) -> str:
         head = f"{'PASS' if self.passed else 'FAIL'} backend={self.backend} {self.config}"
-        lines = [head, f"guest verdict: {self.verdict}; {self.seconds:.1f} s"]
+        lines = [head, f"guest verdict: {self.verdict}; {self.seconds:.1f} s",
+                 f"accel: {self.accel or '-'} ({self.accel_reason or 'QEMU not started'})"]
+        if self.backend_argv:
+            lines.append(f"backend command: {' '.join(self.backend_argv)}")
         if self.error:
             lines.append(f"error: {self.error}")
         lines += [str(c) for c in self.checks]
+        lines += [f"N/A {name} {reason}" for name, reason in self.not_applicable]
         if with_logs and not self.passed:
             lines += ["--- serial (tail) ---", *_tail(self.serial_log)]
             lines += ["--- backend (tail) ---", *_tail(self.backend_log)]
@@ -134,6 +161,8 @@ def kernel_cmdline(config: GuestConfig, layout: DiskLayout, backend: Backend) ->
         "zeroout": layout.zeroout.arg(),
         "hotplug": int(config.hotplug),
     }
+    if config.queue_io_cpus is not None:
+        settings["queue_cpus"] = ",".join(str(c) for c in config.queue_io_cpus)
     if config.bench_seconds:
         settings.update(mode="bench", bench_seconds=config.bench_seconds,
                         bench_jobs=config.bench_jobs)
@@ -155,13 +184,15 @@ def qemu_command(
     reconnect: int = 0,
 ) -> list[str]:
     """The QEMU command line: shared memfd RAM (vhost-user needs it) and a vhost-user-blk disk.
-    ``reconnect`` > 0: QEMU redials a backend that went away every that many seconds."""
+    ``reconnect`` > 0: QEMU redials a backend that went away every that many seconds.
+    ``config.accel`` "auto" becomes the probe's verdict (cached, see qemu/accel.py)."""
+    accel, _ = resolve_accel(config.accel, assets)
     chardev = f"socket,id=blk0,path={socket}" + (f",reconnect={reconnect}" if reconnect else "")
     memory = f"{config.memory_mib}M"
     if config.hotplug:
         memory += f",slots={HOTPLUG_SLOTS},maxmem={HOTPLUG_MAXMEM}"
     argv = [
-        QEMU, "-accel", config.accel, "-machine", "q35,memory-backend=mem",
+        QEMU, "-accel", accel, "-machine", "q35,memory-backend=mem",
         "-smp", str(config.smp), "-m", memory,
         "-object", f"memory-backend-memfd,id=mem,size={config.memory_mib}M,share=on",
         "-chardev", chardev,
@@ -183,7 +214,7 @@ def expected_check_names(config: GuestConfig) -> list[str]:
         names += [f"r{r}.{name}" for name in per_round]
     if config.hotplug:
         names += [*HOTPLUG_GUEST_CHECKS, *EXPECTED_HOST_CHECKS]
-    return names
+    return names + list(FINAL_CHECKS)
 
 
 def _make_image(path: Path, config: GuestConfig, layout: DiskLayout) -> None:
@@ -195,31 +226,48 @@ def _make_image(path: Path, config: GuestConfig, layout: DiskLayout) -> None:
 
 
 def _image_model(config: GuestConfig, layout: DiskLayout, backend: Backend, round_number: int,
-                 actual: bytes) -> bytes:
+                 actual: bytes | None) -> bytes | None:
+    """What the disk holds after the round; None if that is unknowable (a discarded range
+    with unspecified contents and no image to read them from)."""
     if config.readonly:
         return pattern(config.seed, layout.size)
     seed = config.round_seed(round_number)
     model = expected_image(layout, seed, discard_zeroes=backend.discard_zeroes)
     if not backend.discard_zeroes:  # unspecified contents: take them from the real image
+        if actual is None:
+            return None
         r = layout.discard
         model[r.offset : r.offset + r.length] = actual[r.offset : r.offset + r.length]
     return bytes(model)
 
 
 def _host_checks(log: GuestLog, reported: list[Check], config: GuestConfig, layout: DiskLayout,
-                 backend: Backend, image: Path) -> list[Check]:
-    actual = image.read_bytes()
+                 backend: Backend, image: Path | None,
+                 not_applicable: list[tuple[str, str]]) -> list[Check]:
+    """Image, digest and completeness checks; what cannot apply goes to ``not_applicable``."""
+    actual = image.read_bytes() if image is not None else None
     final = config.round_count
     model = _image_model(config, layout, backend, final, actual)
-    diff = first_difference(actual, model)
-    checks = [Check("host.image", diff is None,
-                    "image matches the guest's writes" if diff is None
-                    else f"first difference at byte {diff}")]
+    checks = []
+    if actual is None:
+        not_applicable.append(("host.image", f"{backend.name} serves its own RAM disk: there is "
+                               "no image file on the host to compare with the guest's writes"))
+    else:
+        assert model is not None
+        diff = first_difference(actual, model)
+        checks.append(Check("host.image", diff is None,
+                            "image matches the guest's writes" if diff is None
+                            else f"first difference at byte {diff}"))
     for r in range(1, final + 1):
         # Digests of earlier rounds are predictable only if discarded ranges read as zeroes.
         if r != final and not backend.discard_zeroes:
             continue
-        want = md5_hex(model if r == final else _image_model(config, layout, backend, r, actual))
+        want_image = model if r == final else _image_model(config, layout, backend, r, actual)
+        if want_image is None:
+            not_applicable.append((f"host.r{r}.md5", "the discarded range's contents are "
+                                   "unspecified and there is no image to read them from"))
+            continue
+        want = md5_hex(want_image)
         got = log.digests.get(f"r{r}")
         checks.append(Check(f"host.r{r}.md5", got == want, f"guest={got} host={want}"))
     seen = {c.name for c in reported}
@@ -227,6 +275,59 @@ def _host_checks(log: GuestLog, reported: list[Check], config: GuestConfig, layo
     checks.append(Check("host.all-checks-reported", not missing, f"missing: {missing}"
                         if missing else f"{len(seen)} checks"))
     return checks
+
+
+def _mount_of(path: Path) -> tuple[str, str]:
+    """(mount point, file system type) of the mount holding ``path``."""
+    target, best = os.path.realpath(path), ("/", "?")
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].encode().decode("unicode_escape")  # \040 for a space, etc.
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best[0]):
+            best = (point, fields[2])
+    return best
+
+
+def _is_ram_backed(path: Path) -> bool:
+    return _mount_of(path)[1] in RAM_FSTYPES
+
+
+def _open_files_of_size(pid: int, size: int) -> list[tuple[str, str]]:
+    """(target, file system type or "memfd") of each regular file of exactly ``size`` bytes
+    that process ``pid`` holds open."""
+    found = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target, info = os.readlink(fd), fd.stat()
+        except OSError:
+            continue
+        if not stat.S_ISREG(info.st_mode) or info.st_size != size:
+            continue
+        path = target.removesuffix(" (deleted)")
+        fstype = "memfd" if path.startswith("/memfd:") else _mount_of(Path(path))[1]
+        found.append((target, fstype))
+    return found
+
+
+def _own_ram_check(pid: int, size: int) -> Check:
+    """A backend serving its own RAM disk holds the disk in memory, not in a disk file."""
+    files = _open_files_of_size(pid, size)
+    in_ram = bool(files) and all(t in ("memfd", *RAM_FSTYPES) for _, t in files)
+    listed = ", ".join(f"{target} ({fstype})" for target, fstype in files) or "none"
+    return Check("host.storage", in_ram, f"storage=ram, the backend's own RAM disk: files of "
+                 f"{size} bytes open in the backend: {listed}; want memory only")
+
+
+def _storage_check(image: Path, storage: str) -> Check:
+    """The image lies on the kind of file system the storage choice promises."""
+    point, fstype = _mount_of(image)
+    ram = fstype in RAM_FSTYPES
+    want = "a RAM file system" if storage == RAM else "a disk file system"
+    return Check("host.storage", ram == (storage == RAM),
+                 f"storage={storage}: image {image} on {fstype} ({point}); want {want}")
 
 
 def _stop(proc: subprocess.Popen[bytes] | None) -> None:
@@ -263,22 +364,63 @@ class _Session:
     def __init__(self, backend: Backend, config: GuestConfig, workdir: Path) -> None:
         self.backend, self.config, self.workdir = backend, config, workdir
         self.layout = DiskLayout.for_size(config.disk_size, backend.block_size)
-        self.image, self.socket = workdir / "disk.img", workdir / "blk.sock"
+        # With a tap, QEMU dials the tap at blk.sock and the tap dials the backend.
+        self.socket = workdir / "blk.sock"
+        self.backend_socket = workdir / ("backend.sock" if config.trace_vhost_user
+                                         else "blk.sock")
         self.qmp_socket, self.backend_log = workdir / "qmp.sock", workdir / "backend.log"
+        self.image: Path | None = None
+        self.image_dir: Path | None = None  # a directory of our own outside workdir, if any
         self.backend_proc: subprocess.Popen[bytes] | None = None
         self.qemu_proc: subprocess.Popen[bytes] | None = None
         self.hotplug: HotplugDriver | None = None
+        self.tap: VhostUserTap | None = None
         self.log = GuestLog()
+        self.host_checks: list[Check] = []
+        self.backend_argv: list[str] = []
+
+    def _place_image(self) -> str | None:
+        """Creates the image where the storage choice says; None or an error."""
+        config = self.config
+        if config.storage == RAM and self.backend.ram_disk:
+            if config.readonly:
+                return (f"{self.backend.name}'s own RAM disk starts zero-filled: it cannot hold "
+                        "the pattern a read-only boot checks (use storage='file')")
+            return None  # no image: the backend allocates the disk itself
+        if config.storage == RAM:
+            if not _is_ram_backed(RAM_DIR):
+                return f"{RAM_DIR} is not a RAM file system ({_mount_of(RAM_DIR)[1]})"
+            self.image_dir = Path(tempfile.mkdtemp(prefix="vhostmem-vm-", dir=RAM_DIR))
+            self.image = self.image_dir / "disk.img"
+        elif _is_ram_backed(self.workdir):
+            self.image_dir = Path(tempfile.mkdtemp(prefix="vhostmem-vm-", dir=DISK_DIR_FALLBACK))
+            self.image = self.image_dir / "disk.img"
+        else:
+            self.image = self.workdir / "disk.img"
+        _make_image(self.image, config, self.layout)
+        self.host_checks.append(_storage_check(self.image, config.storage))
+        return None
 
     def start_backend(self) -> str | None:
-        _make_image(self.image, self.config, self.layout)
-        request = BackendRequest(self.socket, self.image, self.config.readonly,
-                                 self.config.num_queues)
+        if self.config.storage not in STORAGES:
+            return f"storage {self.config.storage!r}: expected one of {STORAGES}"
+        error = self._place_image()
+        if error is not None:
+            return error
+        request = BackendRequest(self.backend_socket, self.image, self.config.readonly,
+                                 self.config.num_queues, size=self.layout.size,
+                                 storage=self.config.storage)
+        self.backend_argv = self.backend.argv(request)
         with self.backend_log.open("wb") as out:
             self.backend_proc = subprocess.Popen(
-                self.backend.argv(request), stdin=subprocess.DEVNULL, stdout=out,
+                self.backend_argv, stdin=subprocess.DEVNULL, stdout=out,
                 stderr=subprocess.STDOUT)
-        return _wait_for_socket(self.socket, self.backend_proc, SOCKET_WAIT)
+        error = _wait_for_socket(self.backend_socket, self.backend_proc, SOCKET_WAIT)
+        if error is None and self.image is None:
+            self.host_checks.append(_own_ram_check(self.backend_proc.pid, self.layout.size))
+        if error is None and self.config.trace_vhost_user:
+            self.tap = VhostUserTap(self.socket, self.backend_socket)
+        return error
 
     def start_qemu(self, assets: guest_assets.GuestAssets) -> None:
         append = kernel_cmdline(self.config, self.layout, self.backend)
@@ -324,12 +466,19 @@ class _Session:
         if self.hotplug is not None:
             self.hotplug.close()
         _stop(self.qemu_proc)
+        if self.tap is not None:
+            self.tap.close()
         _stop(self.backend_proc)
         for proc in (self.qemu_proc,):
             if proc is not None and proc.stdin is not None:
                 proc.stdin.close()
             if proc is not None and proc.stdout is not None:
                 proc.stdout.close()
+
+    def remove_image(self) -> None:
+        """Removes an image kept outside workdir (workdir goes with its TemporaryDirectory)."""
+        if self.image_dir is not None:
+            shutil.rmtree(self.image_dir, ignore_errors=True)
 
 
 def run_guest(
@@ -342,25 +491,37 @@ def run_guest(
     config = config or GuestConfig()
     assets = assets or guest_assets.prepare()
     result = GuestResult(backend=backend.name, config=config)
+    # Resolved before the clock starts: a first-ever probe is not the boot's time.
+    result.accel, result.accel_reason = resolve_accel(config.accel, assets)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="vhostmem-vm-") as tmp:
         session = _Session(backend, config, Path(tmp))
         try:
-            result.error = session.start_backend()
-            if result.error is None:
-                session.start_qemu(assets)
-                session.run(result, started)
+            try:
+                result.error = session.start_backend()
+                if result.error is None:
+                    session.start_qemu(assets)
+                    session.run(result, started)
+            finally:
+                session.close()
+                result.seconds = time.monotonic() - started
+                result.serial_log = session.log.text
+                if session.backend_log.exists():
+                    result.backend_log = session.backend_log.read_text(errors="replace")
+            result.checks = session.log.checks + session.host_checks + result.checks
+            result.backend_argv = session.backend_argv
+            result.verdict = session.log.verdict
+            if session.tap is not None:
+                result.vhost_user = session.tap.snapshot()
+                result.checks.append(ring_restart_check(result.vhost_user))
+                result.checks += [Check("host.vhost-user-tap", False, e)
+                                  for e in session.tap.errors]
+            if result.error is None and not config.bench_seconds:  # a bench writes no pattern
+                result.checks += _host_checks(session.log, result.checks, config,
+                                              session.layout, backend, session.image,
+                                              result.not_applicable)
         finally:
-            session.close()
-            result.seconds = time.monotonic() - started
-            result.serial_log = session.log.text
-            if session.backend_log.exists():
-                result.backend_log = session.backend_log.read_text(errors="replace")
-        result.checks = session.log.checks + result.checks
-        result.verdict = session.log.verdict
-        if result.error is None and not config.bench_seconds:  # a bench writes no pattern
-            result.checks += _host_checks(session.log, result.checks, config, session.layout,
-                                          backend, session.image)
+            session.remove_image()
     return result
 
 
@@ -393,6 +554,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--timeout", type=float, default=90.0)
+    p.add_argument("--storage", choices=STORAGES, default=FILE,
+                   help="file: image file; ram: the backend's own RAM disk or an image on "
+                        "/dev/shm (default: file)")
+    p.add_argument("--accel", choices=ACCELS, default="auto",
+                   help="auto: KVM where a probe boot works, else TCG (default)")
+    p.add_argument("--trace-vhost-user", action="store_true",
+                   help="relay vhost-user through a tap and check ring 0 restarted")
     p.add_argument("--verbose", action="store_true", help="print the serial log too")
     return p.parse_args(argv)
 
@@ -408,7 +576,8 @@ def main(argv: list[str] | None = None) -> int:
     config = GuestConfig(
         disk_size=args.disk_size * MIB, num_queues=args.num_queues, smp=args.smp,
         readonly=args.readonly, hotplug=args.hotplug, rounds=args.rounds, seed=args.seed,
-        memory_mib=args.memory, timeout=args.timeout)
+        memory_mib=args.memory, timeout=args.timeout, storage=args.storage, accel=args.accel,
+        trace_vhost_user=args.trace_vhost_user)
     if args.interactive:
         return interactive(args.socket, config)
     result = run_guest(BACKEND_FACTORIES[args.backend](), config)

@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from qemu import assets as guest_assets
+from qemu.accel import resolve_accel
 from qemu.backends import BACKEND_FACTORIES, Backend, BackendRequest
 from qemu.guestlog import Check, GuestLog
 from qemu.launch import (
@@ -120,6 +121,7 @@ class CrashResult:
     backend_log: str = ""
     seconds: float = 0.0
     outages: list[float] = field(default_factory=list)  # kill -> guest I/O resumed
+    accel: str = ""  # what QEMU ran with, and why (qemu/accel.py)
 
     @property
     def passed(self) -> bool:
@@ -138,6 +140,7 @@ class CrashResult:
             f"restarts-with-resubmission={self.resubmissions} "
             f"{self.seconds:.1f} s (longest outage {worst:.2f} s)",
             f"guest verdict: {self.verdict}",
+            f"accel: {self.accel or '-'}",
         ]
         if self.error:
             lines.append(f"error: {self.error}")
@@ -380,6 +383,8 @@ def run_crash_test(
     config = config or CrashConfig()
     assets = assets or guest_assets.prepare()
     result = CrashResult(backend=backend.name, config=config)
+    accel, why = resolve_accel(GuestConfig().accel, assets)  # what qemu_command will pick
+    result.accel = f"{accel} ({why})"
     started = time.monotonic()
     deadline = started + config.timeout
     with tempfile.TemporaryDirectory(prefix="vhostmem-crash-") as tmp:

@@ -2,13 +2,14 @@
 # /init of the vhostmem test guest (busybox sh). Loads virtio-blk, checks /dev/vda, powers off.
 #
 # Settings come from the kernel command line as vmtest.KEY=VALUE (see qemu/launch.py):
-#   mode=check|shell|bench|writer  bench_seconds=N  bench_jobs=J  writer_jobs=J  size=BYTES  lbs=BYTES  queues=N  ro=0|1  seed=S  rounds=N
-#   discard=OFF:LEN  discard_zeroes=0|1  zeroout=OFF:LEN  hotplug=0|1
+#   mode=check|shell|bench|writer|probe  bench_seconds=N  bench_jobs=J  writer_jobs=J  size=BYTES  lbs=BYTES  queues=N  ro=0|1  seed=S  rounds=N
+#   discard=OFF:LEN  discard_zeroes=0|1  zeroout=OFF:LEN  hotplug=0|1  queue_cpus=CPU,CPU (default: every CPU)
 # Output protocol, one line each, parsed by qemu/guestlog.py:
 #   VHOSTMEM-TEST <name> PASS|FAIL <detail>     a check
 #   VHOSTMEM-DIGEST <round> <md5>               md5 of the whole disk read through the page cache
 #   VHOSTMEM-SYNC <tag>                         the guest waits for the host to echo <tag> back
 #   VHOSTMEM-VERDICT PASS|FAIL                  the guest's own verdict, last line before poweroff
+#   VHOSTMEM-PROBE running                      mode=probe only (the KVM probe): init ran; then poweroff
 
 /bin/busybox mount -t devtmpfs devtmpfs /dev
 # Without this the script's output would go nowhere: init starts with no usable stdio.
@@ -120,6 +121,40 @@ run_hotplug_rounds() {
     run_round 3
 }
 
+vq_interrupts() {  # vq_interrupts VIRTIODEV: "QUEUE COUNT" per request virtqueue, summed over CPUs
+    awk -v dev="$1" 'NR == 1 { ncpu = NF; next }
+        $NF ~ ("^" dev "-req[.]") { n = 0; for (i = 2; i <= ncpu + 1; i++) n += $i
+                                    q = $NF; sub(/.*-req[.]/, "", q); print q, n }' /proc/interrupts
+}
+
+all_cpus() {  # 0,1,...,N-1 for the N CPUs the guest has
+    n=$(grep -c '^processor' /proc/cpuinfo); cpus=0; i=1
+    while [ "$i" -lt "$n" ]; do cpus="$cpus,$i"; i=$((i + 1)); done
+    echo "$cpus"
+}
+
+# Every hardware queue must carry I/O: one reader pinned to each CPU (blk-mq maps CPUs to
+# queues), and each virtqueue's MSI-X vector (virtioN-req.Q in /proc/interrupts) must count
+# completions during the run. The 6.1 kernel's blk-mq debugfs keeps no per-hctx dispatch count
+# (its "run" counter misses directly issued requests), so the interrupts are the per-queue count.
+check_queues_used() {
+    dev=$(basename "$(readlink -f $SYSDISK/device)")
+    vq_interrupts "$dev" > /tmp/irq.before
+    qio=ok
+    vmtest --dev "$DISK" --size "$SIZE" --queue-io "$QUEUE_CPUS" || qio=failed
+    vq_interrupts "$dev" > /tmp/irq.after
+    counts=$(awk 'NR == FNR { before[$1] = $2; next }
+                  { d = $2 - before[$1]; used += d > 0; per = per " req." $1 "=+" d }
+                  END { printf "%d%s", used, per }' /tmp/irq.before /tmp/irq.after)
+    used=${counts%% *}
+    per=${counts#"$used"}
+    if [ "$qio" = ok ] && [ "$used" = "$QUEUES" ]; then
+        result queues-used PASS "value=$used$per cpus=$QUEUE_CPUS"
+    else
+        result queues-used FAIL "value=$used expected=$QUEUES$per cpus=$QUEUE_CPUS queue-io=$qio"
+    fi
+}
+
 interactive_shell() {
     echo "vhostmem guest: $DISK is $(cat $SYSDISK/size 2>/dev/null) sectors;" \
         "busybox tools and vmtest are in /bin. Exit the shell to power off."
@@ -143,6 +178,10 @@ run_writer() {  # checksummed writes (vmtest --writer) until the host answers th
 }
 
 MODE=$(param mode check)
+if [ "$MODE" = probe ]; then  # the host's KVM probe: reaching init is all it asks
+    echo "VHOSTMEM-PROBE running"
+    poweroff -f
+fi
 SIZE=$(param size 0)
 LBS=$(param lbs 512)
 QUEUES=$(param queues 1)
@@ -153,6 +192,7 @@ DISCARD=$(param discard 0:0)
 DISCARD_ZEROES=$(param discard_zeroes 1)
 ZEROOUT=$(param zeroout 0:0)
 HOTPLUG=$(param hotplug 0)
+QUEUE_CPUS=$(param queue_cpus "$(all_cpus)")
 
 load_modules
 [ "$MODE" = shell ] && interactive_shell
@@ -169,4 +209,5 @@ else
         round=$((round + 1))
     done
 fi
+check_queues_used
 finish

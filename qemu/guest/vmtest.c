@@ -22,6 +22,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sched.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -112,7 +113,8 @@ struct opts {
     uint64_t size, discard_off, discard_len, zero_off, zero_len;
     unsigned lbs, seed, round;
     int readonly, discard_zeroes, high_buffer;
-    unsigned bench_seconds, bench_jobs, writer_jobs;
+    unsigned bench_seconds, bench_jobs, writer_jobs, queue_io_ops;
+    const char *queue_io_cpus;
 };
 
 static int failures;
@@ -396,6 +398,66 @@ static int bench(const struct opts *o)
     return failed ? 1 : 0;
 }
 
+/* `--queue-io CPU[,CPU...] [--queue-io-ops N]`: one process per listed CPU, pinned to it with
+ * sched_setaffinity, does N O_DIRECT 4 KiB reads. blk-mq maps each CPU to a hardware queue, so
+ * pinned submitters put I/O on the queues of those CPUs; init.sh counts each virtqueue's
+ * interrupts around this run to see which queues carried it. One line per process:
+ * `VHOSTMEM-INFO queue-io cpu=C ops=N on-cpu=0|1` (on-cpu: it ran on C at the start and end). */
+enum { QIO_BLOCK = 4096, QIO_DEFAULT_OPS = 64, MAX_QIO_CPUS = 64 };
+
+static int queue_io_job(const struct opts *o, int cpu, unsigned ops)
+{
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(cpu, &set);
+    if (sched_setaffinity(0, sizeof(set), &set)) {
+        printf("VHOSTMEM-INFO queue-io cpu=%d error sched_setaffinity errno=%d\n", cpu, errno);
+        return 1;
+    }
+    int fd = open(o->dev, O_RDONLY | O_DIRECT);
+    if (fd < 0)
+        return 1;
+    unsigned char *buf = alloc_buffer(QIO_BLOCK);
+    uint64_t blocks = o->size / QIO_BLOCK, x = XORSHIFT_SEED + (uint64_t)cpu;
+    int on_cpu = sched_getcpu() == cpu;
+    unsigned done = 0;
+    for (; done < ops; done++) {
+        off_t off = (off_t)(xorshift64(&x) % blocks * QIO_BLOCK);
+        if (pread(fd, buf, QIO_BLOCK, off) != QIO_BLOCK)
+            break;
+    }
+    on_cpu = on_cpu && sched_getcpu() == cpu;
+    printf("VHOSTMEM-INFO queue-io cpu=%d ops=%u on-cpu=%d\n", cpu, done, on_cpu);
+    fflush(stdout);
+    close(fd);
+    return done == ops && on_cpu ? 0 : 1;
+}
+
+static int queue_io(const struct opts *o)
+{
+    unsigned ops = o->queue_io_ops ? o->queue_io_ops : QIO_DEFAULT_OPS, failed = 0, n = 0;
+    const char *p = o->queue_io_cpus;
+    if (o->size < QIO_BLOCK)
+        return 2;
+    fflush(stdout);
+    while (*p && n < MAX_QIO_CPUS) {
+        char *end;
+        long cpu = strtol(p, &end, 10);
+        if (end == p || cpu < 0 || cpu >= CPU_SETSIZE)
+            return 2;
+        pid_t pid = fork();
+        if (pid == 0)
+            _exit(queue_io_job(o, (int)cpu, ops));
+        failed += pid < 0;
+        n++;
+        p = *end == ',' ? end + 1 : end;
+    }
+    int status;
+    while (wait(&status) > 0)
+        failed += !WIFEXITED(status) || WEXITSTATUS(status) != 0;
+    return failed || n == 0 ? 1 : 0;
+}
+
 /* `--writer J`: J processes write checksummed 4 KiB blocks (O_DIRECT) over their own slice of
  * the disk until SIGTERM, reading back acknowledged blocks as they go, then verify every block
  * of the slice holds exactly the last write that was acknowledged (or zeroes if none was).
@@ -551,6 +613,8 @@ static int parse(int argc, char **argv, struct opts *o)
         else if (!strcmp(a, "--bench")) o->bench_seconds = (unsigned)num(argv[++i]);
         else if (!strcmp(a, "--bench-jobs")) o->bench_jobs = (unsigned)num(argv[++i]);
         else if (!strcmp(a, "--writer")) o->writer_jobs = (unsigned)num(argv[++i]);
+        else if (!strcmp(a, "--queue-io")) o->queue_io_cpus = argv[++i];
+        else if (!strcmp(a, "--queue-io-ops")) o->queue_io_ops = (unsigned)num(argv[++i]);
         else return -1;
     }
     return o->dev && o->size && o->lbs && o->size % o->lbs == 0 && o->lbs % 4 == 0 ? 0 : -1;
@@ -580,13 +644,16 @@ int main(int argc, char **argv)
         fprintf(stderr, "usage: vmtest --dev DEV --size BYTES --lbs N --seed S --round R "
                         "[--readonly] [--discard OFF:LEN [--discard-zeroes]] [--zeroout OFF:LEN] "
                         "[--high-buffer] | --dev DEV --size BYTES --bench SECONDS "
-                        "[--bench-jobs J] | --dev DEV --size BYTES --writer J\n");
+                        "[--bench-jobs J] | --dev DEV --size BYTES --writer J | "
+                        "--dev DEV --size BYTES --queue-io CPU[,CPU...] [--queue-io-ops N]\n");
         return 2;
     }
     if (o.bench_seconds)
         return bench(&o);
     if (o.writer_jobs)
         return writer(&o);
+    if (o.queue_io_cpus)
+        return queue_io(&o);
     current_round = o.round;
     int fd = open(o.dev, (o.readonly ? O_RDONLY : O_RDWR) | O_DIRECT);
     if (fd < 0) {

@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
+from qemu.accel import kvm_verdict
 from qemu.assets import GuestAssets
-from qemu.backends import Backend
+from qemu.backends import RAM, Backend
 from qemu.launch import GuestConfig, GuestResult, run_guest
+from qemu.vhost_tap import ring_lifecycle
+from tests.qemu.conftest import BACKENDS
 
 pytestmark = pytest.mark.qemu
+QUEUE_COUNT = re.compile(r"req\.(\d+)=\+(\d+)")
 
 
 def boot(backend: Backend, assets: GuestAssets, **settings: object) -> GuestResult:
     result = run_guest(backend, GuestConfig(**settings), assets=assets)  # type: ignore[arg-type]
     assert result.passed, result.report()
+    # Every boot runs on the accelerator the (cached) KVM probe chose.
+    assert result.accel == kvm_verdict(assets).accel, result.report()
     return result
 
 
@@ -24,11 +32,25 @@ def check(result: GuestResult, name: str) -> str:
     return matches[0].detail
 
 
+def queue_interrupts(result: GuestResult) -> dict[int, int]:
+    """Completion interrupts per virtqueue during the pinned queue-coverage readers."""
+    return {int(q): int(n) for q, n in QUEUE_COUNT.findall(check(result, "queues-used"))}
+
+
 def test_one_queue_after_seabios(backend: Backend, guest_assets: GuestAssets) -> None:
-    result = boot(backend, guest_assets)
-    # SeaBIOS probes the disk through the backend before Linux does.
+    """SeaBIOS drives the disk first, then Linux resets the device and drives it again: the
+    vhost-user tap between QEMU and the backend must see ring 0 started (SET_VRING_KICK),
+    stopped (GET_VRING_BASE, answered by the backend) and started again on one connection."""
+    result = boot(backend, guest_assets, trace_vhost_user=True)
     assert "SeaBIOS" in result.serial_log
     assert check(result, "boot.queues") == "value=1"
+    assert "connection 1 of 1, ring 0" in check(result, "host.vhost-user-ring-restart")
+    assert ring_lifecycle(result.vhost_user, 1, 0)[:3] == ["start", "stop", "start"]
+    first_stop = next(m for m in result.vhost_user if m.name == "GET_VRING_BASE" and m.is_reply)
+    assert first_stop.num and first_stop.num > 0, "SeaBIOS put no request on the ring"
+    counts = queue_interrupts(result)
+    assert list(counts) == [0] and counts[0] > 0, counts
+    assert "storage=file" in check(result, "host.storage")
     assert "image matches" in check(result, "host.image")
     check(result, "host.r1.md5")
 
@@ -36,8 +58,39 @@ def test_one_queue_after_seabios(backend: Backend, guest_assets: GuestAssets) ->
 def test_two_queues_two_cpus(backend: Backend, guest_assets: GuestAssets) -> None:
     result = boot(backend, guest_assets, num_queues=2, smp=2, rounds=2)
     assert check(result, "boot.queues") == "value=2"
+    # A reader pinned to each vCPU; both virtqueues then completed requests.
+    assert check(result, "queues-used").startswith("value=2 ")
+    counts = queue_interrupts(result)
+    assert sorted(counts) == [0, 1] and all(n > 0 for n in counts.values()), counts
     check(result, "r2.pattern-read")
     check(result, "host.r2.md5")
+
+
+def _ram_case_id(backend: Backend) -> str:
+    return f"{backend.name}-{'own-ram-disk' if backend.ram_disk else 'image-on-dev-shm'}"
+
+
+@pytest.mark.parametrize("ram_backend", BACKENDS, ids=_ram_case_id)
+def test_ram_backed_disk(ram_backend: Backend, guest_assets: GuestAssets) -> None:
+    """vhostmem serves its own RAM disk (serve --ram-size, no image file); qemu-storage-daemon
+    serves an image on /dev/shm. The guest's checks and the digest comparison apply to both;
+    the image comparison applies only where there is an image."""
+    result = boot(ram_backend, guest_assets, storage=RAM)
+    storage = check(result, "host.storage")
+    check(result, "host.r1.md5")
+    check(result, "r1.pattern-read")
+    if ram_backend.ram_disk:
+        assert "--ram-size" in result.backend_argv and "--disk" not in result.backend_argv
+        assert "/memfd:" in storage and "want memory only" in storage
+        assert "host.image" not in {c.name for c in result.checks}
+        assert [name for name, _ in result.not_applicable] == ["host.image"]
+        assert "N/A host.image" in result.report()
+    else:
+        assert any(word.startswith("filename=/dev/shm/") for word in
+                   ",".join(result.backend_argv).split(","))
+        assert "on tmpfs (/dev/shm)" in storage
+        assert "image matches" in check(result, "host.image")
+        assert not result.not_applicable
 
 
 def test_readonly_disk_rejects_writes(backend: Backend, guest_assets: GuestAssets) -> None:

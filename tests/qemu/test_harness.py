@@ -14,17 +14,31 @@ from pathlib import Path
 
 import pytest
 
+from protocol.constants import REPLY_FLAG, FrontendRequest
 from qemu.assets import GuestAssets, build_vmtest
-from qemu.backends import Backend, BackendRequest, command_backend, qsd_backend
+from qemu.backends import (
+    RAM,
+    VHOSTMEM_BIN,
+    Backend,
+    BackendRequest,
+    command_backend,
+    qsd_backend,
+    vhostmem_backend,
+)
 from qemu.guestlog import GuestLog
 from qemu.launch import GuestConfig, interactive, run_guest
 from qemu.pattern import DiskLayout, expected_image, first_difference, pattern
+from qemu.vhost_tap import BACK, FRONT, TapMessage, ring_restart_check
 from tests.peers import QsdHandle
 
 pytestmark = pytest.mark.qemu
 MIB = 1 << 20
+GIB = 1 << 30
 INTERACTIVE_TIMEOUT = 30.0
 SHELL_SETTLE = 0.5
+ROOT = Path(__file__).resolve().parents[2]
+INSTALL_DEPS = ROOT / "qemu" / "install-deps.sh"
+SERVE_STARTUP = 10.0
 
 
 def children_of_this_process() -> set[int]:
@@ -103,6 +117,52 @@ def test_backend_that_exits_is_reported(guest_assets: GuestAssets) -> None:
     assert result.error is not None and "backend exited with status 1" in result.error
 
 
+def test_idle_queue_fails_queues_used(guest_assets: GuestAssets) -> None:
+    """queues-used can fail: with every reader pinned to vCPU 0, queue 1 carries nothing."""
+    config = GuestConfig(num_queues=2, smp=2, queue_io_cpus=(0,))
+    result = run_guest(qsd_backend(), config, assets=guest_assets)
+    assert not result.passed
+    assert [c.name for c in result.failures] == ["queues-used"], result.report()
+    detail = result.failures[0].detail
+    assert "value=1 expected=2" in detail and "req.1=+0" in detail, detail
+
+
+def test_readonly_own_ram_disk_is_refused(guest_assets: GuestAssets) -> None:
+    """A backend's own RAM disk starts zeroed, so it cannot hold the read-only pattern."""
+    result = run_guest(vhostmem_backend(), GuestConfig(storage=RAM, readonly=True),
+                       assets=guest_assets)
+    assert not result.passed and result.error is not None and "zero-filled" in result.error
+
+
+def _tap(connection: int, sender: str, name: str, ring: int, num: int | None = None,
+         reply: bool = False) -> TapMessage:
+    return TapMessage(connection, sender, FrontendRequest[name], REPLY_FLAG if reply else 1,
+                      ring, num, 0)
+
+
+def test_ring_restart_check_needs_start_stop_start_on_one_connection() -> None:
+    start = [_tap(1, FRONT, "SET_VRING_KICK", 0)]
+    stop = [_tap(1, FRONT, "GET_VRING_BASE", 0, 0), _tap(1, BACK, "GET_VRING_BASE", 0, 3, True)]
+    assert ring_restart_check(start + stop + start).passed
+    assert not ring_restart_check(start + stop).passed  # never started again
+    # A GET_VRING_BASE the backend never answered is not a stop.
+    assert not ring_restart_check(start + stop[:1] + start).passed
+    # Started again, but on a new connection (a reconnect), not a restart.
+    again = [_tap(2, FRONT, "SET_VRING_KICK", 0)]
+    assert not ring_restart_check(start + stop + again).passed
+    assert not ring_restart_check(start + stop + start, ring=1).passed
+
+
+@pytest.mark.parametrize(("busybox", "wanted"), [("/bin/busybox", False), ("/bin/ls", True),
+                                                  ("/nonexistent", True)])
+def test_install_deps_wants_a_static_busybox(busybox: str, wanted: bool) -> None:
+    """A dynamically linked (or missing) busybox makes install-deps install busybox-static; the
+    static one the initramfs is built from (this suite needs it) does not."""
+    out = subprocess.run(["bash", str(INSTALL_DEPS), "--dry-run"], capture_output=True,
+                         text=True, check=True, env={**os.environ, "BUSYBOX": busybox}).stdout
+    assert ("busybox-static" in out.split()) == wanted, out
+
+
 def test_interactive_needs_a_backend_socket(tmp_path: Path) -> None:
     assert interactive(tmp_path / "absent.sock", GuestConfig()) == 1
 
@@ -121,22 +181,21 @@ def read_until(proc: subprocess.Popen[bytes], marker: bytes, timeout: float) -> 
     return seen
 
 
-def test_interactive_shell_sees_the_disk(
-    qsd: Callable[..., QsdHandle], guest_assets: GuestAssets
-) -> None:
-    """What `make vm` runs: a shell guest on an already running backend's socket."""
-    handle = qsd(size=16 * MIB)
+def shell_session(launcher_args: list[str], cwd: Path) -> str:
+    """Runs `python -m qemu.launch --interactive ...` in ``cwd``, asks the guest shell for the
+    disk's size in bytes, exits, and returns the serial output."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "qemu.launch", "--interactive", "--socket", handle.socket_path],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        cwd=Path(__file__).resolve().parents[2], start_new_session=True)
+        [sys.executable, "-m", "qemu.launch", "--interactive", *launcher_args],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True)
     assert proc.stdin is not None
     try:
         out = read_until(proc, b"Exit the shell to power off", INTERACTIVE_TIMEOUT)
         assert b"Exit the shell" in out, out.decode(errors="replace")
         # Typed only once the shell is up: earlier input would be lost in the serial FIFO.
         time.sleep(SHELL_SETTLE)
-        proc.stdin.write(b"cat /sys/block/vda/size; echo SHELL-$((40+2)); exit\n")
+        proc.stdin.write(b"echo VDA-BYTES-$(($(cat /sys/block/vda/size) * 512)); "
+                         b"echo SHELL-$((40+2)); exit\n")
         proc.stdin.flush()
         out += read_until(proc, b"Power down", INTERACTIVE_TIMEOUT)
         assert proc.wait(INTERACTIVE_TIMEOUT) == 0
@@ -147,5 +206,35 @@ def test_interactive_shell_sees_the_disk(
         proc.stdin.close()
         assert proc.stdout is not None
         proc.stdout.close()
-    text = out.decode(errors="replace")
-    assert "32768" in text and "SHELL-42" in text, text
+    return out.decode(errors="replace")
+
+
+def test_interactive_shell_sees_the_disk(
+    qsd: Callable[..., QsdHandle], guest_assets: GuestAssets
+) -> None:
+    """The interactive guest on an already running qemu-storage-daemon's socket."""
+    handle = qsd(size=16 * MIB)
+    text = shell_session(["--socket", handle.socket_path], ROOT)
+    assert f"VDA-BYTES-{16 * MIB}" in text and "SHELL-42" in text, text
+
+
+def test_make_vm_on_make_run_backend(tmp_path: Path, guest_assets: GuestAssets) -> None:
+    """What `make run` + `make vm` do: `vhostmem serve` with no options (a 1 GiB RAM disk on
+    ./vhostmem.sock), then `python -m qemu.launch --interactive` in the same directory."""
+    log = (tmp_path / "serve.log").open("wb")
+    serve = subprocess.Popen([str(VHOSTMEM_BIN), "serve"], cwd=tmp_path, stdin=subprocess.DEVNULL,
+                             stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + SERVE_STARTUP
+        while not (tmp_path / "vhostmem.sock").exists():
+            assert serve.poll() is None and time.monotonic() < deadline, \
+                (tmp_path / "serve.log").read_text()
+            time.sleep(0.02)
+        text = shell_session([], tmp_path)
+        assert serve.poll() is None, "vhostmem serve died under the guest"
+    finally:
+        serve.terminate()
+        serve.wait(10)
+        log.close()
+    assert f"VDA-BYTES-{GIB}" in text and "SHELL-42" in text, text
+    assert "frontend connected" in (tmp_path / "serve.log").read_text()
