@@ -2,8 +2,8 @@
 
     python bench/guest_bench.py [--seconds 5] [--jobs 1,4]
 
-Boots the QEMU harness guest (qemu/launch.py, TCG) per backend and job count, interleaved
-A B B A over ``rounds``; in the guest
+Boots the QEMU harness guest (qemu/launch.py; KVM where a probe boot works, else TCG) per
+backend and job count, interleaved A B B A over ``rounds``; in the guest
 ``vmtest --bench`` runs ``jobs`` processes of O_DIRECT 4 KiB random reads at queue depth 1 each
 for a fixed time. Reports guest IOPS per backend and the ratio vhostmem/qsd. Under TCG the guest
 CPU (emulated) is the bottleneck, so this mostly measures the guest, not the backend: the ratio
@@ -95,7 +95,8 @@ def one_boot(backend_name: str, seconds: int, jobs: int) -> dict[str, Any]:
     return {"iops": round(ops / longest), "ops": ops, "seconds": round(longest, 3),
             "boot_total_s": round(result.seconds, 1),
             "backend_cpu_s_whole_boot": round(cpu.seconds(qemu=False), 2),
-            "qemu_cpu_s_whole_boot": round(cpu.seconds(qemu=True), 2)}
+            "qemu_cpu_s_whole_boot": round(cpu.seconds(qemu=True), 2),
+            "accel": result.accel}
 
 
 def merge(boots: list[dict[str, Any]]) -> dict[str, Any]:
@@ -104,7 +105,7 @@ def merge(boots: list[dict[str, Any]]) -> dict[str, Any]:
     return {"iops": round(ops / secs), "per_boot_iops": [b["iops"] for b in boots],
             "backend_cpu_s_whole_boot": [b["backend_cpu_s_whole_boot"] for b in boots],
             "qemu_cpu_s_whole_boot": [b["qemu_cpu_s_whole_boot"] for b in boots],
-            "boots": len(boots)}
+            "boots": len(boots), "accel": sorted({b["accel"] for b in boots})}
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
@@ -127,9 +128,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             case[name] = merge(runs)
         case["ratio_iops"] = round(case["vhostmem"]["iops"] / case["qsd"]["iops"], 3)
         cases.append(case)
-    return {"bench": "guest", "accel": "tcg", "disk_mib": DISK_MIB,
+    accels = sorted({a for c in cases for n in ("vhostmem", "qsd") for a in c[n]["accel"]})
+    return {"bench": "guest", "accel": "/".join(accels), "disk_mib": DISK_MIB,
             "seconds_per_boot": args.seconds, "cases": cases,
-            "note": "TCG: the emulated guest CPU bounds IOPS; see bench/RESULTS.md",
+            "note": "under TCG the emulated guest CPU bounds IOPS; see bench/RESULTS.md",
             "wall_s": round(time.monotonic() - t0, 1)}
 
 

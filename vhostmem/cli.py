@@ -242,7 +242,7 @@ def make_device(spec: BlkSpec) -> BlkDevice:
 def qemu_command(spec: BlkSpec) -> str:
     server = ",server=on" if spec.client else ""
     return (
-        "qemu-system-x86_64 -accel tcg -m 512M "
+        "qemu-system-x86_64 -accel kvm -m 512M "
         "-object memory-backend-memfd,id=mem,size=512M,share=on "
         "-machine q35,memory-backend=mem "
         f"-chardev socket,id=vhost0,path={spec.path}{server} "
@@ -271,8 +271,8 @@ def serve(args: argparse.Namespace) -> int:
             server.add(device, config)
             print(
                 f"vhost-user-blk on {spec.path}; attach a VM with:\n  {qemu_command(spec)}\n"
-                "(add your kernel/disk options; `make vm` boots a small test guest on "
-                "./vhostmem.sock)",
+                "(add your kernel/disk options, -accel tcg where KVM cannot run the guest; "
+                "`make vm` boots a small test guest on ./vhostmem.sock)",
                 flush=True,
             )
         stop = asyncio.Event()

@@ -281,7 +281,9 @@ class Session(MemoryRequests):
     def _get_vring_base(self, msg: Message) -> dict[str, int]:
         i = self._ring_index(msg.request, msg.payload.index)
         self._stop_ring(i)
-        return {"index": i, "num": self.queues[i].get_base()}
+        base = self.queues[i].get_base()
+        log.info("%s: ring %d stopped by GET_VRING_BASE at avail index %d", self.name, i, base)
+        return {"index": i, "num": base}
 
     def _vring_fd(self, msg: Message) -> tuple[int, int]:
         """Index and fd (-1 for NOFD) of a SET_VRING_KICK/CALL/ERR message."""
@@ -344,6 +346,8 @@ class Session(MemoryRequests):
             vq.stop()
             raise
         self.state.rings[i].started = True
+        log.info("%s: ring %d started (size %d, avail index %d)", self.name, i, vq.num,
+                 vq.get_base())
         if self.state.rings[i].enabled:
             self.process_queue(i)
 
