@@ -1,6 +1,7 @@
 """The same hostile messages against a real ``vhostmem serve`` process, observed from outside:
 after each case its /proc/PID/fd and its memfd mappings in /proc/PID/maps are back to the
-baseline, and a fresh frontend does real I/O verified against the image."""
+baseline, and a fresh frontend does real I/O verified against the image. Every named case of
+test_messages runs here too."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.hostile.env import Image, guarded_ram, open_guest, real_io
-from tests.hostile.test_messages import CASES, negotiate
+from tests.hostile.test_messages import CASES, Step, alive, mutated, negotiate, steps
 from tests.hostile.wire import RawConnection
 from vhostmem.frontend import VhostUserError
 
@@ -24,15 +27,6 @@ START_TIMEOUT = 10.0
 SETTLE_TIMEOUT = 5.0
 POLL = 0.01
 IO_SECTOR = 1024
-# A spread of the named cases: memory, ring, fd and framing errors.
-PROCESS_CASES = [
-    "kick-before-mem-table", "add-mem-reg-overlapping", "rem-mem-reg-under-a-started-ring",
-    "mem-table-replaced-under-a-started-ring", "mem-table-offset-beyond-fd",
-    "mem-table-fd-is-an-eventfd", "mem-table-9-regions", "more-than-8-fds",
-    "fd-on-get-features", "vring-num-index-256", "nofd-kick-polling", "backend-req-fd-twice",
-    "kick-fd-is-a-pipe", "call-fd-is-a-regular-file", "mem-table-hugetlb-beyond-pool",
-    "set-inflight-fd-unsealed", "set-inflight-fd-valid", "get-inflight-fd-65535-queues",
-]
 
 
 class ServeProcess:
@@ -82,7 +76,7 @@ def serve() -> Iterator[ServeProcess]:
         proc.stop()
 
 
-@pytest.mark.parametrize("name", PROCESS_CASES)
+@pytest.mark.parametrize("name", list(CASES))
 def test_hostile_message_against_the_process(serve: ServeProcess, name: str) -> None:
     baseline = serve.fds()
     assert serve.memfd_maps() == 0
@@ -130,3 +124,36 @@ def test_required_seal_refuses_truncatable_guest_ram(tmp_path: Path) -> None:
     finally:
         serve.stop()
     assert "fd is not sealed against shrinking (F_SEAL_SHRINK)" in serve.stderr()
+
+
+@pytest.mark.slow
+@settings(max_examples=60, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(st.lists(st.one_of(steps, mutated), min_size=1, max_size=10))
+def test_hypothesis_sequences_against_the_process(serve: ServeProcess, seq: list[Step]) -> None:
+    """Generated and mutated message sequences: the process survives each one and is back to
+    its fds and mappings afterwards."""
+    baseline = serve.fds()
+    conn = RawConnection(serve.socket)
+    try:
+        negotiate(conn)
+        for data, fds in seq:
+            if not conn.send(data, fds):
+                break
+        alive(conn)
+    finally:
+        conn.close()
+    serve.settle(baseline)
+
+
+def test_the_process_still_serves_after_the_sequences(serve: ServeProcess) -> None:
+    baseline = serve.fds()
+    ram = guarded_ram()
+    try:
+        with open_guest(serve.socket, ram, queues=2) as dev:
+            real_io(dev, 0, serve.image, IO_SECTOR)
+            real_io(dev, 1, serve.image, IO_SECTOR + 8)
+    finally:
+        ram.close()
+    serve.settle(baseline)
+    assert serve.image.unchanged_elsewhere()
