@@ -44,7 +44,7 @@ vm: install system-deps
 fuzz: install
 	$(PY) -m pip install -q atheris
 	$(PY) tests/fuzz/fuzz_framer.py -runs=1000000
-	$(PY) tests/fuzz/fuzz_session.py -runs=300000
+	$(PY) tests/fuzz/fuzz_session.py -runs=1000000
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
