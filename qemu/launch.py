@@ -23,7 +23,6 @@ import os
 import queue
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import tempfile
@@ -37,8 +36,16 @@ from qemu import assets as guest_assets
 from qemu.accel import ACCELS, resolve_accel
 from qemu.backends import BACKEND_FACTORIES, FILE, RAM, STORAGES, Backend, BackendRequest
 from qemu.guestlog import Check, GuestLog
-from qemu.hotplug import EXPECTED_HOST_CHECKS, HotplugDriver
-from qemu.pattern import DiskLayout, expected_image, first_difference, md5_hex, pattern
+from qemu.hostchecks import (
+    host_checks,
+    is_ram_backed,
+    make_image,
+    mount_of,
+    own_ram_check,
+    storage_check,
+)
+from qemu.hotplug import HotplugDriver
+from qemu.pattern import DiskLayout
 from qemu.vhost_tap import TapMessage, VhostUserTap, ring_restart_check
 
 MIB = 1 << 20
@@ -50,15 +57,8 @@ HOTPLUG_ROUNDS = 3  # before the plug, with the DIMM, after the unplug
 DEFAULT_SOCKET = Path("vhostmem.sock")
 LOG_TAIL_LINES = 40
 RAM_DIR = Path("/dev/shm")  # where a RAM-backed image lives when the backend needs a file
-RAM_FSTYPES = ("tmpfs", "ramfs")
 DISK_DIR_FALLBACK = Path("/var/tmp")  # for file-backed images when the temp dir is a tmpfs
 
-BOOT_CHECKS = ("boot.disk", "boot.sysfs-size", "boot.sysfs-lbs", "boot.sysfs-ro", "boot.queues")
-RW_ROUND_CHECKS = ("ioctl-geometry", "pattern-write", "flush", "pattern-read", "last-sector",
-                   "discard", "write-zeroes", "flush-final", "read-past-end", "write-past-end")
-RO_ROUND_CHECKS = ("ioctl-geometry", "readonly-reject", "pattern-read", "read-past-end")
-HOTPLUG_GUEST_CHECKS = ("hotplug-online", "r2.hotplug-buffer", "hotunplug-offline")
-FINAL_CHECKS = ("queues-used",)  # after the rounds: every hardware queue carried I/O
 
 
 @dataclass(frozen=True)
@@ -207,129 +207,6 @@ def qemu_command(
     return argv
 
 
-def expected_check_names(config: GuestConfig) -> list[str]:
-    per_round = RO_ROUND_CHECKS if config.readonly else RW_ROUND_CHECKS
-    names = list(BOOT_CHECKS)
-    for r in range(1, config.round_count + 1):
-        names += [f"r{r}.{name}" for name in per_round]
-    if config.hotplug:
-        names += [*HOTPLUG_GUEST_CHECKS, *EXPECTED_HOST_CHECKS]
-    return names + list(FINAL_CHECKS)
-
-
-def _make_image(path: Path, config: GuestConfig, layout: DiskLayout) -> None:
-    with path.open("wb") as f:
-        if config.readonly:
-            f.write(pattern(config.seed, layout.size))
-        else:
-            f.truncate(layout.size)
-
-
-def _image_model(config: GuestConfig, layout: DiskLayout, backend: Backend, round_number: int,
-                 actual: bytes | None) -> bytes | None:
-    """What the disk holds after the round; None if that is unknowable (a discarded range
-    with unspecified contents and no image to read them from)."""
-    if config.readonly:
-        return pattern(config.seed, layout.size)
-    seed = config.round_seed(round_number)
-    model = expected_image(layout, seed, discard_zeroes=backend.discard_zeroes)
-    if not backend.discard_zeroes:  # unspecified contents: take them from the real image
-        if actual is None:
-            return None
-        r = layout.discard
-        model[r.offset : r.offset + r.length] = actual[r.offset : r.offset + r.length]
-    return bytes(model)
-
-
-def _host_checks(log: GuestLog, reported: list[Check], config: GuestConfig, layout: DiskLayout,
-                 backend: Backend, image: Path | None,
-                 not_applicable: list[tuple[str, str]]) -> list[Check]:
-    """Image, digest and completeness checks; what cannot apply goes to ``not_applicable``."""
-    actual = image.read_bytes() if image is not None else None
-    final = config.round_count
-    model = _image_model(config, layout, backend, final, actual)
-    checks = []
-    if actual is None:
-        not_applicable.append(("host.image", f"{backend.name} serves its own RAM disk: there is "
-                               "no image file on the host to compare with the guest's writes"))
-    else:
-        assert model is not None
-        diff = first_difference(actual, model)
-        checks.append(Check("host.image", diff is None,
-                            "image matches the guest's writes" if diff is None
-                            else f"first difference at byte {diff}"))
-    for r in range(1, final + 1):
-        # Digests of earlier rounds are predictable only if discarded ranges read as zeroes.
-        if r != final and not backend.discard_zeroes:
-            continue
-        want_image = model if r == final else _image_model(config, layout, backend, r, actual)
-        if want_image is None:
-            not_applicable.append((f"host.r{r}.md5", "the discarded range's contents are "
-                                   "unspecified and there is no image to read them from"))
-            continue
-        want = md5_hex(want_image)
-        got = log.digests.get(f"r{r}")
-        checks.append(Check(f"host.r{r}.md5", got == want, f"guest={got} host={want}"))
-    seen = {c.name for c in reported}
-    missing = [n for n in expected_check_names(config) if n not in seen]
-    checks.append(Check("host.all-checks-reported", not missing, f"missing: {missing}"
-                        if missing else f"{len(seen)} checks"))
-    return checks
-
-
-def _mount_of(path: Path) -> tuple[str, str]:
-    """(mount point, file system type) of the mount holding ``path``."""
-    target, best = os.path.realpath(path), ("/", "?")
-    for line in Path("/proc/self/mounts").read_text().splitlines():
-        fields = line.split()
-        if len(fields) < 3:
-            continue
-        point = fields[1].encode().decode("unicode_escape")  # \040 for a space, etc.
-        inside = target == point or target.startswith(point.rstrip("/") + "/")
-        if inside and len(point) >= len(best[0]):
-            best = (point, fields[2])
-    return best
-
-
-def _is_ram_backed(path: Path) -> bool:
-    return _mount_of(path)[1] in RAM_FSTYPES
-
-
-def _open_files_of_size(pid: int, size: int) -> list[tuple[str, str]]:
-    """(target, file system type or "memfd") of each regular file of exactly ``size`` bytes
-    that process ``pid`` holds open."""
-    found = []
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target, info = os.readlink(fd), fd.stat()
-        except OSError:
-            continue
-        if not stat.S_ISREG(info.st_mode) or info.st_size != size:
-            continue
-        path = target.removesuffix(" (deleted)")
-        fstype = "memfd" if path.startswith("/memfd:") else _mount_of(Path(path))[1]
-        found.append((target, fstype))
-    return found
-
-
-def _own_ram_check(pid: int, size: int) -> Check:
-    """A backend serving its own RAM disk holds the disk in memory, not in a disk file."""
-    files = _open_files_of_size(pid, size)
-    in_ram = bool(files) and all(t in ("memfd", *RAM_FSTYPES) for _, t in files)
-    listed = ", ".join(f"{target} ({fstype})" for target, fstype in files) or "none"
-    return Check("host.storage", in_ram, f"storage=ram, the backend's own RAM disk: files of "
-                 f"{size} bytes open in the backend: {listed}; want memory only")
-
-
-def _storage_check(image: Path, storage: str) -> Check:
-    """The image lies on the kind of file system the storage choice promises."""
-    point, fstype = _mount_of(image)
-    ram = fstype in RAM_FSTYPES
-    want = "a RAM file system" if storage == RAM else "a disk file system"
-    return Check("host.storage", ram == (storage == RAM),
-                 f"storage={storage}: image {image} on {fstype} ({point}); want {want}")
-
-
 def _stop(proc: subprocess.Popen[bytes] | None) -> None:
     if proc is None or proc.poll() is not None:
         return
@@ -388,17 +265,17 @@ class _Session:
                         "the pattern a read-only boot checks (use storage='file')")
             return None  # no image: the backend allocates the disk itself
         if config.storage == RAM:
-            if not _is_ram_backed(RAM_DIR):
-                return f"{RAM_DIR} is not a RAM file system ({_mount_of(RAM_DIR)[1]})"
+            if not is_ram_backed(RAM_DIR):
+                return f"{RAM_DIR} is not a RAM file system ({mount_of(RAM_DIR)[1]})"
             self.image_dir = Path(tempfile.mkdtemp(prefix="vhostmem-vm-", dir=RAM_DIR))
             self.image = self.image_dir / "disk.img"
-        elif _is_ram_backed(self.workdir):
+        elif is_ram_backed(self.workdir):
             self.image_dir = Path(tempfile.mkdtemp(prefix="vhostmem-vm-", dir=DISK_DIR_FALLBACK))
             self.image = self.image_dir / "disk.img"
         else:
             self.image = self.workdir / "disk.img"
-        _make_image(self.image, config, self.layout)
-        self.host_checks.append(_storage_check(self.image, config.storage))
+        make_image(self.image, config, self.layout)
+        self.host_checks.append(storage_check(self.image, config.storage))
         return None
 
     def start_backend(self) -> str | None:
@@ -417,7 +294,7 @@ class _Session:
                 stderr=subprocess.STDOUT)
         error = _wait_for_socket(self.backend_socket, self.backend_proc, SOCKET_WAIT)
         if error is None and self.image is None:
-            self.host_checks.append(_own_ram_check(self.backend_proc.pid, self.layout.size))
+            self.host_checks.append(own_ram_check(self.backend_proc.pid, self.layout.size))
         if error is None and self.config.trace_vhost_user:
             self.tap = VhostUserTap(self.socket, self.backend_socket)
         return error
@@ -517,7 +394,7 @@ def run_guest(
                 result.checks += [Check("host.vhost-user-tap", False, e)
                                   for e in session.tap.errors]
             if result.error is None and not config.bench_seconds:  # a bench writes no pattern
-                result.checks += _host_checks(session.log, result.checks, config,
+                result.checks += host_checks(session.log, result.checks, config,
                                               session.layout, backend, session.image,
                                               result.not_applicable)
         finally:
