@@ -164,7 +164,7 @@ class Virtqueue(ChainWalker):
         if not 0 < num <= self.max_size:
             raise VirtqueueError(f"queue {self.index}: size {num} not in 1..{self.max_size}")
         self.num = num
-        self._unmap()
+        self.unmap()
 
     def set_addr(
         self, desc_gpa: int, used_gpa: int, avail_gpa: int, log_addr: int = 0, flags: int = 0
@@ -329,7 +329,7 @@ class Virtqueue(ChainWalker):
         self._signalled_valid = False
         self._bad_buffer_logged = False
         self.event_idx = self.indirect = False
-        self._unmap()
+        self.unmap()
         self.set_kick_fd(-1)
         self.set_call_fd(-1)
         self.set_err_fd(-1)
@@ -386,7 +386,6 @@ class Virtqueue(ChainWalker):
             self._release_views()
         self.mem.reap()
 
-    _unmap = unmap
 
     def _release_views(self) -> None:
         for name in ("_desc", "_avail", "_used_hdr", "_used_ring", "_avail_event"):
