@@ -12,6 +12,7 @@ touched, so the memfd stays unpopulated. Prints one JSON object (medians over ``
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import mmap
 import os
@@ -35,8 +36,10 @@ MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 
 
 def _memfd(size: int) -> int:
-    fd = os.memfd_create("vhostmem-region-bench", os.MFD_CLOEXEC)
+    """Guest RAM as QEMU's memory-backend-memfd makes it: sized, then sealed against resizing."""
+    fd = os.memfd_create("vhostmem-region-bench", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     os.ftruncate(fd, size)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
     return fd
 
 
