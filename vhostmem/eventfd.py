@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+from collections.abc import Callable
 
 EVENTFD_LINK = "anon_inode:[eventfd]"
 COUNTER_BYTES = 8
@@ -29,6 +30,7 @@ RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0x8)
 # preadv2 at the current position (eventfds have no offsets).
 CURRENT_POSITION = -1
 NOWAIT_UNSUPPORTED = (errno.EOPNOTSUPP, errno.EINVAL, errno.ESPIPE)
+_preadv = os.preadv
 
 
 class EventfdError(ValueError):
@@ -47,36 +49,41 @@ def check_eventfd(fd: int, what: str) -> None:
 
 
 class KickReader:
-    """Drains one kick eventfd without ever blocking (see the module docstring)."""
+    """Drains one kick eventfd without ever blocking (see the module docstring).
 
-    __slots__ = ("_buf", "_nowait", "fd")
+    ``drain()`` is called once per kick, so it is a bound method chosen once: the
+    ``preadv2(RWF_NOWAIT)`` read, or a plain non-blocking read on kernels without it."""
+
+    __slots__ = ("_bufs", "drain", "fd")
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
-        self._buf = bytearray(COUNTER_BYTES)
-        self._nowait = [self._buf]
+        self._bufs = [bytearray(COUNTER_BYTES)]
+        self.drain: Callable[[], bool] = self._drain_nowait if fd >= 0 else _nothing
         if fd >= 0:
             os.set_blocking(fd, False)
 
-    def drain(self) -> int:
-        """The counter's value (0 when nothing was pending)."""
-        if self.fd < 0:
-            return 0
-        if self._nowait is not None:
-            try:
-                os.preadv(self.fd, self._nowait, CURRENT_POSITION, RWF_NOWAIT)
-            except BlockingIOError:
-                return 0
-            except OSError as exc:
-                if exc.errno not in NOWAIT_UNSUPPORTED:
-                    raise
-                self._nowait = None  # this kernel: fall back to the non-blocking read
-            else:
-                return int.from_bytes(self._buf, "little")
+    def _drain_nowait(self) -> bool:
+        """Whether a kick was pending (its counter is consumed)."""
         try:
-            return os.eventfd_read(self.fd)
+            return _preadv(self.fd, self._bufs, CURRENT_POSITION, RWF_NOWAIT) > 0
         except BlockingIOError:
-            return 0
+            return False
+        except OSError as exc:
+            if exc.errno not in NOWAIT_UNSUPPORTED:
+                raise
+            self.drain = self._drain_plain  # this kernel: the non-blocking read it is
+            return self._drain_plain()
+
+    def _drain_plain(self) -> bool:
+        try:
+            return os.eventfd_read(self.fd) > 0
+        except BlockingIOError:
+            return False
+
+
+def _nothing() -> bool:
+    return False
 
 
 def signal_eventfd(fd: int) -> None:

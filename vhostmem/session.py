@@ -362,7 +362,7 @@ class Session(MemoryRequests):
         """The ring's kick eventfd is readable: drain it and process the ring."""
         vq = self.queues[i]
         try:
-            vq.drain_kick()
+            vq.drain_kick()  # the kick is consumed; what its counter said does not matter
         except OSError as exc:
             self.watcher.unwatch(vq.kick_fd)
             vq.mark_broken(f"kick eventfd unreadable: {exc}")

@@ -310,9 +310,9 @@ class Virtqueue(ChainWalker):
         starts = (desc, avail, used)
         return any(a < gpa + size and gpa < a + n for a, n in zip(starts, sizes, strict=True))
 
-    def drain_kick(self) -> int:
-        """Read the kick eventfd's counter (0 if nothing was pending or no fd); never blocks,
-        even if the frontend cleared O_NONBLOCK on the shared file."""
+    def drain_kick(self) -> bool:
+        """Consume the kick eventfd's counter; whether a kick was pending (False without an
+        fd). Never blocks, even if the frontend cleared O_NONBLOCK on the shared file."""
         return self._kick.drain()
 
     def reset(self) -> None:
