@@ -21,8 +21,9 @@ ROOT = Path(__file__).resolve().parents[2]
 # A full KVM boot of the checking guest takes 2-3 s where KVM works; this bounds the attempt
 # where it does not (the kernel spins under KVM and never prints).
 KVM_BOOT_TIMEOUT = 10.0
-PROBE_SLACK = 1.5  # QEMU start-up and teardown beyond the probe's own timeout
-CACHED_LOOKUP = 3.0  # a fresh interpreter reading the disk verdict: imports + qemu --version
+# QEMU start-up and teardown beyond the probe's own timeout, generous for a loaded machine: this
+# bounds a probe that would hang, it is not a speed target.
+PROBE_SLACK = 6.0
 
 
 def test_kvm_probe_matches_a_kvm_boot(guest_assets: GuestAssets) -> None:
@@ -45,11 +46,9 @@ def test_auto_accel_uses_the_cached_probe_verdict(guest_assets: GuestAssets,
     # A new process finds the verdict on disk instead of probing again.
     code = ("import json; from qemu.assets import prepare; from qemu.accel import kvm_verdict; "
             "v = kvm_verdict(prepare()); print(json.dumps([v.source, v.works]))")
-    started = time.monotonic()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=ROOT).stdout
-    assert json.loads(out) == [SOURCE_DISK, verdict.works]
-    assert time.monotonic() - started < CACHED_LOOKUP
+    assert json.loads(out) == [SOURCE_DISK, verdict.works]  # read, not probed again
     # "auto" (the default) becomes the verdict on QEMU's command line.
     argv = qemu_command(guest_assets, GuestConfig(), tmp_path / "blk.sock", "console=ttyS0")
     assert argv[argv.index("-accel") + 1] == verdict.accel
