@@ -222,7 +222,7 @@ class GuestMemory:
         """Unregister and unmap every region (disconnect)."""
         for region in list(self._regions.values()):
             self._drop(region)
-        self._warned_unsealed = False  # the next frontend hears about its own fds
+        self._warned_unsealed = False  # a new table (or the next frontend) is warned again
         self._changed()
 
     def close(self) -> None:

@@ -58,10 +58,10 @@ class MemoryRequests:
             if not ring.started or ring.addr is None:
                 continue
             _, desc, used, avail, _ = ring.addr
-            sizes = self.queues[i].ring_sizes()
-            for what, uva, size in zip(("descriptor table", "used ring", "avail ring"),
-                                       (desc, used, avail), (sizes[0], sizes[2], sizes[1]),
-                                       strict=True):
+            desc_len, avail_len, used_len = self.queues[i].ring_sizes()
+            for what, uva, size in (("descriptor table", desc, desc_len),
+                                    ("avail ring", avail, avail_len),
+                                    ("used ring", used, used_len)):
                 if not any(r.userspace_addr <= uva and uva + size <= r.userspace_addr
                            + r.memory_size for r in regions):
                     raise SessionError(

@@ -386,7 +386,6 @@ class Virtqueue(ChainWalker):
             self._release_views()
         self.mem.reap()
 
-
     def _release_views(self) -> None:
         for name in ("_desc", "_avail", "_used_hdr", "_used_ring", "_avail_event"):
             view = getattr(self, name)
