@@ -19,7 +19,7 @@ from vhostmem.frontend.blk import (
 from vhostmem.frontend.client import Listener, VhostUserClient, VhostUserError
 from vhostmem.frontend.device import VhostUserBlk
 from vhostmem.frontend.memory import GuestRam, GuestRamError, GuestRegion
-from vhostmem.frontend.queue import BlkError, BlkQueue, QueueFullError, Request
+from vhostmem.frontend.queue import BlkError, BlkQueue, LostKickError, QueueFullError, Request
 from vhostmem.frontend.ring import EventFd, RingAddresses, RingError, SplitRing, vring_need_event
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "Layout",
     "LayoutError",
     "Listener",
+    "LostKickError",
     "QueueFullError",
     "Request",
     "RingAddresses",

@@ -166,7 +166,7 @@ class VhostUserBlk:
         c, ring = self.client, st.ring
         c.set_vring_num(index, ring.num)
         c.set_vring_base(index, base)
-        ring.next_avail = ring.published = ring.last_used = base
+        ring.next_avail = ring.published = ring.kicked_upto = ring.last_used = base
         c.set_vring_addr(index, self.ram.host_address(ring.addr.desc),
                          self.ram.host_address(ring.addr.used),
                          self.ram.host_address(ring.addr.avail))

@@ -5,8 +5,8 @@ sees every byte the frontend writes.  The `userspace_addr` a region announces is
 real host virtual address of our mapping (what QEMU sends); a synthetic value may be chosen
 instead, since backends only use it to translate ring addresses.
 
-Internally everything works with (region, offset) pairs and `struct.pack_into` on the mmap, so no
-long-lived memoryview slices pin the mappings and `close()` can always unmap.
+Internally everything works with (region, offset) pairs and `struct` or slice stores on the mmap,
+so no long-lived memoryview slices pin the mappings and `close()` can always unmap.
 """
 
 from __future__ import annotations

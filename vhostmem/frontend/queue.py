@@ -52,6 +52,12 @@ class QueueFullError(RingError):
     """Every request slot is in flight."""
 
 
+class LostKickError(TimeoutError):
+    """No completion in time, and the device is waiting for a kick it was owed: its
+    avail_event asks for one at an index this driver published, without a kick, because the
+    value it read then was older (see `SplitRing.missed_kick`). The device's bug, not a hang."""
+
+
 class Request:
     """A reusable request slot: its buffers, its descriptors, and the last completion."""
 
@@ -226,9 +232,19 @@ class BlkQueue:
                 return done
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise TimeoutError(f"no completion within {timeout}s "
-                                   f"(avail {self.ring.published}, used {self.ring.used_idx})")
+                raise self._stalled(timeout)
             self.call_fd.wait(remaining)
+
+    def _stalled(self, timeout: float) -> TimeoutError:
+        ring = self.ring
+        state = f"avail {ring.published}, used {ring.used_idx}"
+        if ring.missed_kick():
+            return LostKickError(
+                f"no completion within {timeout}s ({state}): the device's avail_event "
+                f"{ring.avail_event} asks for a kick at an index published after the last "
+                f"kick (at {ring.kicked_upto}), when it still read as older; the device "
+                "stored avail_event without reading avail.idx again after a full fence")
+        return TimeoutError(f"no completion within {timeout}s ({state})")
 
     def wait_for(self, req: Request, timeout: float = DEFAULT_TIMEOUT) -> Request:
         deadline = time.monotonic() + timeout
@@ -250,7 +266,7 @@ class BlkQueue:
                 await asyncio.wait_for(ready, max(0.0, deadline - loop.time()))
             except TimeoutError:
                 if not self.poll_pending():
-                    raise TimeoutError(f"no completion within {timeout}s") from None
+                    raise self._stalled(timeout) from None
             finally:
                 loop.remove_reader(self.call_fd.fd)
             self.call_fd.drain()

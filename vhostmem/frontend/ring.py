@@ -3,12 +3,14 @@
 `SplitRing` gives raw access to every field (any descriptor, any avail index, the used ring) so
 tests can play a hostile guest, and a fast path for well-behaved use: `add_avail` per request,
 one `publish` per batch (one idx store, one notification decision), `pop_used` to reap.
-All accesses are precompiled `struct` operations on the region's mmap: no construct, and no
-allocation beyond the small tuples returned.
+Reads and descriptor writes are precompiled `struct` operations on the region's mmap; the
+indices and flags a running device reads are each stored in one 16-bit store (`_store_u16`). No
+construct, and no allocation beyond the small tuples and 2-byte values stored.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import select
 import struct
@@ -46,6 +48,14 @@ EVENTFD_WORD = 8  # an eventfd read/write moves one u64
 _FENCE = threading.Lock()
 
 
+def _store_u16(mm: mmap.mmap, off: int, value: int) -> None:
+    """Store a ring index or flags word the device may be reading at this moment, in one
+    16-bit store. Not `struct.pack_into`: it zeroes its target before writing the value, so a
+    device polling avail.idx could read 0 (a jump of up to 65535 entries) mid-store. mmap slice
+    assignment is a single 2-byte memcpy."""
+    mm[off:off + 2] = value.to_bytes(2, "little")
+
+
 def memory_barrier() -> None:
     """A full CPU memory barrier: taking a lock is an atomic read-modify-write (LOCK-prefixed on
     x86), which no load may pass. Python offers no fence instruction of its own."""
@@ -60,6 +70,11 @@ class RingError(Exception):
 def vring_need_event(event: int, new: int, old: int) -> bool:
     """True when moving an index from `old` to `new` passes `event` (virtio EVENT_IDX rule)."""
     return ((new - event - 1) & U16_MASK) < ((new - old) & U16_MASK)
+
+
+def _in_window(value: int, lo: int, hi: int) -> bool:
+    """`lo <= value < hi` on free-running 16-bit ring indices."""
+    return ((value - lo) & U16_MASK) < ((hi - lo) & U16_MASK)
 
 
 class EventFd:
@@ -154,6 +169,7 @@ class SplitRing:
         self.next_avail = 0  # shadow of avail.idx (free running, masked on store)
         self.last_used = 0  # next used entry to reap
         self.published = 0  # avail.idx value last stored
+        self.kicked_upto = 0  # avail.idx of the last publish that asked for a kick
 
     # -- raw descriptor access -------------------------------------------------------------
     def write_desc(self, i: int, addr: int, length: int, flags: int = 0, next_: int = 0) -> None:
@@ -175,7 +191,7 @@ class SplitRing:
 
     @avail_flags.setter
     def avail_flags(self, value: int) -> None:
-        _U16.pack_into(self._mm, self._avail, value)
+        _store_u16(self._mm, self._avail, value)
 
     @property
     def avail_idx(self) -> int:
@@ -184,12 +200,12 @@ class SplitRing:
     @avail_idx.setter
     def avail_idx(self, value: int) -> None:
         """Store any avail.idx (hostile tests); the shadow follows it."""
-        _U16.pack_into(self._mm, self._avail + 2, value & U16_MASK)
-        self.next_avail = self.published = value & U16_MASK
+        _store_u16(self._mm, self._avail + 2, value & U16_MASK)
+        self.next_avail = self.published = self.kicked_upto = value & U16_MASK
 
     def set_avail_entry(self, slot: int, head: int) -> None:
-        _U16.pack_into(self._mm, self._avail + RING_HEADER + AVAIL_ENTRY * (slot % self.num),
-                       head & U16_MASK)
+        _store_u16(self._mm, self._avail + RING_HEADER + AVAIL_ENTRY * (slot % self.num),
+                   head & U16_MASK)
 
     @property
     def used_event(self) -> int:
@@ -197,8 +213,8 @@ class SplitRing:
 
     @used_event.setter
     def used_event(self, value: int) -> None:
-        _U16.pack_into(self._mm, self._avail + RING_HEADER + AVAIL_ENTRY * self.num,
-                       value & U16_MASK)
+        _store_u16(self._mm, self._avail + RING_HEADER + AVAIL_ENTRY * self.num,
+                   value & U16_MASK)
 
     # -- raw used ring -----------------------------------------------------------------------
     @property
@@ -235,15 +251,15 @@ class SplitRing:
 
     def add_avail(self, head: int) -> None:
         """Queue `head` in the next avail slot without publishing it yet."""
-        _U16.pack_into(self._mm, self._avail + RING_HEADER + AVAIL_ENTRY
-                       * (self.next_avail & (self.num - 1)), head)
+        _store_u16(self._mm, self._avail + RING_HEADER + AVAIL_ENTRY
+                   * (self.next_avail & (self.num - 1)), head)
         self.next_avail = (self.next_avail + 1) & U16_MASK
 
     def publish(self) -> bool:
         """Store avail.idx once for everything added; True when the device wants a kick."""
         old, new = self.published, self.next_avail
         # x86 keeps stores in order, so the ring entries are visible before the index.
-        _U16.pack_into(self._mm, self._avail + 2, new)
+        _store_u16(self._mm, self._avail + 2, new)
         self.published = new
         if old == new:
             return False
@@ -251,8 +267,23 @@ class SplitRing:
         # would lose a kick when the device goes idle at the same moment.
         memory_barrier()
         if self.event_idx:
-            return vring_need_event(self.avail_event, new, old)
-        return not self.used_flags & VIRTQ_USED_F_NO_NOTIFY
+            kick = vring_need_event(self.avail_event, new, old)
+        else:
+            kick = not self.used_flags & VIRTQ_USED_F_NO_NOTIFY
+        if kick:
+            self.kicked_upto = new
+        return kick
+
+    def missed_kick(self) -> bool:
+        """True when the device's avail_event (EVENT_IDX) now asks for a kick at an index that
+        chains published since the last kick have already passed: the device stored it after
+        `publish` read it, and did not read avail.idx again afterwards. `publish` fences its
+        idx store before that read, so only a device lacking the same fence (or the re-read)
+        gets here. Called on a stall, it tells a device's lost wakeup from a slow or hung
+        request. Without EVENT_IDX a cleared NO_NOTIFY cannot tell the two apart: False."""
+        if not self.event_idx or self.kicked_upto == self.published:
+            return False
+        return _in_window(self.avail_event, self.kicked_upto, self.published)
 
     def pending_used(self) -> int:
         return (self.used_idx - self.last_used) & U16_MASK

@@ -1,9 +1,13 @@
 """Driver-side split ring, eventfds and descriptor layouts, on real memfd guest RAM."""
 
+import os
+import time
+
 import pytest
 
-from vhostmem.frontend.blk import MERGED, STANDARD, Layout, LayoutError, chain_pieces
+from vhostmem.frontend.blk import MERGED, STANDARD, BlkType, Layout, LayoutError, chain_pieces
 from vhostmem.frontend.memory import GuestRam
+from vhostmem.frontend.queue import BlkQueue, LostKickError
 from vhostmem.frontend.ring import (
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
@@ -15,6 +19,7 @@ from vhostmem.frontend.ring import (
 )
 
 MIB = 1 << 20
+POLL_SECONDS = 0.5
 
 
 @pytest.fixture
@@ -68,6 +73,101 @@ def test_event_idx_kick_decision_and_used_event(ram: GuestRam) -> None:
     _device_complete(ram, ring, 0, 7)
     assert ring.pop_used() == [(0, 7)] and ring.used_event == 1
     assert vring_need_event(0xFFFF, 0, 0xFFFE) and not vring_need_event(5, 3, 2)
+
+
+def _set_avail_event(ram: GuestRam, ring: SplitRing, value: int) -> None:
+    """Act as the device: store used.avail_event (the trailer after the used entries)."""
+    ram.write(ring.addr.used + 4 + 8 * ring.num, value.to_bytes(2, "little"))
+
+
+def test_missed_kick_names_a_device_that_stored_avail_event_too_late(ram: GuestRam) -> None:
+    ring = SplitRing(ram, 8, event_idx=True)
+    ring.add_avail(0)
+    assert ring.publish() is True and ring.kicked_upto == 1 and not ring.missed_kick()
+    # The device has taken chain 0, but its avail_event = 1 is not yet visible: this publish
+    # reads the old 0 and (rightly, for what it sees) does not kick.
+    ring.add_avail(1)
+    ring.add_avail(2)
+    assert ring.publish() is False and not ring.missed_kick()  # a slow device, so far
+    _set_avail_event(ram, ring, 1)  # the late store lands: "kick me past 1", already passed
+    assert ring.missed_kick()
+    _set_avail_event(ram, ring, 3)  # a device that took everything is owed nothing
+    assert not ring.missed_kick()
+    ring.add_avail(3)
+    assert ring.publish() is True and ring.kicked_upto == 4 and not ring.missed_kick()
+    # Without EVENT_IDX a stall cannot be told from a hung request.
+    plain = SplitRing(ram, 8)
+    ram.write(plain.addr.used, VIRTQ_USED_F_NO_NOTIFY.to_bytes(2, "little"))
+    plain.add_avail(0)
+    assert plain.publish() is False
+    ram.write(plain.addr.used, bytes(2))
+    assert not plain.missed_kick()
+
+
+def test_queue_stall_reports_a_lost_kick_apart_from_a_hung_request() -> None:
+    with GuestRam() as ram:
+        ram.add_region(0, 4 * MIB)
+        ring = SplitRing(ram, 8, event_idx=True)
+        q = BlkQueue(ram, ring, EventFd(), EventFd(), depth=4, max_data=512)
+        q.submit(BlkType.IN, 0, in_len=512)
+        assert q.kicks == 1
+        q.submit(BlkType.IN, 1, in_len=512)  # avail_event still reads 0: no kick
+        assert q.kicks == 1
+        with pytest.raises(TimeoutError) as hung:
+            q.wait(timeout=0.02)
+        assert not isinstance(hung.value, LostKickError)
+        _set_avail_event(ram, ring, 1)
+        with pytest.raises(LostKickError, match="avail_event 1 asks for a kick"):
+            q.wait(timeout=0.02)
+
+
+def test_missed_kick_window_wraps_the_16_bit_index(ram: GuestRam) -> None:
+    ring = SplitRing(ram, 8, event_idx=True)
+    ring.avail_idx = 0xFFFE
+    _set_avail_event(ram, ring, 0xFFF0)  # stale: behind everything, no kick due
+    for head in range(4):
+        ring.add_avail(head)
+    assert ring.publish() is False and ring.published == 2
+    _set_avail_event(ram, ring, 0xFFFF)
+    assert ring.missed_kick()
+    _set_avail_event(ram, ring, 2)
+    assert not ring.missed_kick()
+
+
+def test_a_device_polling_avail_idx_never_reads_a_transient_zero(ram: GuestRam) -> None:
+    """`struct.pack_into` zeroes its target before storing: a device polling avail.idx then
+    reads 0, a jump of thousands of chains (qemu-storage-daemon panicked on it, vhostmem
+    marked the queue broken). A second process polls the index while this one publishes."""
+    ring = SplitRing(ram, 8)
+    ring.avail_idx = 1
+    word = (ring.addr.avail + 2) // 2
+    results_r, results_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the "device": its own CPU, reading the shared page as a backend would
+        view = memoryview(ram.regions[0].mm).cast("H")
+        zeros = reads = 0
+        deadline = time.monotonic() + POLL_SECONDS
+        while time.monotonic() < deadline:
+            for _ in range(1000):
+                zeros += view[word] == 0
+            reads += 1000
+        os.write(results_w, f"{reads} {zeros}".encode())
+        os._exit(0)
+    os.close(results_w)
+    publishes = 0
+    deadline = time.monotonic() + POLL_SECONDS
+    while time.monotonic() < deadline:
+        for _ in range(1000):
+            if ring.next_avail == 0xFFFF:
+                ring.avail_idx = 1  # never store the legitimate 0 of a wrap
+            ring.add_avail(0)
+            ring.publish()
+        publishes += 1000
+    os.waitpid(pid, 0)
+    reads, zeros = map(int, os.read(results_r, 64).split())
+    os.close(results_r)
+    assert publishes > 10_000 and reads > 10_000
+    assert zeros == 0
 
 
 def test_pop_used_wraps_the_16_bit_index(ram: GuestRam) -> None:
