@@ -72,11 +72,6 @@ def vring_need_event(event: int, new: int, old: int) -> bool:
     return ((new - event - 1) & U16_MASK) < ((new - old) & U16_MASK)
 
 
-def _in_window(value: int, lo: int, hi: int) -> bool:
-    """`lo <= value < hi` on free-running 16-bit ring indices."""
-    return ((value - lo) & U16_MASK) < ((hi - lo) & U16_MASK)
-
-
 class EventFd:
     """A non-blocking eventfd: `signal`, `drain`, `wait(timeout)`."""
 
@@ -283,7 +278,8 @@ class SplitRing:
         request. Without EVENT_IDX a cleared NO_NOTIFY cannot tell the two apart: False."""
         if not self.event_idx or self.kicked_upto == self.published:
             return False
-        return _in_window(self.avail_event, self.kicked_upto, self.published)
+        # The kick rule itself, applied to everything published since the last kick.
+        return vring_need_event(self.avail_event, self.published, self.kicked_upto)
 
     def pending_used(self) -> int:
         return (self.used_idx - self.last_used) & U16_MASK
