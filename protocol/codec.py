@@ -163,12 +163,20 @@ def decode(
 ) -> tuple[IntEnum, Any]:
     """Validate and decode one message whose header fields are known; ``view`` is its payload."""
     request, spec = lookup_request(number, flags, sender)
+    return request, decode_known(request, spec, flags, view, nfds)
+
+
+def decode_known(
+    request: IntEnum, spec: RequestSpec, flags: int, view: memoryview, nfds: int
+) -> Any:
+    """The payload of a message whose header passed :func:`lookup_request`: the stream is in
+    step here, so a ProtocolError from this is about this one message only."""
     shape, rule = _pick_shape(request, spec, flags, len(view))
     payload = decode_payload(request, shape, view)
     if nfds > MAX_FDS:
         raise ProtocolError(request, f"{nfds} fds, more than the {MAX_FDS} a message may carry")
     check_fds(request, rule, payload, nfds)
-    return request, payload
+    return payload
 
 
 def parse_message(

@@ -15,6 +15,13 @@ just the bytes that complete it, it is decoded from a memoryview of that bytearr
 of the chunk is read in place again. So every byte is copied at most once, and there is nothing
 to compact.
 
+Framed but invalid: a message whose header names a known request with valid flags and a size
+within the limit is framed whatever its payload holds, so the stream stays in step even when
+the payload fails validation (wrong size for its request, a field out of range, the wrong
+number of fds). With ``keep_invalid=True`` such a message is returned with ``invalid`` set to
+the reason, ``payload`` None and its fds closed, and the framer goes on: a server answers it as
+a failed request (REPLY_ACK where negotiated). Without it, it is a ProtocolError as below.
+
 Errors: on a :class:`ProtocolError` from :meth:`Framer.feed` the framer closes every fd it holds
 (those of the bad message, those of messages decoded earlier in the same feed, which are
 discarded with it, and those of partial messages) and refuses further input: the byte stream is
@@ -28,7 +35,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from protocol.codec import HEADER, SENDERS, close_fds, decode, lookup_request, name_or_number
+from protocol.codec import (
+    HEADER,
+    SENDERS,
+    close_fds,
+    decode_known,
+    lookup_request,
+    name_or_number,
+)
 from protocol.constants import HEADER_SIZE, MAX_PAYLOAD_SIZE
 from protocol.messages import Message, ProtocolError
 
@@ -41,10 +55,11 @@ class Framer:
     those of partial messages still buffered (call it when the connection ends).
     """
 
-    def __init__(self, sender: str = "frontend") -> None:
+    def __init__(self, sender: str = "frontend", *, keep_invalid: bool = False) -> None:
         if sender not in SENDERS:
             raise ValueError(f"sender must be 'frontend' or 'backend', not {sender!r}")
         self.sender = sender
+        self.keep_invalid = keep_invalid
         self._buf = bytearray()  # the bytes of one incomplete message, nothing else
         self._partial_fds: list[int] = []  # the fds of that message
         self._broken: ProtocolError | None = None
@@ -157,13 +172,24 @@ class Framer:
         fds, self._partial_fds = self._partial_fds, []
         self._buf = bytearray()  # buf is never resized again: its views need no care
         with memoryview(buf)[HEADER_SIZE:] as body:
-            try:
-                request, payload = decode(number, flags, body, len(fds), self.sender)
-            except BaseException:
-                close_fds(fds)
-                raise
-        out.append(Message(request, flags, payload, fds))
+            out.append(self._message(number, flags, body, fds))
         return used
+
+    def _message(self, number: int, flags: int, body: memoryview, fds: list[int]) -> Message:
+        """Decode one whole message; ``fds`` are closed on any error (or kept by the Message)."""
+        try:
+            request, spec = lookup_request(number, flags, self.sender)
+            try:
+                payload = decode_known(request, spec, flags, body, len(fds))
+            except ProtocolError as exc:
+                if not self.keep_invalid:
+                    raise
+                close_fds(fds)
+                return Message(request, flags, None, [], invalid=exc.reason)
+        except BaseException:
+            close_fds(fds)
+            raise
+        return Message(request, flags, payload, fds)
 
     def _last_start(self, view: memoryview) -> int:
         """Where the last message starting in ``view`` starts (the owner of the chunk's fds)."""
@@ -205,13 +231,9 @@ class Framer:
                 fds = []
             body = view[pos + HEADER_SIZE : pos + HEADER_SIZE + size]
             try:
-                request, payload = decode(number, flags, body, len(fds), self.sender)
-            except BaseException:
-                close_fds(fds)
-                raise
+                out.append(self._message(number, flags, body, fds))
             finally:
                 body.release()
-            out.append(Message(request, flags, payload, fds))
             pos += HEADER_SIZE + size
         return pos
 

@@ -54,13 +54,18 @@ class Message:
 
     ``payload`` is None for an empty payload, an ``int`` for a u64 and a construct ``Container``
     for a struct. ``request`` is a :class:`FrontendRequest` or :class:`BackendRequest`; for a reply
-    it is the request being answered. The receiver of a Message owns its ``fds``.
+    it is the request being answered. The receiver of a Message owns its ``fds``. ``invalid``
+    names what was wrong with a framed message that failed validation (see Framer).
     """
 
     request: IntEnum
     flags: int = REQUEST_FLAGS
     payload: Any = None
     fds: list[int] = field(default_factory=list)
+    # Set (and payload None, fds closed) for a message that was framed but failed validation,
+    # when the framer keeps such messages (Framer(keep_invalid=True)): the receiver answers it
+    # as a failed request (REPLY_ACK) instead of dropping the peer.
+    invalid: str | None = None
 
     @property
     def is_reply(self) -> bool:

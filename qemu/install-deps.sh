@@ -24,6 +24,11 @@ command -v cpio >/dev/null || need+=(cpio)
 # The guest's checker (qemu/guest/vmtest.c) is compiled statically on the host.
 command -v gcc >/dev/null || need+=(gcc)
 [ -f /usr/lib/x86_64-linux-gnu/libc.a ] || need+=(libc6-dev)
+# tests/qemu/test_durability.py counts the backend's fdatasync calls with strace -p.
+command -v strace >/dev/null || need+=(strace)
+# tests/hostile/slowfs.py: a FUSE file system with slow reads (fusepy, the `test` extra, loads
+# libfuse 2 with ctypes).
+[ -f /usr/lib/x86_64-linux-gnu/libfuse.so.2 ] || need+=(libfuse2)
 if [ "$dry_run" = 1 ]; then
     echo "${need[*]}"
 elif [ ${#need[@]} -gt 0 ]; then

@@ -57,7 +57,17 @@ class ChainError(Exception):
 
 
 class OutsideMemoryError(Exception):
-    """A buffer of an otherwise well-formed chain is not guest memory."""
+    """A buffer of an otherwise well-formed chain is not guest memory.
+
+    ``last`` is the chain's last descriptor (addr, len, flags) as the walk read it: the failure
+    status goes there, decided from this private copy. Walking the shared table a second time
+    would let a guest that rewrites it meanwhile (a loop, ``next`` out of range) hang or crash
+    the device (docs/hostile.md, "read once").
+    """
+
+    def __init__(self, reason: str, last: tuple[int, int, int]) -> None:
+        super().__init__(reason)
+        self.last = last
 
 
 class ChainWalker:
@@ -119,7 +129,7 @@ class ChainWalker:
             if i >= limit:
                 raise ChainError(f"next {i} out of range (table of {limit})")
         if bad is not None:
-            raise OutsideMemoryError(bad)
+            raise OutsideMemoryError(bad, (addr, length, flags))
         return DescChain(head, readable, rlen, writable, wlen)
 
     def _cache_region(self, gpa: int) -> tuple[int, int, memoryview | None, int]:
@@ -149,15 +159,13 @@ class ChainWalker:
         except GuestMemoryError as exc:
             raise ChainError(f"indirect table: {exc}") from exc
 
-    def _write_failure_status(self, head: int) -> int:
+    def _write_failure_status(self, last: tuple[int, int, int]) -> int:
         """Write ``failure_status`` over the end of the chain's last descriptor if it is
-        device-writable guest memory; returns the bytes written. The chain was walked once
-        already, so it is known to be well formed (no loop, indexes in range)."""
+        device-writable guest memory; returns the bytes written. ``last`` is that descriptor
+        as the walk read it (:attr:`OutsideMemoryError.last`): the table is not read again."""
         status = self.failure_status
-        if not status:
-            return 0
-        addr, length, flags = self._last_descriptor(head)
-        if not flags & VRING_DESC_F_WRITE or length < len(status):
+        addr, length, flags = last
+        if not status or not flags & VRING_DESC_F_WRITE or length < len(status):
             return 0
         try:
             views = self.mem.translate(addr + length - len(status), len(status))
@@ -169,16 +177,3 @@ class ChainWalker:
             done += len(view)
             view.release()
         return done
-
-    def _last_descriptor(self, head: int) -> tuple[int, int, int]:
-        """(addr, len, flags) of the last descriptor of the chain at ``head``."""
-        table = self._desc
-        i = head
-        while True:
-            addr, length, flags, nxt = _DESC.unpack_from(table, i * DESC_SIZE)  # type: ignore[arg-type]
-            if flags & VRING_DESC_F_INDIRECT:
-                table, i = self.mem.view(addr, length), 0
-                continue
-            if not flags & VRING_DESC_F_NEXT:
-                return addr, length, flags
-            i = nxt

@@ -11,6 +11,12 @@ says what it offers and serves kicked queues:
 * :meth:`handle_queue` is called when a started, enabled queue was kicked: pop every available
   chain, complete each with ``push_used``, then call ``notify`` once for the batch. An exception
   escaping it marks that queue broken (the reason is logged and the err eventfd signalled).
+* :meth:`guest_state` / :meth:`restore_guest_state`: what the guest chose that the frontend
+  will not replay to a restarted backend (blk: the writeback byte). The session keeps it in the
+  inflight region, which outlives a backend crash, and restores it on reconnect.
+* :meth:`reset` is a device reset (RESET_DEVICE / RESET_OWNER): negotiated features go, the guest
+  state stays (QEMU keeps showing the guest the config it cached); :meth:`forget_guest` is called
+  when the frontend goes away, and returns the device to its power-on state.
 * :attr:`failed_request_status` is what the virtqueue writes at the end of a request it fails
   itself because a buffer lies outside guest memory (blk: the IOERR status byte); empty means
   such a request is completed with nothing written.
@@ -75,8 +81,21 @@ class VhostUserDevice(ABC):
         """Serve every available request of ``vq``; signal the driver once at the end."""
 
     def reset(self) -> None:
-        """Forget negotiated state (device reset, disconnect)."""
+        """Forget negotiated features (device reset; :meth:`forget_guest` on disconnect)."""
         self.acked_features = 0
+
+    def forget_guest(self) -> None:
+        """The frontend went away: back to the power-on state, guest state included."""
+        self.reset()
+
+    def guest_state(self) -> bytes:
+        """State the guest set that the frontend does not replay (at most 56 bytes)."""
+        return b""
+
+    def restore_guest_state(self, data: bytes) -> None:
+        """Take back :meth:`guest_state` of an earlier backend; DeviceConfigError if invalid."""
+        if data:
+            raise DeviceConfigError(f"unexpected saved device state ({len(data)} bytes)")
 
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release the device's own resources (backing files); the server calls it at exit."""

@@ -25,6 +25,13 @@ Protocol, per queue (:class:`InflightQueue`):
   backend died; the flagged heads are exactly the consumed-but-unreturned avail entries, so the
   true position is used idx + their number).
 
+After the queues, regions vhostmem creates carry a **device state** trailer of
+``DEVICE_STATE_SIZE`` bytes: ``magic u32 | length u16 | reserved u16 | data[length]``. It holds
+what the guest chose that the frontend will not replay to a restarted backend (blk: the
+writeback byte it set with SET_CONFIG; QEMU 7.2 caches the config it showed the guest and never
+sends it again), so a backend killed with SIGKILL comes back with the guest's write-through
+setting. A region without the trailer (made by another backend) simply stores nothing.
+
 Resubmission reuses the virtqueue's own fetch loop: :meth:`InflightQueue.recover` returns the
 used idx as the avail position, and ``next_head`` hands out the resubmitted heads in place of
 what the avail ring holds at those positions, one per position, until the list is empty.
@@ -38,6 +45,7 @@ import logging
 import mmap
 import os
 import stat
+import struct
 import threading
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -66,6 +74,11 @@ U64_PER_DESC = DESC_STATE_SIZE // 8
 U64_COUNTER0 = (QUEUE_HEADER_SIZE + D_COUNTER) // 8  # u64 index of desc[0].counter
 # Used ring element: id u32, len u32 (index 2*slot in a u32 view of the ring entries).
 USED_ELEM_U32 = 2
+# Device state trailer (see the module docstring).
+DEVICE_STATE_SIZE = 64
+DEVICE_STATE_MAGIC = 0x53444D56  # "VMDS"
+_STATE_HEADER = struct.Struct("<IHH")
+DEVICE_STATE_MAX = DEVICE_STATE_SIZE - _STATE_HEADER.size
 MEMFD_SEALS = fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL
 
 
@@ -98,7 +111,7 @@ def create_inflight_fd(
     The caller owns the fd (it stays valid until closed; the frontend gets its own copy).
     """
     _check_shape(num_queues, queue_size, max_queues)
-    size = region_size(num_queues, queue_size)
+    size = region_size(num_queues, queue_size) + DEVICE_STATE_SIZE
     fd = os.memfd_create("vhostmem-inflight", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(fd, size)  # a fresh memfd reads as zeroes: version 0, nothing in flight
@@ -152,6 +165,28 @@ class InflightRegion:
         log.info("inflight region attached: %d queues of %d, %d bytes", num_queues, queue_size,
                  stride * num_queues)
         return region
+
+    def device_state(self) -> bytes | None:
+        """The device state stored in the trailer, or None (no trailer, or nothing stored).
+        The trailer is read once into private memory and decided on from that copy."""
+        start = region_size(self.num_queues, self.queue_size)
+        if self.mmap_size < start + DEVICE_STATE_SIZE:
+            return None
+        raw = self.mm[start : start + DEVICE_STATE_SIZE]
+        magic, length, _ = _STATE_HEADER.unpack_from(raw)
+        if magic != DEVICE_STATE_MAGIC or length > DEVICE_STATE_MAX:
+            return None
+        return raw[_STATE_HEADER.size : _STATE_HEADER.size + length]
+
+    def save_device_state(self, data: bytes) -> bool:
+        """Store ``data`` in the trailer (the magic last); False if the region has none."""
+        start = region_size(self.num_queues, self.queue_size)
+        if self.mmap_size < start + DEVICE_STATE_SIZE or len(data) > DEVICE_STATE_MAX:
+            return False
+        body = start + _STATE_HEADER.size
+        self.mm[body : body + len(data)] = data
+        self.mm[start : body] = _STATE_HEADER.pack(DEVICE_STATE_MAGIC, len(data), 0)
+        return True
 
     def _header(self, index: int) -> memoryview:
         start = index * queue_region_size(self.queue_size)

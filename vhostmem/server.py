@@ -25,10 +25,11 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from protocol import Framer, ProtocolError
+from protocol import Framer, Message, ProtocolError
 from vhostmem.device import VhostUserDevice
 from vhostmem.memmap import MemRegistry
 from vhostmem.session import Session
+from vhostmem.session_base import Deferred
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,11 @@ CLIENT_RETRY_SECONDS = 0.2
 LISTEN_BACKLOG = 4
 # A connect() probing whether a socket file is live must not hang on a full backlog.
 PROBE_TIMEOUT_SECONDS = 1.0
+# How often a reply that waits for I/O threads (Deferred) or a draining session is polled, and
+# how long before it is failed loudly: the request is answered by a disconnect, the drain logs
+# an error (and keeps waiting: memory cannot be let go under a request still being served).
+DRAIN_POLL_SECONDS = 0.001
+DRAIN_TIMEOUT_SECONDS = 30.0
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -85,6 +91,9 @@ class LoopKickWatcher:
             self.loop.remove_reader(fd)
             self.fds.discard(fd)
 
+    def defer(self, callback: Callable[[], None]) -> None:
+        self.loop.call_soon(self._guarded, -1, callback)
+
     def unwatch_all(self) -> None:
         for fd in list(self.fds):
             self.unwatch(fd)
@@ -111,9 +120,13 @@ class Connection:
         self.session = session
         self.loop = loop
         self.on_close = on_close
-        self.framer = Framer(sender="frontend")
+        self.framer = Framer(sender="frontend", keep_invalid=True)
         self.closed = False
         self._backlog = bytearray()  # reply bytes the socket did not take yet
+        # Messages decoded but not handled yet, because a Deferred reply is awaited first.
+        self._queued: list[Message] = []
+        self._deferred: Deferred | None = None
+        self._deferred_since = 0.0
         sock.setblocking(False)
         loop.add_reader(sock.fileno(), self._on_readable)
 
@@ -137,18 +150,55 @@ class Connection:
             log.error("%s: %s; disconnecting", self.session.name, exc)
             self.close()
             return
-        for n, msg in enumerate(messages):
+        self._queued = messages
+        self._handle_queued()
+
+    def _handle_queued(self) -> None:
+        """Handle the decoded messages in order; a Deferred reply pauses reading (the next
+        message must not be handled before it) and is polled from the loop."""
+        while self._queued and not self.closed:
+            msg = self._queued.pop(0)
             try:
-                for reply, reply_fds in self.session.handle(msg):
+                result = self.session.handle(msg)
+                if isinstance(result, Deferred):
+                    self._wait_for(result)
+                    return
+                for reply, reply_fds in result:
                     self._send(reply, reply_fds)
             except Exception as exc:  # one bad frontend must not stop the loop
-                # Messages already decoded after the failing one are dropped: close their fds.
-                for rest in messages[n + 1 :]:
-                    _close_all(rest.fds)
                 log.error("%s: %s; disconnecting", self.session.name, exc)
                 self.close()
                 return
 
+    def _wait_for(self, deferred: Deferred) -> None:
+        self._deferred = deferred
+        self._deferred_since = self.loop.time()
+        self.loop.remove_reader(self.sock.fileno())
+        self.loop.call_later(DRAIN_POLL_SECONDS, self._poll_deferred)
+
+    def _poll_deferred(self) -> None:
+        deferred = self._deferred
+        if deferred is None or self.closed:
+            return
+        if not deferred.ready():
+            if self.loop.time() - self._deferred_since > DRAIN_TIMEOUT_SECONDS:
+                log.error("%s: %s: requests still in flight after %.0f s; disconnecting",
+                          self.session.name, deferred.what, DRAIN_TIMEOUT_SECONDS)
+                self.close()
+                return
+            self.loop.call_later(DRAIN_POLL_SECONDS, self._poll_deferred)
+            return
+        self._deferred = None
+        try:
+            for reply, reply_fds in deferred.finish():
+                self._send(reply, reply_fds)
+        except Exception as exc:
+            log.error("%s: %s: %s; disconnecting", self.session.name, deferred.what, exc)
+            self.close()
+            return
+        self._handle_queued()
+        if not self.closed and self._deferred is None and not self._backlog:
+            self.loop.add_reader(self.sock.fileno(), self._on_readable)
     def _recv(self) -> tuple[bytes, list[int]]:
         data, ancdata, flags, _ = self.sock.recvmsg(RECV_BYTES, ANCILLARY_BYTES)
         fds = _fds_from_ancillary(ancdata)
@@ -189,7 +239,8 @@ class Connection:
         del self._backlog[:sent]
         if not self._backlog:
             self.loop.remove_writer(self.sock.fileno())
-            self.loop.add_reader(self.sock.fileno(), self._on_readable)
+            if self._deferred is None:
+                self.loop.add_reader(self.sock.fileno(), self._on_readable)
 
     def peer_gone(self) -> bool:
         """Whether the frontend hung up (even if unread bytes remain queued)."""
@@ -203,10 +254,13 @@ class Connection:
         self.closed = True
         self.loop.remove_reader(self.sock.fileno())
         self.loop.remove_writer(self.sock.fileno())
+        for rest in self._queued:  # decoded but never handled: their fds are ours to close
+            _close_all(rest.fds)
+        self._queued = []
+        self._deferred = None
         try:
             self.framer_close()
             self.session.watcher.unwatch_all()  # type: ignore[attr-defined]
-            self.session.reset()
         except Exception:  # the endpoint must still be freed for the next frontend
             log.exception("%s: error while releasing the session", self.session.name)
         finally:
@@ -247,6 +301,7 @@ class Endpoint:
         self.connections_served = 0
         self._client_task: asyncio.Task[None] | None = None
         self._closing = False
+        self.draining = False  # a frontend left with requests in flight; not serving yet
 
     # ---------------------------------------------------------------- listen mode
 
@@ -283,14 +338,52 @@ class Endpoint:
         self.connections_served += 1
 
     def _on_connection_closed(self, conn: Connection) -> None:
-        if self.connection is conn:
-            self.connection = None
+        """The frontend is gone: stop its rings, and reset the session (its memory, fds and
+        registrations) once no request of it is in flight on an I/O thread. Until then no new
+        frontend is taken: it would share the rings and disk with requests still running."""
+        if self.connection is not conn:
+            return
+        try:
+            idle = self.session.stop_rings()
+        except Exception:
+            log.exception("%s: error while stopping the rings", self.name)
+            idle = True
+        if idle:
+            self._release()
+            return
+        self.draining = True
+        if self.listener is not None:
+            self.loop.remove_reader(self.listener.fileno())
+        log.info("%s: waiting for requests in flight before serving the next frontend", self.name)
+        self.loop.call_later(DRAIN_POLL_SECONDS, self._poll_drain, self.loop.time(), False)
+
+    def _poll_drain(self, since: float, warned: bool) -> None:
+        if self._closing:
+            return
+        if not self.session.idle():
+            if not warned and self.loop.time() - since > DRAIN_TIMEOUT_SECONDS:
+                log.error("%s: requests of the last frontend still in flight after %.0f s; "
+                          "the next frontend waits for them", self.name, DRAIN_TIMEOUT_SECONDS)
+                warned = True
+            self.loop.call_later(DRAIN_POLL_SECONDS, self._poll_drain, since, warned)
+            return
+        self.draining = False
+        self._release()
+        if self.listener is not None:
+            self.loop.add_reader(self.listener.fileno(), self._on_accept)
+
+    def _release(self) -> None:
+        try:
+            self.session.reset()
+        except Exception:  # the endpoint must still be freed for the next frontend
+            log.exception("%s: error while releasing the session", self.name)
+        self.connection = None
 
     # ---------------------------------------------------------------- client mode
 
     async def _client_loop(self) -> None:
         while not self._closing:
-            if self.connection is None:
+            if self.connection is None and not self.draining:
                 sock = await self._connect()
                 if sock is None:
                     return

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable
 
 from protocol import FrontendRequest, Message, ProtocolFeature, encode_reply
-from vhostmem.device import VhostUserDevice
+from vhostmem.device import DeviceConfigError, VhostUserDevice
 from vhostmem.eventfd import check_eventfd
 from vhostmem.guest_memory import GuestMemory
 from vhostmem.inflight import InflightError, InflightState
@@ -26,10 +26,10 @@ from vhostmem.session_base import (
     MAX_QUEUE_SIZE,
     OWN_REPLY_REQUESTS,
     PROTOCOL_FEATURES_BIT,
+    Deferred,
     FdReply,
     KickWatcher,
     Reply,
-    RingConfig,
     SessionError,
     SessionState,
     close_fd,
@@ -69,8 +69,9 @@ class Session(MemoryRequests):
             Virtqueue(i, self.memory, failure_status=device.failed_request_status)
             for i in range(device.num_queues)
         ]
-        self.state = SessionState(rings=[RingConfig() for _ in range(device.num_queues)])
+        self.state = SessionState()
         self.inflight = InflightState()
+        self._turn_pending: set[int] = set()  # rings whose next turn is scheduled
         self._handlers: dict[FrontendRequest, Callable[[Message], object]] = {
             FrontendRequest.GET_FEATURES: self._get_features,
             FrontendRequest.SET_FEATURES: self._set_features,
@@ -112,8 +113,9 @@ class Session(MemoryRequests):
     def _reply_ack_negotiated(self) -> bool:
         return bool(self.state.protocol_features & (1 << ProtocolFeature.REPLY_ACK))
 
-    def handle(self, msg: Message) -> list[Reply]:
-        """Apply one frontend message; return the replies to send, in order.
+    def handle(self, msg: Message) -> list[Reply] | Deferred:
+        """Apply one frontend message; return the replies to send, in order, or a
+        :class:`Deferred` reply the caller sends once it is ready (without blocking).
 
         Raises SessionError when the request failed and the spec offers no way to tell the
         frontend (no REPLY_ACK, or a request whose own reply has no error form); the server then
@@ -123,12 +125,16 @@ class Session(MemoryRequests):
         handler = self._handlers.get(msg.request)  # type: ignore[call-overload]
         wants_ack = msg.need_reply and self._reply_ack_negotiated()
         try:
+            if msg.invalid is not None:  # framed, but its payload or fds failed validation
+                raise SessionError(f"{request_name(msg.request)}: {msg.invalid}")
             if handler is None:
                 raise SessionError(f"{request_name(msg.request)}: request not supported")
             result = handler(msg)
         except Exception as exc:  # every failure is answered
             close_fds(msg.fds)
             return self._failed(msg, exc, wants_ack)
+        if isinstance(result, Deferred):
+            return result
         if isinstance(result, FdReply):
             return [(encode_reply(msg.request, result.payload), result.fds)]
         if result is not None:
@@ -170,6 +176,7 @@ class Session(MemoryRequests):
             raise SessionError(f"SET_FEATURES: bits {extra:#x} were not offered")
         self.state.features = acked
         self.device.set_features(acked)
+        self._save_guest_state()
         for vq in self.queues:
             vq.set_features(acked)
         if not acked & PROTOCOL_FEATURES_BIT:
@@ -222,6 +229,29 @@ class Session(MemoryRequests):
     def _set_config(self, msg: Message) -> None:
         cfg = msg.payload
         self.device.set_config(cfg.offset, bytes(cfg.payload), cfg.flags)
+        self._save_guest_state()
+
+    def _save_guest_state(self) -> None:
+        """Keep the device's guest state in the inflight region, which the frontend hands to
+        a restarted backend (vhostmem/inflight.py, "device state")."""
+        region = self.inflight.region
+        if region is not None:
+            region.save_device_state(self.device.guest_state())
+
+    def _restore_guest_state(self) -> None:
+        """SET_INFLIGHT_FD: a region that holds a device state comes from an earlier backend
+        serving this guest: take the guest's choices back from it; else store ours in it."""
+        region = self.inflight.region
+        assert region is not None
+        saved = region.device_state()
+        if saved is not None:
+            try:
+                self.device.restore_guest_state(saved)
+            except DeviceConfigError as exc:
+                log.warning("%s: inflight region: %s; not restored", self.name, exc)
+            else:
+                log.info("%s: device state restored from the inflight region", self.name)
+        self._save_guest_state()
 
     def _reset_device(self, msg: Message) -> None:
         self.reset_rings()
@@ -246,19 +276,17 @@ class Session(MemoryRequests):
             raise SessionError(
                 f"SET_VRING_NUM: size {num} is not a power of two in 1..{limit}"
             )
-        if self.state.rings[i].started:
+        if self.queues[i].started:
             raise SessionError(f"SET_VRING_NUM: ring {i} is started")
         self.queues[i].set_num(num)
-        self.state.rings[i].num = num
 
     def _set_vring_addr(self, msg: Message) -> None:
         a = msg.payload
         i = self._ring_index(msg.request, a.index)
         addr = (a.flags, a.desc_user_addr, a.used_user_addr, a.avail_user_addr, a.log_guest_addr)
-        self._resolve_ring(i, addr)
-        self.state.rings[i].addr = addr
+        self._resolve_ring(i, addr)  # all or nothing: a refused address changes nothing
         vq = self.queues[i]
-        if not self.state.rings[i].started and vq.broken:
+        if not vq.started and vq.broken:
             # New addresses on a stopped ring (a driver restarting it after an error or a
             # guest reset): the old ring's corruption no longer applies.
             log.info("%s: ring %d reconfigured; clearing its error state", self.name, i)
@@ -266,21 +294,31 @@ class Session(MemoryRequests):
             vq.broken_reason = ""
 
     def _resolve_ring(self, i: int, addr: tuple[int, int, int, int, int]) -> None:
-        """Translate the frontend addresses of SET_VRING_ADDR through the current table."""
-        flags, desc, used, avail, log_addr = addr
+        """Translate the frontend addresses of SET_VRING_ADDR through the current table and
+        give them to the ring, which keeps them (the one copy of its configuration)."""
+        _, desc, used, avail, _ = addr
         to_gpa = self.memory.uva_to_gpa
-        self.queues[i].set_addr(to_gpa(desc), to_gpa(used), to_gpa(avail), log_addr, flags)
+        self.queues[i].set_addr(to_gpa(desc), to_gpa(used), to_gpa(avail), addr)
 
     def _set_vring_base(self, msg: Message) -> None:
         i = self._ring_index(msg.request, msg.payload.index)
-        if self.state.rings[i].started:
+        if self.queues[i].started:
             raise SessionError(f"SET_VRING_BASE: ring {i} is started")
         self.queues[i].set_base(msg.payload.num & 0xFFFF)
-        self.state.rings[i].base = msg.payload.num & 0xFFFF
 
-    def _get_vring_base(self, msg: Message) -> dict[str, int]:
+    def _get_vring_base(self, msg: Message) -> dict[str, int] | Deferred:
         i = self._ring_index(msg.request, msg.payload.index)
-        self._stop_ring(i)
+        if self._stop_ring(i):
+            return self._vring_base(i)
+        # Requests are in flight on I/O threads: the position is reported once they completed
+        # (every used entry written), without blocking the event loop meanwhile.
+        return Deferred(
+            f"GET_VRING_BASE ring {i}",
+            self.queues[i].idle,
+            lambda: [(encode_reply(msg.request, self._vring_base(i)), [])],
+        )
+
+    def _vring_base(self, i: int) -> dict[str, int]:
         base = self.queues[i].get_base()
         log.info("%s: ring %d stopped by GET_VRING_BASE at avail index %d", self.name, i, base)
         return {"index": i, "num": base}
@@ -307,18 +345,14 @@ class Session(MemoryRequests):
         _, fd = self._vring_fd(msg)
         self._stop_ring(i)
         vq.set_kick_fd(fd)
-        addr = self.state.rings[i].addr
+        addr = vq.frontend_addr
         if addr is not None:  # the table may have changed since SET_VRING_ADDR
             self._resolve_ring(i, addr)
         self._start_ring(i)
 
     def _set_vring_call(self, msg: Message) -> None:
         i, fd = self._vring_fd(msg)
-        # I/O threads signal the call fd when they complete: let them finish before the old
-        # fd is closed (its number could be reused at once). No new request starts meanwhile:
-        # requests are only popped on this thread.
-        self.queues[i].wait_idle()
-        self.queues[i].set_call_fd(fd)
+        self.queues[i].set_call_fd(fd)  # never waits for I/O threads (see set_call_fd)
 
     def _set_vring_err(self, msg: Message) -> None:
         i, fd = self._vring_fd(msg)
@@ -331,9 +365,8 @@ class Session(MemoryRequests):
         self._enable_ring(i, bool(msg.payload.num))
 
     def _enable_ring(self, i: int, enabled: bool) -> None:
-        self.state.rings[i].enabled = enabled
         self.queues[i].enable(enabled)
-        if enabled and self.state.rings[i].started:
+        if enabled and self.queues[i].started:
             # Requests may have been queued while the ring was disabled.
             self.process_queue(i)
 
@@ -345,18 +378,17 @@ class Session(MemoryRequests):
         except Exception:
             vq.stop()
             raise
-        self.state.rings[i].started = True
         log.info("%s: ring %d started (size %d, avail index %d)", self.name, i, vq.num,
                  vq.get_base())
-        if self.state.rings[i].enabled:
+        if vq.enabled:
             self.process_queue(i)
 
-    def _stop_ring(self, i: int) -> None:
+    def _stop_ring(self, i: int) -> bool:
+        """Stop ring ``i``; whether it is idle (no request in flight on another thread)."""
         vq = self.queues[i]
-        if self.state.rings[i].started and vq.kick_fd >= 0:
+        if vq.started and vq.kick_fd >= 0:
             self.watcher.unwatch(vq.kick_fd)
-        self.state.rings[i].started = False
-        vq.stop()
+        return vq.stop()
 
     def on_kick(self, i: int) -> None:
         """The ring's kick eventfd is readable: drain it and process the ring."""
@@ -367,26 +399,49 @@ class Session(MemoryRequests):
             self.watcher.unwatch(vq.kick_fd)
             vq.mark_broken(f"kick eventfd unreadable: {exc}")
             return
-        if self.state.rings[i].enabled:
+        if vq.enabled:
             self.process_queue(i)
 
     def process_queue(self, i: int) -> None:
+        """One turn of ring ``i``: the device serves what the turn's budget allows; if work is
+        left, the next turn is scheduled after the loop has served everything else ready."""
         vq = self.queues[i]
         if vq.broken:
             return
+        vq.new_turn()
         try:
             self.device.handle_queue(vq)
         except Exception as exc:  # a device bug stops its queue, not the connection
             log.exception("%s: device failed serving ring %d", self.name, i)
             vq.mark_broken(f"device error: {exc!r}")
+            return
+        if vq.yielded and i not in self._turn_pending:
+            self._turn_pending.add(i)
+            self.watcher.defer(lambda: self._next_turn(i))
+
+    def _next_turn(self, i: int) -> None:
+        self._turn_pending.discard(i)
+        vq = self.queues[i]
+        if vq.started and vq.enabled:
+            self.process_queue(i)
 
     # ---------------------------------------------------------------- teardown
+
+    def stop_rings(self) -> bool:
+        """Stop every ring (a frontend went away); whether all are idle, i.e. no request is
+        in flight on an I/O thread. :meth:`reset` waits for that (see the server)."""
+        idle = True
+        for i in range(len(self.queues)):
+            idle = self._stop_ring(i) and idle
+        return idle
+
+    def idle(self) -> bool:
+        return all(vq.idle() for vq in self.queues)
 
     def reset_rings(self) -> None:
         for i, vq in enumerate(self.queues):
             self._stop_ring(i)
             vq.reset()
-            self.state.rings[i] = RingConfig()
         self.inflight.drop(self.queues)
 
     # ---------------------------------------------------------------- inflight
@@ -405,18 +460,19 @@ class Session(MemoryRequests):
     def _set_inflight_fd(self, msg: Message) -> None:
         if len(msg.fds) != 1:
             raise SessionError("SET_INFLIGHT_FD: expected exactly one fd")
-        started = [i for i, ring in enumerate(self.state.rings) if ring.started]
+        started = [vq.index for vq in self.queues if vq.started]
         if started:
             raise SessionError(f"SET_INFLIGHT_FD: rings {started} are started")
         self.inflight.attach(take_fds(msg)[0], msg.payload, self.queues)
+        self._restore_guest_state()
 
     def reset(self) -> None:
         """Back to the state of a fresh connection (RESET_OWNER, disconnect)."""
         self.reset_rings()
-        self.device.reset()
+        self.device.forget_guest()
         self.memory.clear()
         close_fd(self.state.backend_req_fd)
-        self.state = SessionState(rings=[RingConfig() for _ in self.queues])
+        self.state = SessionState()
 
     def close(self) -> None:
         """Release everything: rings, eventfds, guest memory, the backend channel fd."""

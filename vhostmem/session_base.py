@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol as TypingProtocol
 
 from protocol import FrontendRequest, Message, ProtocolFeature, VirtioFeature
@@ -64,6 +64,9 @@ class KickWatcher(TypingProtocol):
 
     def unwatch(self, fd: int) -> None: ...
 
+    def defer(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` on this thread soon, after the I/O already waiting is served."""
+
 
 Reply = tuple[bytes, list[int]]
 
@@ -77,24 +80,24 @@ class FdReply:
 
 
 @dataclass
-class RingConfig:
-    """What the frontend told us about one ring, kept so rings can be re-resolved."""
-
-    num: int = 0
-    base: int = 0
-    addr: tuple[int, int, int, int, int] | None = None  # flags, desc, used, avail, log
-    started: bool = False
-    enabled: bool = False
-
-
-@dataclass
 class SessionState:
     features: int = 0
     protocol_features: int = 0
     owner: bool = False
     status: int = 0
     backend_req_fd: int = -1
-    rings: list[RingConfig] = field(default_factory=list)
+
+
+@dataclass
+class Deferred:
+    """A reply that can only be given once ``ready()`` (requests in flight on I/O threads have
+    completed). The server stops reading from that frontend, polls ``ready`` without blocking
+    the event loop, sends ``finish()``, and fails the request loudly (disconnect) after a
+    timeout; other frontends are served meanwhile."""
+
+    what: str
+    ready: Callable[[], bool]
+    finish: Callable[[], list[Reply]]
 
 
 def request_name(request: object) -> str:

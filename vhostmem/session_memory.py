@@ -54,11 +54,11 @@ class MemoryRequests:
     def _check_started_rings_in(self, regions: list[Any]) -> None:
         """Refuse a table that would pull a started ring's memory away, before anything
         changes (the rings keep running on the old table)."""
-        for i, ring in enumerate(self.state.rings):
-            if not ring.started or ring.addr is None:
+        for i, vq in enumerate(self.queues):
+            if not vq.started or vq.frontend_addr is None:
                 continue
-            _, desc, used, avail, _ = ring.addr
-            desc_len, avail_len, used_len = self.queues[i].ring_sizes()
+            _, desc, used, avail, _ = vq.frontend_addr
+            desc_len, avail_len, used_len = vq.ring_sizes()
             for what, uva, size in (("descriptor table", desc, desc_len),
                                     ("avail ring", avail, avail_len),
                                     ("used ring", used, used_len)):
@@ -112,20 +112,20 @@ class MemoryRequests:
     def _check_rings_outside(self, gpa: int, size: int) -> None:
         """Refuse to remove memory that a started ring still lives in."""
         for i, vq in enumerate(self.queues):
-            if self.state.rings[i].started and vq.ring_overlaps(gpa, size):
+            if vq.started and vq.ring_overlaps(gpa, size):
                 raise SessionError(f"REM_MEM_REG: ring {i} lives in region gpa={gpa:#x}")
 
     def _reresolve_rings(self) -> None:
         """After the table changed, point every started ring at the new mappings (checked
         beforehand to be there); stopped rings let go of the old ones and are resolved again
         when they start."""
-        for i, ring in enumerate(self.state.rings):
-            if ring.started and ring.addr is not None:
-                self._resolve_ring(i, ring.addr)
+        for i, vq in enumerate(self.queues):
+            if vq.started and vq.frontend_addr is not None:
+                self._resolve_ring(i, vq.frontend_addr)
         self._unmap_stopped_rings()
 
     def _unmap_stopped_rings(self) -> None:
         """A stopped ring's views must not keep removed guest memory mapped."""
-        for i, ring in enumerate(self.state.rings):
-            if not ring.started:
-                self.queues[i].unmap()
+        for vq in self.queues:
+            if not vq.started:
+                vq.unmap()

@@ -89,6 +89,13 @@ AVAIL_ALIGN = 2
 USED_ALIGN = 4
 IDX_MASK = 0xFFFF
 MAX_QUEUE_SIZE = 32768
+U32_MAX = 0xFFFFFFFF
+# Work one turn of a queue may do before it yields to the event loop (``pop`` returns None and
+# ``yielded`` is set; the caller schedules the next turn): each chain costs one unit plus one per
+# 64 KiB of its buffers, so a turn is at most TURN_BUDGET small requests or ~16 MiB of data.
+# Another device's message then waits for at most a few milliseconds of this queue's work.
+TURN_BUDGET = 256
+TURN_BYTES_SHIFT = 16
 # Index of the fields in the u16 casts of the rings.
 FLAGS = 0
 IDX = 1
@@ -136,6 +143,11 @@ class Virtqueue(ChainWalker):
         self.event_idx = False
         self.indirect = False
         self._addr: tuple[int, int, int] | None = None  # desc, avail, used GPAs
+        # SET_VRING_ADDR as the frontend sent it (its own addresses), kept to resolve the ring
+        # again after a memory table change: the one copy of the ring's configuration.
+        self.frontend_addr: tuple[int, int, int, int, int] | None = None
+        self._turn_left = TURN_BUDGET
+        self.yielded = False  # the last pop stopped because the turn's budget was used up
         self._last_avail = 0
         self._avail_seen = 0  # avail idx last read; chains up to it need no re-read
         self._region_cache = NO_REGION
@@ -167,13 +179,17 @@ class Virtqueue(ChainWalker):
         self.unmap()
 
     def set_addr(
-        self, desc_gpa: int, used_gpa: int, avail_gpa: int, log_addr: int = 0, flags: int = 0
+        self,
+        desc_gpa: int,
+        used_gpa: int,
+        avail_gpa: int,
+        frontend_addr: tuple[int, int, int, int, int] | None = None,
     ) -> None:
         """Set the ring GPAs (already translated from the frontend's virtual addresses).
 
-        Dirty logging (``log_addr``, ``flags``) is not supported and ignored: the device never
-        offers LOG_ALL. When the size is known the rings are resolved now so that a bad address
-        is reported to this request; otherwise at :meth:`start`.
+        All or nothing: alignment is checked and, when the size is known, the rings are resolved
+        before anything is stored, so a refused address leaves a running ring as it was.
+        ``frontend_addr`` is the request as the frontend sent it (kept for re-resolving).
         """
         for what, gpa, align in (
             ("descriptor table", desc_gpa, DESC_ALIGN),
@@ -184,9 +200,12 @@ class Virtqueue(ChainWalker):
                 raise VirtqueueError(
                     f"queue {self.index}: {what} address {gpa:#x} is not {align}-byte aligned"
                 )
-        self._addr = (desc_gpa, avail_gpa, used_gpa)
-        if self.num:
-            self._map()  # swaps the views in one step: completions never see them missing
+        addr = (desc_gpa, avail_gpa, used_gpa)
+        views = self._resolve(addr) if self.num else None
+        self._addr = addr
+        self.frontend_addr = frontend_addr
+        if views is not None:
+            self._install(views)  # swaps the views in one step: completions never miss them
         else:
             self.unmap()
 
@@ -216,12 +235,17 @@ class Virtqueue(ChainWalker):
         self._kick = KickReader(fd)
 
     def set_call_fd(self, fd: int) -> None:
-        """Take ownership of the call eventfd (-1 for none); it is made non-blocking."""
-        _close(self.call_fd)
+        """Take ownership of the call eventfd (-1 for none); it is made non-blocking.
+
+        Swapped under the completion lock, which every signal from a worker thread holds: the
+        old fd is closed only once no thread can be signalling it (its number could be reused
+        at once), and nothing waits for requests in flight."""
         if fd >= 0:
             os.set_blocking(fd, False)
-        self.call_fd = fd
-        self._signalled_valid = False
+        with self._idle:
+            old, self.call_fd = self.call_fd, fd
+            self._signalled_valid = False
+            _close(old)
 
     def set_err_fd(self, fd: int) -> None:
         """Take ownership of the error eventfd (-1 for none); it is made non-blocking."""
@@ -262,11 +286,18 @@ class Virtqueue(ChainWalker):
         # The previous backend may have published completions without signalling them.
         signal_eventfd(self.call_fd)
 
-    def stop(self) -> None:
-        """Stop processing; returns once requests in flight on other threads completed, so
-        that GET_VRING_BASE reports a ring whose used entries are all written."""
+    def stop(self) -> bool:
+        """Stop processing (nothing more is popped); whether no request is in flight on other
+        threads. Never waits: the caller awaits :meth:`idle` before it reports the ring's
+        position (GET_VRING_BASE) or lets go of its memory."""
         self.started = False
-        self.wait_idle()
+        self.yielded = False
+        return self.idle()
+
+    def idle(self) -> bool:
+        """Whether no popped request is still being served on another thread."""
+        with self._idle:
+            return self.inflight == 0
 
     # ------------------------------------------------------- requests in flight
 
@@ -316,13 +347,15 @@ class Virtqueue(ChainWalker):
         return self._kick.drain()
 
     def reset(self) -> None:
-        """Back to a fresh queue: stopped, disabled, unconfigured, not broken; fds closed."""
+        """Back to a fresh queue: stopped, disabled, unconfigured, not broken; fds closed. The
+        caller made sure no request is in flight (:meth:`idle`)."""
         self.stop()
         self.enabled = False
         self.broken = False
         self.broken_reason = ""
         self.num = 0
         self._addr = None
+        self.frontend_addr = None
         self._last_avail = self._avail_seen = 0
         self._used_idx = 0
         self._inflight = None
@@ -349,22 +382,34 @@ class Virtqueue(ChainWalker):
         )
 
     def _map(self) -> None:
-        """(Re)resolve the ring views. Under the completion lock: a worker thread completing a
-        request meanwhile writes its used entry through the old views or the new ones, never
-        through released ones (both map the same guest memory)."""
+        """(Re)resolve the ring views at the stored addresses; on failure the old views are
+        released (the ring cannot run on memory the table no longer has)."""
         assert self._addr is not None
-        desc_gpa, avail_gpa, used_gpa = self._addr
-        desc_len, avail_len, used_len = self.ring_sizes()
-        gen = self.mem.generation
+        try:
+            views = self._resolve(self._addr)
+        except VirtqueueError:
+            self.unmap()
+            raise
+        self._install(views)
+
+    def _resolve(self, addr: tuple[int, int, int]) -> tuple[memoryview, memoryview, memoryview]:
+        """Views of the descriptor table, avail ring and used ring at ``addr``; changes nothing."""
+        sizes = self.ring_sizes()
         views: list[memoryview] = []
         try:
-            for gpa, length in ((desc_gpa, desc_len), (avail_gpa, avail_len), (used_gpa, used_len)):
+            for gpa, length in zip(addr, sizes, strict=True):
                 views.append(self.mem.view(gpa, length))
         except GuestMemoryError as exc:
             for view in views:
                 view.release()  # the traceback must not pin the old mappings
-            self.unmap()
             raise VirtqueueError(f"queue {self.index}: ring not in guest memory: {exc}") from None
+        desc, avail, used = views
+        return desc, avail, used
+
+    def _install(self, views: tuple[memoryview, memoryview, memoryview]) -> None:
+        """Make ``views`` the ring views. Under the completion lock: a worker thread completing
+        a request meanwhile writes its used entry through the old views or the new ones, never
+        through released ones (both map the same guest memory)."""
         desc, avail, used = views
         ring_end = RING_HEADER_SIZE + USED_ELEM_SIZE * self.num
         with self._idle:
@@ -374,7 +419,7 @@ class Virtqueue(ChainWalker):
             self._used_hdr = used[:RING_HEADER_SIZE].cast("H")
             self._used_ring = used[RING_HEADER_SIZE:ring_end].cast("I")
             self._avail_event = used[ring_end:].cast("H")
-            self._mem_gen = gen
+            self._mem_gen = self.mem.generation
         avail.release()
         used.release()
         self.mem.reap()
@@ -405,13 +450,23 @@ class Virtqueue(ChainWalker):
 
     # -------------------------------------------------------------- hot path
 
+    def new_turn(self) -> None:
+        """Start a turn of work: :meth:`pop` hands out chains until the budget is used up."""
+        self._turn_left = TURN_BUDGET
+        self.yielded = False
+
     def pop(self) -> DescChain | None:
-        """The next available chain, or None when there is none (or the queue can't run).
+        """The next available chain, or None when there is none (or the queue can't run, or
+        the turn's budget is used up: then ``yielded`` is set and kicks are not re-armed).
 
         The avail index is read once per batch: chains up to the index last seen are taken
         without touching it again, and it is re-read (re-arming kicks if nothing is new) only
-        when they are used up."""
+        when they are used up. Every ring field is read once into a local and decided on from
+        that copy (docs/hostile.md)."""
         if not (self.started and self.enabled) or self.broken:
+            return None
+        if self._turn_left <= 0:
+            self.yielded = True
             return None
         if self._mem_gen != self.mem.generation:
             try:
@@ -426,6 +481,8 @@ class Virtqueue(ChainWalker):
             last = self._last_avail
             if last == self._avail_seen and not self._fetch_avail(last):
                 return None
+            if self.inflight >= num and self._over_limit(last):
+                return None
             head = avail[AVAIL_RING + last % num]
             self._last_avail = (last + 1) & IDX_MASK
             if self._inflight is not None:
@@ -434,32 +491,56 @@ class Virtqueue(ChainWalker):
                 self.mark_broken(f"avail ring entry {last} holds head {head} >= size {num}")
                 return None
             try:
-                return self._walk(head)
+                chain = self._walk(head)
             except ChainError as exc:
                 self.mark_broken(f"chain at head {head}: {exc}")
                 return None
             except OutsideMemoryError as exc:
-                if not self._bad_buffer_logged:
-                    self._bad_buffer_logged = True
-                    # str: a record holding the exception would pin its views via the traceback
-                    log.error("virtqueue %d: request %d failed: %s", self.index, head, str(exc))
-                written = self._write_failure_status(head)
-                # Under the completion lock (pool threads may be completing other chains) and
-                # signalled now: a caller that hands chains to threads never notifies itself.
-                with self._idle:
-                    self.push_used(head, written)
-                    self.notify()
+                self._fail_request(head, exc)
+                self._turn_left -= 1
+                if self._turn_left <= 0:
+                    self.yielded = True
+                    return None
+                continue
+            self._turn_left -= 1 + ((chain.readable_len + chain.writable_len) >> TURN_BYTES_SHIFT)
+            return chain
+
+    def _over_limit(self, last: int) -> bool:
+        """A chain is available while ``num`` requests are in flight: a driver has only
+        ``num`` descriptors, so it made available a chain whose descriptors we still hold
+        (libvhost-user refuses the same at ``inuse == num``). Checked under the completion
+        lock, where a completion's used entry and its in-flight count change together."""
+        with self._idle:
+            if self.inflight < self.num:
+                return False
+        self.mark_broken(
+            f"avail entry {last} made available with all {self.num} descriptors in flight"
+        )
+        return True
+
+    def _fail_request(self, head: int, exc: OutsideMemoryError) -> None:
+        """Complete a chain whose buffer is outside guest memory with the failure status."""
+        if not self._bad_buffer_logged:
+            self._bad_buffer_logged = True
+            # str: a record holding the exception would pin its views via the traceback
+            log.error("virtqueue %d: request %d failed: %s", self.index, head, str(exc))
+        written = self._write_failure_status(exc.last)
+        # Under the completion lock (pool threads may be completing other chains) and
+        # signalled now: a caller that hands chains to threads never notifies itself.
+        with self._idle:
+            self.push_used(head, written)
+            self.notify()
 
     def _fetch_avail(self, last: int) -> bool:
-        """Read avail idx into ``_avail_seen``; False when nothing new is available (kicks are
-        re-armed first) or the index is bogus (the queue breaks)."""
+        """Read avail idx (once) into ``_avail_seen``; False when nothing new is available
+        (kicks are re-armed first) or the index is bogus (the queue breaks)."""
         avail = self._avail
         assert avail is not None
         avail_idx = avail[IDX]
         if avail_idx == last:
-            if not self._rearm(last):
+            avail_idx = self._rearm(last)
+            if avail_idx == last:
                 return False
-            avail_idx = avail[IDX]
         if (avail_idx - last) & IDX_MASK > self.num:
             self.mark_broken(f"avail idx {avail_idx} is more than {self.num} ahead of {last}")
             return False
@@ -468,8 +549,9 @@ class Virtqueue(ChainWalker):
         self._avail_seen = avail_idx
         return True
 
-    def _rearm(self, last: int) -> bool:
-        """Ask for kicks again, then re-check: True if buffers arrived meanwhile."""
+    def _rearm(self, last: int) -> int:
+        """Ask for kicks again, then read avail idx once more: buffers may have arrived
+        meanwhile. Returns that index (the one value the caller decides on)."""
         if self.event_idx:
             assert self._avail_event is not None
             self._avail_event[0] = last
@@ -477,7 +559,7 @@ class Virtqueue(ChainWalker):
             self._set_used_flags(0)
         _fence()
         assert self._avail is not None
-        return self._avail[IDX] != last
+        return self._avail[IDX]
 
     def _set_used_flags(self, flags: int) -> None:
         assert self._used_hdr is not None
@@ -490,6 +572,10 @@ class Virtqueue(ChainWalker):
         hdr = self._used_hdr
         if ring is None or hdr is None:
             return  # rings were unmapped (reset): nothing may be written
+        if written_len > U32_MAX:  # checked before any store: the entry is written whole
+            log.error("virtqueue %d: used length %d of request %d exceeds u32; reported as %d",
+                      self.index, written_len, head, U32_MAX)
+            written_len = U32_MAX
         slot = (self._used_idx % self.num) * 2
         ring[slot] = head
         ring[slot + 1] = written_len

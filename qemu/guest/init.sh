@@ -2,7 +2,8 @@
 # /init of the vhostmem test guest (busybox sh). Loads virtio-blk, checks /dev/vda, powers off.
 #
 # Settings come from the kernel command line as vmtest.KEY=VALUE (see qemu/launch.py):
-#   mode=check|shell|bench|writer|probe  bench_seconds=N  bench_jobs=J  writer_jobs=J  size=BYTES  lbs=BYTES  queues=N  ro=0|1  seed=S  rounds=N
+#   mode=check|shell|bench|writer|durability|probe  bench_seconds=N  bench_jobs=J  writer_jobs=J  durability_writes=N
+#   size=BYTES  lbs=BYTES  queues=N  ro=0|1  seed=S  rounds=N
 #   discard=OFF:LEN  discard_zeroes=0|1  zeroout=OFF:LEN  hotplug=0|1  queue_cpus=CPU,CPU (default: every CPU)
 # Output protocol, one line each, parsed by qemu/guestlog.py:
 #   VHOSTMEM-TEST <name> PASS|FAIL <detail>     a check
@@ -177,6 +178,41 @@ run_writer() {  # checksummed writes (vmtest --writer) until the host answers th
     finish
 }
 
+direct_writes() {  # direct_writes PHASE INDEX N: N O_DIRECT writes to blocks INDEX*N.., one at a time
+    if vmtest --dev "$DISK" --size "$SIZE" --direct-writes "$3" --first-block $(($2 * $3)) --job "$2"; then
+        result "durability.$1-writes" PASS "writes=$3"
+    else
+        result "durability.$1-writes" FAIL "vmtest --direct-writes failed"
+    fi
+}
+
+set_cache_type() {  # virtio_blk writes the config's writeback byte; QEMU forwards a change only
+    echo "$1" > $SYSDISK/cache_type
+    expect_equal "durability.cache-type-$2" "$(cat $SYSDISK/cache_type)" "$1"
+}
+
+# The disk's write-through choice across a backend kill (qemu/durability.py): after each phase
+# of writes the guest waits at a sync point named after it, where the host counts the backend's
+# fdatasyncs; at "before-kill" the host also kills the backend with SIGKILL and restarts it.
+run_durability() {
+    n=$(param durability_writes 64)
+    expect_equal durability.cache-type-at-boot "$(cat $SYSDISK/cache_type)" "write back"
+    direct_writes boot-default 0 "$n"
+    sync_with_host boot-default
+    # Through write-through and back: the backend now holds write-back from the guest itself.
+    set_cache_type "write through" toggled
+    set_cache_type "write back" writeback
+    direct_writes writeback 1 "$n"
+    sync_with_host writeback
+    set_cache_type "write through" write-through
+    direct_writes before-kill 2 "$n"
+    sync_with_host before-kill
+    expect_equal durability.cache-type-after-restart "$(cat $SYSDISK/cache_type)" "write through"
+    direct_writes after-restart 3 "$n"
+    sync_with_host after-restart
+    finish
+}
+
 MODE=$(param mode check)
 if [ "$MODE" = probe ]; then  # the host's KVM probe: reaching init is all it asks
     echo "VHOSTMEM-PROBE running"
@@ -199,6 +235,7 @@ load_modules
 check_sysfs
 [ "$MODE" = bench ] && run_bench
 [ "$MODE" = writer ] && run_writer
+[ "$MODE" = durability ] && run_durability
 if [ "$HOTPLUG" = 1 ]; then
     run_round 1
     run_hotplug_rounds

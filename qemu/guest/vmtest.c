@@ -113,7 +113,8 @@ struct opts {
     uint64_t size, discard_off, discard_len, zero_off, zero_len;
     unsigned lbs, seed, round;
     int readonly, discard_zeroes, high_buffer;
-    unsigned bench_seconds, bench_jobs, writer_jobs, queue_io_ops;
+    unsigned bench_seconds, bench_jobs, writer_jobs, queue_io_ops, direct_writes, job;
+    uint64_t first_block;
     const char *queue_io_cpus;
 };
 
@@ -581,6 +582,33 @@ static int writer(const struct opts *o)
     return failed ? 1 : 0;
 }
 
+/* `--direct-writes N [--first-block B] [--job J]`: N O_DIRECT 4 KiB writes to blocks B..B+N-1,
+ * one at a time (each acknowledged before the next is issued), as vmtest --writer blocks of job
+ * J with seq 1..N, so the host's image check applies. The host counts the backend's fdatasyncs
+ * per acknowledged write (qemu/durability.py).
+ * Line: `VHOSTMEM-INFO direct-writes first=B writes=N acknowledged=A errno=E`. */
+static int direct_writes(const struct opts *o)
+{
+    int fd = open(o->dev, O_RDWR | O_DIRECT), err = 0;
+    unsigned char *buf = alloc_buffer(WBLOCK);
+    unsigned done = 0;
+    if (fd < 0 || (o->first_block + o->direct_writes) * WBLOCK > o->size)
+        return 2;
+    for (; done < o->direct_writes; done++) {
+        uint64_t block = o->first_block + done;
+        writer_block(buf, o->job, block, done + 1);
+        if (pwrite(fd, buf, WBLOCK, (off_t)(block * WBLOCK)) != WBLOCK) {
+            err = errno;
+            break;
+        }
+    }
+    printf("VHOSTMEM-INFO direct-writes first=%llu writes=%u acknowledged=%u errno=%d\n",
+           (unsigned long long)o->first_block, o->direct_writes, done, err);
+    fflush(stdout);
+    close(fd);
+    return done == o->direct_writes ? 0 : 1;
+}
+
 static uint64_t num(const char *s)
 {
     return strtoull(s, NULL, 0);
@@ -615,6 +643,9 @@ static int parse(int argc, char **argv, struct opts *o)
         else if (!strcmp(a, "--writer")) o->writer_jobs = (unsigned)num(argv[++i]);
         else if (!strcmp(a, "--queue-io")) o->queue_io_cpus = argv[++i];
         else if (!strcmp(a, "--queue-io-ops")) o->queue_io_ops = (unsigned)num(argv[++i]);
+        else if (!strcmp(a, "--direct-writes")) o->direct_writes = (unsigned)num(argv[++i]);
+        else if (!strcmp(a, "--first-block")) o->first_block = num(argv[++i]);
+        else if (!strcmp(a, "--job")) o->job = (unsigned)num(argv[++i]);
         else return -1;
     }
     return o->dev && o->size && o->lbs && o->size % o->lbs == 0 && o->lbs % 4 == 0 ? 0 : -1;
@@ -645,7 +676,8 @@ int main(int argc, char **argv)
                         "[--readonly] [--discard OFF:LEN [--discard-zeroes]] [--zeroout OFF:LEN] "
                         "[--high-buffer] | --dev DEV --size BYTES --bench SECONDS "
                         "[--bench-jobs J] | --dev DEV --size BYTES --writer J | "
-                        "--dev DEV --size BYTES --queue-io CPU[,CPU...] [--queue-io-ops N]\n");
+                        "--dev DEV --size BYTES --queue-io CPU[,CPU...] [--queue-io-ops N] | "
+                        "--dev DEV --size BYTES --direct-writes N [--first-block B] [--job J]\n");
         return 2;
     }
     if (o.bench_seconds)
@@ -654,6 +686,8 @@ int main(int argc, char **argv)
         return writer(&o);
     if (o.queue_io_cpus)
         return queue_io(&o);
+    if (o.direct_writes)
+        return direct_writes(&o);
     current_round = o.round;
     int fd = open(o.dev, (o.readonly ? O_RDONLY : O_RDWR) | O_DIRECT);
     if (fd < 0) {

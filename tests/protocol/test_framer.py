@@ -231,14 +231,14 @@ def test_an_unexpected_error_while_decoding_is_a_protocol_error(
 ) -> None:
     import protocol.framing
 
-    real = protocol.framing.decode
+    real = protocol.framing.decode_known
 
-    def decode(number: int, *args: object) -> object:
-        if number == FR.SET_VRING_NUM:
+    def decode_known(request: object, *args: object) -> object:
+        if request == FR.SET_VRING_NUM:
             raise KeyError("a bug")
-        return real(number, *args)  # type: ignore[arg-type]
+        return real(request, *args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(protocol.framing, "decode", decode)
+    monkeypatch.setattr(protocol.framing, "decode_known", decode_known)
     with no_fd_leak():
         framer = Framer()
         partial = efd()

@@ -13,7 +13,7 @@ import fcntl
 import mmap
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -29,6 +29,7 @@ from tests.vhostmem.ringhelpers import (
 from vhostmem.device import RING_FEATURES, VhostUserDevice
 from vhostmem.guest_memory import GuestMemory
 from vhostmem.inflight import (
+    DEVICE_STATE_SIZE,
     InflightError,
     InflightRegion,
     create_inflight_fd,
@@ -84,10 +85,12 @@ def test_region_sizes_match_the_libvhost_user_formula() -> None:
 def test_get_inflight_fd_creates_a_sealed_zeroed_memfd() -> None:
     fd, payload = create_inflight_fd(2, 128, max_queues=4)
     try:
-        assert payload == {"mmap_size": 4224, "mmap_offset": 0, "num_queues": 2,
+        # two queue areas of 2112 bytes, then the device state trailer
+        size = 4224 + DEVICE_STATE_SIZE
+        assert payload == {"mmap_size": size, "mmap_offset": 0, "num_queues": 2,
                            "queue_size": 128}
-        assert os.fstat(fd).st_size == 4224
-        assert os.pread(fd, 4224, 0) == bytes(4224)
+        assert os.fstat(fd).st_size == size
+        assert os.pread(fd, size, 0) == bytes(size)
         seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
         assert seals & fcntl.F_SEAL_GROW and seals & fcntl.F_SEAL_SHRINK
         with pytest.raises(PermissionError):
@@ -454,6 +457,9 @@ class Watcher:
     def unwatch(self, fd: int) -> None:
         self.watched.pop(fd, None)
 
+    def defer(self, callback: Callable[[], None]) -> None:
+        callback()
+
 
 def send(s: Session, request: FrontendRequest, payload: object = None,
          fds: list[int] | None = None) -> list[tuple[bytes, list[int]]]:
@@ -507,7 +513,7 @@ def test_session_offers_inflight_and_survives_a_backend_crash(guest: Guest) -> N
         FrontendRequest.GET_INFLIGHT_FD)
     p = msg.payload  # type: ignore[attr-defined]
     assert (p.mmap_size, p.mmap_offset, p.num_queues, p.queue_size) == (
-        2 * queue_region_size(NUM), 0, 2, NUM)
+        2 * queue_region_size(NUM) + DEVICE_STATE_SIZE, 0, 2, NUM)
     qemu_fd = os.dup(msg.fds[0])  # what sendmsg would give QEMU  # type: ignore[attr-defined]
     s0.close()  # the session's own copy of the offered fd goes with it
     with pytest.raises(OSError):

@@ -136,6 +136,13 @@ class BlkDevice(VhostUserDevice):
         self.capacity = backend.size >> SECTOR_SHIFT  # in 512-byte sectors
         self.disk_bytes = self.capacity << SECTOR_SHIFT
         self.serial = serial_bytes.ljust(VIRTIO_BLK_ID_BYTES, b"\0")
+        # The config space's writeback byte (5.2.4), as the guest sees it: QEMU reads it once at
+        # realize and caches it, the guest changes it with SET_CONFIG, and QEMU never replays
+        # that. So it changes only by SET_CONFIG (or 5.2.5.2's initial 0), survives device
+        # resets and is restored after a backend restart (guest_state). ``writeback``, the
+        # mode requests are served in, follows from it and the acked features (set_features).
+        self.wce_config = 1
+        self._wce_set = False  # the guest (or a restored state) chose wce_config
         self.writeback = True
         self.acked_features = 0
         self._pool: ThreadPoolExecutor | None = None
@@ -176,13 +183,39 @@ class BlkDevice(VhostUserDevice):
 
     def set_features(self, acked: int) -> None:
         self.acked_features = acked
-        # 5.2.5: without CONFIG_WCE the cache mode follows FLUSH.
-        if not acked >> VIRTIO_BLK_F_CONFIG_WCE & 1:
+        wce = acked >> VIRTIO_BLK_F_CONFIG_WCE & 1
+        flush = acked >> VIRTIO_BLK_F_FLUSH & 1
+        if wce and not flush and not self._wce_set:
+            self.wce_config = 0  # 5.2.5.2: a driver that cannot flush starts write-through
+        self._update_mode()
+
+    def _update_mode(self) -> None:
+        """5.2.5: with CONFIG_WCE the guest's writeback byte decides; without it, FLUSH does
+        (a driver that never flushes must get write-through)."""
+        acked = self.acked_features
+        if acked >> VIRTIO_BLK_F_CONFIG_WCE & 1:
+            self.writeback = bool(self.wce_config)
+        else:
             self.writeback = bool(acked >> VIRTIO_BLK_F_FLUSH & 1)
 
     def reset(self) -> None:
         self.acked_features = 0
+
+    def forget_guest(self) -> None:
+        self.reset()
+        self.wce_config = 1
+        self._wce_set = False
         self.writeback = True
+
+    def guest_state(self) -> bytes:
+        return bytes([self.wce_config | (int(self._wce_set) << 1)])
+
+    def restore_guest_state(self, data: bytes) -> None:
+        if len(data) != 1 or data[0] > 3:
+            raise DeviceConfigError(f"saved blk state {data.hex()} is not one writeback byte")
+        self.wce_config = data[0] & 1
+        self._wce_set = bool(data[0] >> 1)
+        self._update_mode()
 
     def close(self) -> None:
         if self._pool is not None:
@@ -197,7 +230,7 @@ class BlkDevice(VhostUserDevice):
         struct.pack_into("<Q", cfg, CFG_CAPACITY, self.capacity)
         struct.pack_into("<II", cfg, CFG_SIZE_MAX, DEFAULT_SIZE_MAX, self.seg_max)
         struct.pack_into("<I", cfg, CFG_BLK_SIZE, self.blk_size)
-        cfg[CFG_WRITEBACK] = int(self.writeback)
+        cfg[CFG_WRITEBACK] = self.wce_config
         struct.pack_into("<H", cfg, CFG_NUM_QUEUES, self.num_queues)
         sectors_per_block = self.blk_size >> SECTOR_SHIFT
         struct.pack_into(
@@ -229,7 +262,9 @@ class BlkDevice(VhostUserDevice):
             )
         if data[0] > 1:
             raise DeviceConfigError(f"writeback value {data[0]} is not 0 or 1")
-        self.writeback = bool(data[0])
+        self.wce_config = data[0]
+        self._wce_set = True
+        self._update_mode()
 
     # ------------------------------------------------------------ requests
 
