@@ -199,6 +199,7 @@ class Connection:
         self._handle_queued()
         if not self.closed and self._deferred is None and not self._backlog:
             self.loop.add_reader(self.sock.fileno(), self._on_readable)
+
     def _recv(self) -> tuple[bytes, list[int]]:
         data, ancdata, flags, _ = self.sock.recvmsg(RECV_BYTES, ANCILLARY_BYTES)
         fds = _fds_from_ancillary(ancdata)

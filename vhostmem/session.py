@@ -187,11 +187,11 @@ class Session(MemoryRequests):
     def _set_owner(self, msg: Message) -> None:
         self.state.owner = True
 
-    def _reset_owner(self, msg: Message) -> None:
+    def _reset_owner(self, msg: Message) -> Deferred | None:
         # QEMU sends RESET_OWNER as its device reset when RESET_DEVICE is not negotiated and
         # goes on using the negotiated protocol features and memory table: reset the device
         # only, as for RESET_DEVICE. Dropping REPLY_ACK here would leave QEMU waiting for acks.
-        self._reset_device(msg)
+        return self._reset_device(msg)
 
     def _get_protocol_features(self, msg: Message) -> int:
         return self.offered_protocol_features()
@@ -253,7 +253,21 @@ class Session(MemoryRequests):
                 log.info("%s: device state restored from the inflight region", self.name)
         self._save_guest_state()
 
-    def _reset_device(self, msg: Message) -> None:
+    def _reset_device(self, msg: Message) -> Deferred | None:
+        if self.stop_rings():
+            self._reset_now()
+            return None
+        # Requests are in flight on I/O threads: reset (and answer) once they completed, so
+        # that none of them lands in guest memory or in a ring restarted after the reset.
+        ack = msg.need_reply and self._reply_ack_negotiated()
+
+        def finish() -> list[Reply]:
+            self._reset_now()
+            return [(encode_reply(msg.request, ACK_OK), [])] if ack else []
+
+        return Deferred(request_name(msg.request), self.idle, finish)
+
+    def _reset_now(self) -> None:
         self.reset_rings()
         self.device.reset()
         self.state.features = 0
