@@ -76,6 +76,7 @@ class ChainWalker:
     mem: GuestMemory
     num: int
     indirect: bool
+    indirect_floor: int
     failure_status: bytes
     _desc: memoryview | None
     _region_cache: tuple[int, int, memoryview | None, int]
@@ -149,10 +150,12 @@ class ChainWalker:
             raise ChainError("indirect descriptor inside an indirect table")
         if flags & VRING_DESC_F_NEXT:
             raise ChainError("indirect descriptor with NEXT set")
-        if length == 0 or length % DESC_SIZE or length > self.num * DESC_SIZE:
+        # A table may be longer than the ring: Linux sizes its tables from the device's
+        # seg_max (seg_max + 2 descriptors) whatever the queue size the frontend chose.
+        cap = max(self.num, self.indirect_floor) * DESC_SIZE
+        if length == 0 or length % DESC_SIZE or length > cap:
             raise ChainError(
-                f"indirect table length {length} is not a multiple of {DESC_SIZE} "
-                f"in 1..{self.num * DESC_SIZE}"
+                f"indirect table length {length} is not a multiple of {DESC_SIZE} in 1..{cap}"
             )
         try:
             return self.mem.view(addr, length)

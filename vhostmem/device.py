@@ -57,6 +57,9 @@ class VhostUserDevice(ABC):
     max_queue_size: int = 1024
     acked_features: int = 0
     failed_request_status: bytes = b""
+    # Longest descriptor chain the device tells the driver to build (0: the ring size bounds
+    # it); indirect tables up to this long are accepted even on a smaller ring.
+    max_chain: int = 0
 
     @abstractmethod
     def features(self) -> int:

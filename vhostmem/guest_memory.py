@@ -74,11 +74,6 @@ def default_registry() -> MemRegistry:
     return _default_registry
 
 
-def set_default_registry(registry: MemRegistry | None) -> None:
-    global _default_registry
-    _default_registry = registry
-
-
 class GuestMemoryError(Exception):
     """An address or region the guest memory cannot serve; the message names it."""
 

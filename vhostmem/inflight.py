@@ -272,21 +272,17 @@ class InflightQueue:
     def last_batch_head(self) -> int:
         return self._u16[H_LAST_BATCH_HEAD]
 
-    def is_inflight(self, head: int) -> bool:
-        return self._bytes[QUEUE_HEADER_SIZE + DESC_STATE_SIZE * head + D_INFLIGHT] != 0
-
     def counter_of(self, head: int) -> int:
         return self._u64[U64_COUNTER0 + U64_PER_DESC * head]
 
-    def inflight_heads(self) -> list[int]:
-        """Heads flagged in flight, oldest fetch first."""
-        flags = self._bytes[QUEUE_HEADER_SIZE + D_INFLIGHT :: DESC_STATE_SIZE]
-        heads = [i for i, flag in enumerate(flags[: self.desc_num]) if flag]
-        return sorted(heads, key=self.counter_of)
-
-    @property
-    def resubmit_pending(self) -> int:
-        return len(self._resubmit)
+    def inflight_heads(self) -> list[tuple[int, int]]:
+        """(counter, head) of the heads flagged in flight, oldest fetch first. The flags and
+        counters are copied out of the shared region once and sorted from that copy: the
+        frontend shares the region, and a value read twice could differ."""
+        n = self.desc_num
+        flags = bytes(self._bytes[QUEUE_HEADER_SIZE + D_INFLIGHT :: DESC_STATE_SIZE][:n])
+        counters = self._u64[U64_COUNTER0 :: U64_PER_DESC][:n].tolist()
+        return sorted((counters[i], i) for i, flag in enumerate(flags) if flag)
 
     # ----------------------------------------------------------- hot path
 
@@ -335,25 +331,28 @@ class InflightQueue:
         if version != REGION_VERSION:
             raise InflightError(f"inflight region version {version}, expected {REGION_VERSION}")
         self._settle_last_batch(used_ring, used_idx, num)
-        heads = self.inflight_heads()
-        for head in [h for h in heads if h >= num]:
-            log.warning("inflight head %d is outside the ring of %d: dropped", head, num)
-            self._bytes[QUEUE_HEADER_SIZE + DESC_STATE_SIZE * head] = 0
-        heads = [h for h in heads if h < num]
+        flagged = self.inflight_heads()
+        for _, head in flagged:
+            if head >= num:
+                log.warning("inflight head %d is outside the ring of %d: dropped", head, num)
+                self._bytes[QUEUE_HEADER_SIZE + DESC_STATE_SIZE * head] = 0
+        heads = [h for _, h in flagged if h < num]
         if heads:
-            self.counter = max(self.counter, self.counter_of(heads[-1]) + 1)
+            last_counter = max(c for c, h in flagged if h < num)
+            self.counter = max(self.counter, last_counter + 1)
             log.info("resubmitting %d in-flight requests: heads %s", len(heads), heads)
         self._resubmit = heads[::-1]
         return used_idx
 
     def _settle_last_batch(self, used_ring: Sequence[int], used_idx: int, num: int) -> None:
         """Heads published in the used ring after the region's used_idx completed: unflag."""
-        behind = (used_idx - self._u16[H_USED_IDX]) & IDX_MASK
+        region_used = self._u16[H_USED_IDX]  # read once: the frontend shares the region
+        behind = (used_idx - region_used) & IDX_MASK
         if not behind:
             return
         if behind > num:
             log.warning("inflight used_idx %d is %d behind the ring's %d: more than the ring "
-                        "holds", self._u16[H_USED_IDX], behind, used_idx)
+                        "holds", region_used, behind, used_idx)
             behind = num
         for pos in range(used_idx - behind, used_idx):
             head = used_ring[USED_ELEM_U32 * (pos % num)]

@@ -66,7 +66,8 @@ class Session(MemoryRequests):
         self.watcher = watcher
         self.memory = GuestMemory(registry, require_sealed=require_sealed_memory)
         self.queues = [
-            Virtqueue(i, self.memory, failure_status=device.failed_request_status)
+            Virtqueue(i, self.memory, failure_status=device.failed_request_status,
+                      indirect_floor=device.max_chain)
             for i in range(device.num_queues)
         ]
         self.state = SessionState()

@@ -47,19 +47,37 @@ from vhostmem.descriptors import (
     VRING_DESC_F_INDIRECT,
     VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
-    ChainError,
-    ChainWalker,
     DescChain,
-    OutsideMemoryError,
 )
 from vhostmem.eventfd import KickReader, signal_eventfd
 from vhostmem.guest_memory import GuestMemory, GuestMemoryError
+from vhostmem.split_ring import (
+    AVAIL_ALIGN,
+    DESC_ALIGN,
+    EVENT_FIELD_SIZE,
+    IDX,
+    IDX_MASK,
+    MAX_QUEUE_SIZE,
+    RING_HEADER_SIZE,
+    TURN_BUDGET,
+    U32_MAX,
+    USED_ALIGN,
+    USED_ELEM_SIZE,
+    VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
+    VRING_AVAIL_F_NO_INTERRUPT,
+    VRING_USED_F_NO_NOTIFY,
+    SplitRing,
+    VirtqueueError,
+)
 
 if TYPE_CHECKING:
     from vhostmem.inflight import InflightQueue
 
 __all__ = [
     "MAX_QUEUE_SIZE",
+    "TURN_BUDGET",
+    "U32_MAX",
     "VIRTIO_RING_F_EVENT_IDX",
     "VIRTIO_RING_F_INDIRECT_DESC",
     "VRING_AVAIL_F_NO_INTERRUPT",
@@ -74,49 +92,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Ring flags.
-VRING_AVAIL_F_NO_INTERRUPT = 1
-VRING_USED_F_NO_NOTIFY = 1
-# Feature bits this module honours.
-VIRTIO_RING_F_INDIRECT_DESC = 28
-VIRTIO_RING_F_EVENT_IDX = 29
-
-USED_ELEM_SIZE = 8
-RING_HEADER_SIZE = 4  # flags u16 + idx u16
-EVENT_FIELD_SIZE = 2  # used_event / avail_event u16
-DESC_ALIGN = 16
-AVAIL_ALIGN = 2
-USED_ALIGN = 4
-IDX_MASK = 0xFFFF
-MAX_QUEUE_SIZE = 32768
-U32_MAX = 0xFFFFFFFF
-# Work one turn of a queue may do before it yields to the event loop (``pop`` returns None and
-# ``yielded`` is set; the caller schedules the next turn): each chain costs one unit plus one per
-# 64 KiB of its buffers, so a turn is at most TURN_BUDGET small requests or ~16 MiB of data.
-# Another device's message then waits for at most a few milliseconds of this queue's work.
-TURN_BUDGET = 256
-TURN_BYTES_SHIFT = 16
-# Index of the fields in the u16 casts of the rings.
-FLAGS = 0
-IDX = 1
-AVAIL_RING = 2
 
 
 
-class VirtqueueError(ValueError):
-    """A ring configuration that cannot be used (names the queue and the problem)."""
-
-
-def _fence() -> None:
-    """Full memory barrier (see the module docstring)."""
-    _FENCE_LOCK.acquire()
-    _FENCE_LOCK.release()
-
-
-_FENCE_LOCK = threading.Lock()
-
-
-class Virtqueue(ChainWalker):
+class Virtqueue(SplitRing):
     """Device side of one split virtqueue. Rings start stopped and disabled."""
 
     def __init__(
@@ -125,8 +104,12 @@ class Virtqueue(ChainWalker):
         mem: GuestMemory,
         max_size: int = MAX_QUEUE_SIZE,
         failure_status: bytes = b"",
+        indirect_floor: int = 0,
     ) -> None:
         self.index = index
+        # Indirect tables of up to max(num, indirect_floor) descriptors are accepted (the
+        # device's longest request: blk seg_max + 2).
+        self.indirect_floor = indirect_floor
         self.mem = mem
         self.max_size = max_size
         # Written at the end of a request that failed because a buffer is outside guest memory.
@@ -447,165 +430,6 @@ class Virtqueue(ChainWalker):
             self.broken_reason = reason
             log.error("virtqueue %d broken: %s", self.index, reason)
             signal_eventfd(self.err_fd)
-
-    # -------------------------------------------------------------- hot path
-
-    def new_turn(self) -> None:
-        """Start a turn of work: :meth:`pop` hands out chains until the budget is used up."""
-        self._turn_left = TURN_BUDGET
-        self.yielded = False
-
-    def pop(self) -> DescChain | None:
-        """The next available chain, or None when there is none (or the queue can't run, or
-        the turn's budget is used up: then ``yielded`` is set and kicks are not re-armed).
-
-        The avail index is read once per batch: chains up to the index last seen are taken
-        without touching it again, and it is re-read (re-arming kicks if nothing is new) only
-        when they are used up. Every ring field is read once into a local and decided on from
-        that copy (docs/hostile.md)."""
-        if not (self.started and self.enabled) or self.broken:
-            return None
-        if self._turn_left <= 0:
-            self.yielded = True
-            return None
-        if self._mem_gen != self.mem.generation:
-            try:
-                self._map()
-            except VirtqueueError as exc:
-                self.mark_broken(str(exc))
-                return None
-        avail = self._avail
-        assert avail is not None
-        num = self.num
-        while True:
-            last = self._last_avail
-            if last == self._avail_seen and not self._fetch_avail(last):
-                return None
-            if self.inflight >= num and self._over_limit(last):
-                return None
-            head = avail[AVAIL_RING + last % num]
-            self._last_avail = (last + 1) & IDX_MASK
-            if self._inflight is not None:
-                head = self._inflight.next_head(head)
-            if head >= num:
-                self.mark_broken(f"avail ring entry {last} holds head {head} >= size {num}")
-                return None
-            try:
-                chain = self._walk(head)
-            except ChainError as exc:
-                self.mark_broken(f"chain at head {head}: {exc}")
-                return None
-            except OutsideMemoryError as exc:
-                self._fail_request(head, exc)
-                self._turn_left -= 1
-                if self._turn_left <= 0:
-                    self.yielded = True
-                    return None
-                continue
-            self._turn_left -= 1 + ((chain.readable_len + chain.writable_len) >> TURN_BYTES_SHIFT)
-            return chain
-
-    def _over_limit(self, last: int) -> bool:
-        """A chain is available while ``num`` requests are in flight: a driver has only
-        ``num`` descriptors, so it made available a chain whose descriptors we still hold
-        (libvhost-user refuses the same at ``inuse == num``). Checked under the completion
-        lock, where a completion's used entry and its in-flight count change together."""
-        with self._idle:
-            if self.inflight < self.num:
-                return False
-        self.mark_broken(
-            f"avail entry {last} made available with all {self.num} descriptors in flight"
-        )
-        return True
-
-    def _fail_request(self, head: int, exc: OutsideMemoryError) -> None:
-        """Complete a chain whose buffer is outside guest memory with the failure status."""
-        if not self._bad_buffer_logged:
-            self._bad_buffer_logged = True
-            # str: a record holding the exception would pin its views via the traceback
-            log.error("virtqueue %d: request %d failed: %s", self.index, head, str(exc))
-        written = self._write_failure_status(exc.last)
-        # Under the completion lock (pool threads may be completing other chains) and
-        # signalled now: a caller that hands chains to threads never notifies itself.
-        with self._idle:
-            self.push_used(head, written)
-            self.notify()
-
-    def _fetch_avail(self, last: int) -> bool:
-        """Read avail idx (once) into ``_avail_seen``; False when nothing new is available
-        (kicks are re-armed first) or the index is bogus (the queue breaks)."""
-        avail = self._avail
-        assert avail is not None
-        avail_idx = avail[IDX]
-        if avail_idx == last:
-            avail_idx = self._rearm(last)
-            if avail_idx == last:
-                return False
-        if (avail_idx - last) & IDX_MASK > self.num:
-            self.mark_broken(f"avail idx {avail_idx} is more than {self.num} ahead of {last}")
-            return False
-        if not self.event_idx and not self._no_notify:
-            self._set_used_flags(VRING_USED_F_NO_NOTIFY)
-        self._avail_seen = avail_idx
-        return True
-
-    def _rearm(self, last: int) -> int:
-        """Ask for kicks again, then read avail idx once more: buffers may have arrived
-        meanwhile. Returns that index (the one value the caller decides on)."""
-        if self.event_idx:
-            assert self._avail_event is not None
-            self._avail_event[0] = last
-        elif self._no_notify:
-            self._set_used_flags(0)
-        _fence()
-        assert self._avail is not None
-        return self._avail[IDX]
-
-    def _set_used_flags(self, flags: int) -> None:
-        assert self._used_hdr is not None
-        self._used_hdr[FLAGS] = flags
-        self._no_notify = bool(flags & VRING_USED_F_NO_NOTIFY)
-
-    def push_used(self, head: int, written_len: int) -> None:
-        """Return a chain to the driver with the number of bytes written into it."""
-        ring = self._used_ring
-        hdr = self._used_hdr
-        if ring is None or hdr is None:
-            return  # rings were unmapped (reset): nothing may be written
-        if written_len > U32_MAX:  # checked before any store: the entry is written whole
-            log.error("virtqueue %d: used length %d of request %d exceeds u32; reported as %d",
-                      self.index, written_len, head, U32_MAX)
-            written_len = U32_MAX
-        slot = (self._used_idx % self.num) * 2
-        ring[slot] = head
-        ring[slot + 1] = written_len
-        self._used_idx = idx = (self._used_idx + 1) & IDX_MASK
-        hdr[IDX] = idx
-        if self._inflight is not None:
-            self._inflight.completed(head, idx)
-        self._unsignalled = True
-
-    def notify(self) -> bool:
-        """Signal the call eventfd if the driver wants it for the used entries since the last
-        call (EVENT_IDX used_event, or NO_INTERRUPT). Returns whether it signalled."""
-        if not self._unsignalled or self._avail is None:
-            return False
-        self._unsignalled = False
-        new = self._used_idx
-        if self.event_idx:
-            _fence()  # used idx must be visible before used_event is read
-            event = self._avail[AVAIL_RING + self.num]
-            old = self._signalled_used
-            need = (not self._signalled_valid) or (
-                (new - event - 1) & IDX_MASK < (new - old) & IDX_MASK
-            )
-        else:
-            need = not self._avail[FLAGS] & VRING_AVAIL_F_NO_INTERRUPT
-        self._signalled_used = new
-        self._signalled_valid = True
-        if need:
-            signal_eventfd(self.call_fd)
-        return need
 
 
 def _close(fd: int) -> None:

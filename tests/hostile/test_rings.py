@@ -278,13 +278,18 @@ def test_indirect_table_inside_an_indirect_table(guest: Guest,
     expect_broken(guest, caplog, "indirect descriptor inside an indirect table")
 
 
+# Tables are accepted up to max(queue size, seg_max + 2) descriptors: Linux sizes them from
+# seg_max (128 for blk) whatever the queue size.
+LONGEST_TABLE = max(QUEUE_SIZE, 128)
+
+
 @pytest.mark.parametrize(
-    "length", [24, 0, (QUEUE_SIZE + 1) * 16], ids=["not-multiple-of-16", "zero", "over-queue"]
+    "length", [24, 0, (LONGEST_TABLE + 1) * 16], ids=["not-multiple-of-16", "zero", "over-queue"]
 )
 def test_bad_indirect_table_length(guest: Guest, caplog: pytest.LogCaptureFixture,
                                    hdr_status: tuple[int, int, int], length: int) -> None:
     hdr, _, status = hdr_status
-    tbl = table(guest, [(hdr, 16, NEXT, 1), (status, 1, WRITE, 0)] * (QUEUE_SIZE + 1))
+    tbl = table(guest, [(hdr, 16, NEXT, 1), (status, 1, WRITE, 0)] * (LONGEST_TABLE + 1))
     raw_submit(guest, D, {D: (tbl, length, INDIRECT, 0)})
     expect_broken(guest, caplog, f"indirect table length {length} is not a multiple")
 
@@ -387,4 +392,19 @@ def test_huge_segment_list_fails_without_copying_it(guest: Guest, rtype: int) ->
     finally:
         tracemalloc.stop()
     assert peak < COPY_LIMIT, f"{peak} bytes allocated for a {n * REGION0[1]}-byte segment list"
+    queue0_still_serves(guest)
+
+
+def test_an_indirect_table_of_seg_max_plus_two_on_a_smaller_ring(guest: Guest) -> None:
+    """A Linux guest on a ring smaller than 128 (QEMU queue-size=64 here) still builds
+    indirect tables of seg_max + 2 = 128 descriptors: served, not a broken queue."""
+    assert QUEUE_SIZE < 128
+    guest.dev.queue(0).max_table = 128  # the driver sizes its tables like Linux does
+    segs = 126
+    data = buf(guest, 512 * segs)
+    status = buf(guest, 1)
+    hdr = buf(guest, blk_header(BlkType.IN, TARGET_SECTOR))
+    pieces = [(hdr, 16, 0)] + [(data + 512 * k, 512, WRITE) for k in range(segs)]
+    pieces.append((status, 1, WRITE))
+    assert run_chain(guest, pieces, status, indirect=True) == (BlkStatus.OK, 512 * segs + 1)
     queue0_still_serves(guest)

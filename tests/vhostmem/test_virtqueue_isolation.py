@@ -234,3 +234,47 @@ def test_a_used_length_beyond_u32_is_written_whole_and_clamped(env) -> None:  # 
     assert chain is not None
     vq.push_used(chain.head, 5 << 30)
     assert ring.take_used() == [(head, U32_MAX)]
+
+
+@pytest.mark.parametrize("entries, served", [(128, True), (129, False)])
+def test_indirect_tables_as_long_as_the_device_asks_for_on_a_smaller_ring(
+        entries: int, served: bool) -> None:
+    """Linux builds indirect tables of seg_max + 2 descriptors (128 for blk) whatever the ring
+    size: on a 16-entry ring such a table is served, a longer one still breaks the queue."""
+    ram = GuestRam()
+    mem = GuestMemory(MemRegistry())
+    ram.add_to(mem)
+    vq = Virtqueue(0, mem, indirect_floor=128)
+    ring = DriverRing(ram, NUM)
+    ring.attach(vq)
+    try:
+        hdr, buf, status = ram.alloc(16), ram.alloc(512 * entries), ram.alloc(1)
+        bufs = [(hdr, 16, False)]
+        bufs += [(buf + 512 * k, 512, True) for k in range(entries - 2)]
+        bufs.append((status, 1, True))
+        head = ring.add(bufs, indirect=True)
+        vq.new_turn()
+        chain = vq.pop()
+        if served:
+            assert chain is not None and chain.head == head and not vq.broken
+            assert chain.writable_len == 512 * (entries - 2) + 1
+        else:
+            assert chain is None and vq.broken and "indirect table length" in vq.broken_reason
+    finally:
+        vq.close()
+        mem.close()
+        ram.close()
+
+
+def test_blk_queues_accept_tables_of_seg_max_plus_two() -> None:
+    from tests.vhostmem.test_inflight import Watcher
+    from vhostmem.devices import BlkDevice, ram_disk
+    from vhostmem.session import Session
+
+    dev = BlkDevice(ram_disk(1 << 20))
+    s = Session(dev, MemRegistry(), Watcher())
+    try:
+        assert dev.max_chain == dev.seg_max + 2 == 128
+        assert all(vq.indirect_floor == 128 for vq in s.queues)
+    finally:
+        s.close()

@@ -70,7 +70,9 @@ REQ_HEADER = struct.Struct("<IIQ")
 DWZ_SEGMENT = struct.Struct("<QII")  # sector, num_sectors, flags
 MAX_QUEUES = 16
 DEFAULT_QUEUE_SIZE = 1024
-# seg_max must leave room for header and status in the smallest ring QEMU uses (128).
+# Data segments per request (config seg_max). Linux builds indirect tables of seg_max + 2
+# descriptors (header and status) whatever the queue size, so the queues accept indirect tables
+# that long even when the frontend chose a smaller ring (QEMU's queue-size may be as low as 2).
 DEFAULT_SEG_MAX = 126
 DEFAULT_SIZE_MAX = 1 << 20
 MAX_DWZ_SECTORS = 1 << 22  # 2 GiB per discard / write-zeroes request
@@ -131,6 +133,7 @@ class BlkDevice(VhostUserDevice):
         self.max_queue_size = queue_size
         self.blk_size = blk_size
         self.seg_max = seg_max
+        self.max_chain = seg_max + 2  # header + segments + status
         self.io_mode = io_mode
         self.readonly = backend.readonly
         self.capacity = backend.size >> SECTOR_SHIFT  # in 512-byte sectors
