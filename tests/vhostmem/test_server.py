@@ -34,7 +34,8 @@ from vhostmem.frontend import (
     blk_header,
 )
 from vhostmem.frontend.device import QueueState
-from vhostmem.server import Endpoint, EndpointConfig, bind_unix_socket, new_event_loop
+from vhostmem.server import Endpoint, EndpointConfig, new_event_loop
+from vhostmem.sockets import bind_unix_socket
 
 SECTOR = 512
 RAM = 8 << 20
