@@ -15,8 +15,12 @@ region of the previous one are sliced straight from that region's view instead o
 from __future__ import annotations
 
 import struct
+from typing import TYPE_CHECKING
 
 from vhostmem.guest_memory import GuestMemory, GuestMemoryError
+
+if TYPE_CHECKING:
+    from vhostmem.dirty_log import DirtyLog
 
 # Descriptor flags (virtio 1.2 2.7.5).
 VRING_DESC_F_NEXT = 1
@@ -78,6 +82,8 @@ class ChainWalker:
     indirect: bool
     indirect_floor: int
     failure_status: bytes
+    dirty: DirtyLog | None
+    _written: dict[int, list[tuple[int, int]]]
     _desc: memoryview | None
     _region_cache: tuple[int, int, memoryview | None, int]
 
@@ -92,6 +98,9 @@ class ChainWalker:
         writable: list[memoryview] = []
         rlen = wlen = 0
         bad: str | None = None
+        # While migrating, the guest ranges of device-writable buffers, to mark them dirty
+        # when the chain completes (taken from this walk's copy of each descriptor).
+        gpas: list[tuple[int, int]] | None = None if self.dirty is None else []
         i = head
         seen = 0
         while True:
@@ -108,6 +117,8 @@ class ChainWalker:
             if flags & VRING_DESC_F_WRITE:
                 wlen += length
                 target = writable
+                if gpas is not None:
+                    gpas.append((addr, length))
             else:
                 if wlen:
                     raise ChainError("a device-readable descriptor follows a writable one")
@@ -131,6 +142,8 @@ class ChainWalker:
                 raise ChainError(f"next {i} out of range (table of {limit})")
         if bad is not None:
             raise OutsideMemoryError(bad, (addr, length, flags))
+        if gpas is not None:
+            self._written[head] = gpas
         return DescChain(head, readable, rlen, writable, wlen)
 
     def _cache_region(self, gpa: int) -> tuple[int, int, memoryview | None, int]:
@@ -179,4 +192,6 @@ class ChainWalker:
             view[:] = status[done : done + len(view)]
             done += len(view)
             view.release()
+        if self.dirty is not None:
+            self.dirty.mark(addr + length - len(status), len(status))
         return done

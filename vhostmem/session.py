@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from protocol import FrontendRequest, Message, ProtocolFeature, encode_reply
 from vhostmem.device import DeviceConfigError, VhostUserDevice
+from vhostmem.dirty_log import DirtyLog
 from vhostmem.eventfd import check_eventfd
 from vhostmem.guest_memory import GuestMemory
 from vhostmem.inflight import InflightError, InflightState
@@ -37,6 +38,7 @@ from vhostmem.session_base import (
     request_name,
     take_fds,
 )
+from vhostmem.session_log import LOG_ALL_BIT, LogRequests
 from vhostmem.session_memory import MemoryRequests
 from vhostmem.virtqueue import Virtqueue
 
@@ -50,7 +52,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-class Session(MemoryRequests):
+class Session(MemoryRequests, LogRequests):
     """The vhost-user message handler for one frontend connection to one device."""
 
     def __init__(
@@ -73,6 +75,9 @@ class Session(MemoryRequests):
         self.state = SessionState()
         self.inflight = InflightState()
         self._turn_pending: set[int] = set()  # rings whose next turn is scheduled
+        self.dirty_log: DirtyLog | None = None  # SET_LOG_BASE (session_log.py)
+        self.logging = False  # VHOST_F_LOG_ALL acked and applied to the rings
+        self.log_fd = -1
         self._handlers: dict[FrontendRequest, Callable[[Message], object]] = {
             FrontendRequest.GET_FEATURES: self._get_features,
             FrontendRequest.SET_FEATURES: self._set_features,
@@ -100,13 +105,15 @@ class Session(MemoryRequests):
             FrontendRequest.GET_STATUS: self._get_status,
             FrontendRequest.SET_STATUS: self._set_status,
             FrontendRequest.GET_INFLIGHT_FD: self._get_inflight_fd,
+            FrontendRequest.SET_LOG_BASE: self._set_log_base,
+            FrontendRequest.SET_LOG_FD: self._set_log_fd,
             FrontendRequest.SET_INFLIGHT_FD: self._set_inflight_fd,
         }
 
     # ----------------------------------------------------------------- dispatch
 
     def offered_features(self) -> int:
-        return self.device.features() | PROTOCOL_FEATURES_BIT
+        return self.device.features() | PROTOCOL_FEATURES_BIT | LOG_ALL_BIT
 
     def offered_protocol_features(self) -> int:
         return BASE_PROTOCOL_FEATURES | self.device.protocol_features()
@@ -170,11 +177,13 @@ class Session(MemoryRequests):
     def _get_features(self, msg: Message) -> int:
         return self.offered_features()
 
-    def _set_features(self, msg: Message) -> None:
+    def _set_features(self, msg: Message) -> Deferred | None:
         acked = int(msg.payload)
         extra = acked & ~self.offered_features()
         if extra:
             raise SessionError(f"SET_FEATURES: bits {extra:#x} were not offered")
+        # First: it may refuse (LOG_ALL without a log), and then nothing may have changed.
+        deferred = self._switch_logging(msg, acked)
         self.state.features = acked
         self.device.set_features(acked)
         self._save_guest_state()
@@ -184,6 +193,7 @@ class Session(MemoryRequests):
             # Without PROTOCOL_FEATURES there is no SET_VRING_ENABLE: rings are enabled.
             for i in range(len(self.queues)):
                 self._enable_ring(i, True)
+        return deferred
 
     def _set_owner(self, msg: Message) -> None:
         self.state.owner = True
@@ -270,6 +280,10 @@ class Session(MemoryRequests):
 
     def _reset_now(self) -> None:
         self.reset_rings()
+        # Negotiated features go, LOG_ALL with them; the log base stays (QEMU sends it once
+        # per migration and renegotiates LOG_ALL when it starts the device again).
+        if self.logging:
+            self._apply_logging(False)
         self.device.reset()
         self.state.features = 0
         self.state.status = 0
@@ -421,7 +435,7 @@ class Session(MemoryRequests):
         """One turn of ring ``i``: the device serves what the turn's budget allows; if work is
         left, the next turn is scheduled after the loop has served everything else ready."""
         vq = self.queues[i]
-        if vq.broken:
+        if vq.broken or vq.paused:
             return
         vq.new_turn()
         try:
@@ -484,6 +498,7 @@ class Session(MemoryRequests):
     def reset(self) -> None:
         """Back to the state of a fresh connection (RESET_OWNER, disconnect)."""
         self.reset_rings()
+        self.drop_log()
         self.device.forget_guest()
         self.memory.clear()
         close_fd(self.state.backend_req_fd)

@@ -34,6 +34,7 @@ BASE_PROTOCOL_FEATURES = (
     | (1 << ProtocolFeature.RESET_DEVICE)
     | (1 << ProtocolFeature.STATUS)
     | (1 << ProtocolFeature.INFLIGHT_SHMFD)
+    | (1 << ProtocolFeature.LOG_SHMFD)
 )
 
 
@@ -47,6 +48,7 @@ OWN_REPLY_REQUESTS = frozenset({
     FrontendRequest.GET_CONFIG,
     FrontendRequest.GET_STATUS,
     FrontendRequest.GET_INFLIGHT_FD,
+    FrontendRequest.SET_LOG_BASE,  # its u64 reply says the log is mapped
 })
 
 

@@ -9,6 +9,7 @@ starts).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from protocol import Message
@@ -35,6 +36,8 @@ class MemoryRequests:
 
     def _resolve_ring(self, i: int, addr: tuple[int, int, int, int, int]) -> None:
         raise NotImplementedError  # the session translates ring addresses
+    # session_log.py: memory beyond the dirty log is refused while logging
+    _check_log_covers: Callable[[int, str], None]
 
     def _set_mem_table(self, msg: Message) -> None:
         table = msg.payload
@@ -43,6 +46,9 @@ class MemoryRequests:
                 f"SET_MEM_TABLE: {table.nregions} regions but {len(msg.fds)} fds"
             )
         self._check_started_rings_in(table.regions)
+        self._check_log_covers(
+            max((r.guest_phys_addr + r.memory_size for r in table.regions), default=0),
+            "SET_MEM_TABLE")
         regions = [
             (r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset, fd)
             for r, fd in zip(table.regions, take_fds(msg), strict=True)
@@ -75,6 +81,7 @@ class MemoryRequests:
         if len(self.memory.regions) >= MAX_MEM_SLOTS:
             raise SessionError(f"ADD_MEM_REG: all {MAX_MEM_SLOTS} memory slots are in use")
         r = msg.payload.region
+        self._check_log_covers(r.guest_phys_addr + r.memory_size, "ADD_MEM_REG")
         self.memory.add_region(
             r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset, take_fds(msg)[0]
         )

@@ -20,6 +20,7 @@ from vhostmem.descriptors import ChainError, ChainWalker, DescChain, OutsideMemo
 from vhostmem.eventfd import signal_eventfd
 
 if TYPE_CHECKING:
+    from vhostmem.dirty_log import DirtyLog
     from vhostmem.guest_memory import GuestMemory
     from vhostmem.inflight import InflightQueue
 
@@ -47,6 +48,7 @@ U32_MAX = 0xFFFFFFFF
 # Another device's message then waits for at most a few milliseconds of this queue's work.
 TURN_BUDGET = 256
 TURN_BYTES_SHIFT = 16
+USED_RING_OFFSET = RING_HEADER_SIZE  # the used elements follow flags and idx
 # Index of the fields in the u16 casts of the rings.
 FLAGS = 0
 IDX = 1
@@ -97,6 +99,7 @@ class SplitRing(ChainWalker):
     _used_hdr: memoryview | None
     _used_ring: memoryview | None
     _avail_event: memoryview | None
+    log_used_gpa: int | None
 
     def _map(self) -> None:
         raise NotImplementedError
@@ -211,6 +214,8 @@ class SplitRing(ChainWalker):
         if self.event_idx:
             assert self._avail_event is not None
             self._avail_event[0] = last
+            if self.dirty is not None:
+                self._log_used(USED_RING_OFFSET + USED_ELEM_SIZE * self.num, EVENT_FIELD_SIZE)
         elif self._no_notify:
             self._set_used_flags(0)
         _fence()
@@ -221,6 +226,8 @@ class SplitRing(ChainWalker):
         assert self._used_hdr is not None
         self._used_hdr[FLAGS] = flags
         self._no_notify = bool(flags & VRING_USED_F_NO_NOTIFY)
+        if self.dirty is not None:
+            self._log_used(0, RING_HEADER_SIZE)
 
     def push_used(self, head: int, written_len: int) -> None:
         """Return a chain to the driver with the number of bytes written into it."""
@@ -232,14 +239,40 @@ class SplitRing(ChainWalker):
             log.error("virtqueue %d: used length %d of request %d exceeds u32; reported as %d",
                       self.index, written_len, head, U32_MAX)
             written_len = U32_MAX
-        slot = (self._used_idx % self.num) * 2
+        pos = self._used_idx % self.num
+        slot = pos * 2
         ring[slot] = head
         ring[slot + 1] = written_len
+        dirty = self.dirty
+        if dirty is not None:  # migrating: the chain's buffers and this entry, before idx
+            self._log_completion(dirty, head, pos)
         self._used_idx = idx = (self._used_idx + 1) & IDX_MASK
         hdr[IDX] = idx
+        if dirty is not None:
+            self._log_used(0, RING_HEADER_SIZE)
         if self._inflight is not None:
             self._inflight.completed(head, idx)
         self._unsignalled = True
+
+    def _log_completion(self, dirty: DirtyLog, head: int, pos: int) -> None:
+        """Mark what completing ``head`` wrote into guest memory: every device-writable buffer
+        of its chain (the walk recorded their ranges) and its used entry."""
+        for gpa, length in self._written.pop(head, ()):
+            if not dirty.mark(gpa, length):
+                self._log_outside(gpa, length)
+        self._log_used(USED_RING_OFFSET + USED_ELEM_SIZE * pos, USED_ELEM_SIZE)
+
+    def _log_used(self, offset: int, length: int) -> None:
+        """Mark bytes of the used ring, when the frontend asked for it (VHOST_VRING_F_LOG,
+        at log_guest_addr)."""
+        gpa = self.log_used_gpa
+        if gpa is not None and self.dirty is not None and not self.dirty.mark(gpa + offset,
+                                                                              length):
+            self._log_outside(gpa + offset, length)
+
+    def _log_outside(self, gpa: int, length: int) -> None:
+        log.error("virtqueue %d: gpa=%#x len=%#x is outside the dirty log; not marked",
+                  self.index, gpa, length)
 
     def notify(self) -> bool:
         """Signal the call eventfd if the driver wants it for the used entries since the last

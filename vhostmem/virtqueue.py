@@ -72,6 +72,7 @@ from vhostmem.split_ring import (
 )
 
 if TYPE_CHECKING:
+    from vhostmem.dirty_log import DirtyLog
     from vhostmem.inflight import InflightQueue
 
 __all__ = [
@@ -91,6 +92,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+# SET_VRING_ADDR flags: log used ring writes at log_guest_addr (vhost-user.rst).
+VHOST_VRING_F_LOG = 1
 
 
 
@@ -131,6 +135,13 @@ class Virtqueue(SplitRing):
         self.frontend_addr: tuple[int, int, int, int, int] | None = None
         self._turn_left = TURN_BUDGET
         self.yielded = False  # the last pop stopped because the turn's budget was used up
+        # Live migration: the dirty log while VHOST_F_LOG_ALL is on, the guest address to log
+        # used ring writes at (VHOST_VRING_F_LOG in SET_VRING_ADDR), and the writable ranges of
+        # each chain in flight, marked when it completes.
+        self.dirty: DirtyLog | None = None
+        self.log_used_gpa: int | None = None
+        self._written: dict[int, list[tuple[int, int]]] = {}
+        self.paused = False  # no new chain is taken (logging being switched on)
         self._last_avail = 0
         self._avail_seen = 0  # avail idx last read; chains up to it need no re-read
         self._region_cache = NO_REGION
@@ -187,6 +198,10 @@ class Virtqueue(SplitRing):
         views = self._resolve(addr) if self.num else None
         self._addr = addr
         self.frontend_addr = frontend_addr
+        log_used = None
+        if frontend_addr is not None and frontend_addr[0] & VHOST_VRING_F_LOG:
+            log_used = frontend_addr[4]  # log_guest_addr: a guest physical address
+        self.log_used_gpa = log_used
         if views is not None:
             self._install(views)  # swaps the views in one step: completions never miss them
         else:
@@ -206,6 +221,13 @@ class Virtqueue(SplitRing):
         self._inflight = tracker
         if tracker is not None:
             tracker.lock = self._idle  # complete() publishes and clears under it
+
+    def set_dirty_log(self, dirty: DirtyLog | None) -> None:
+        """Start (a log) or stop (None) marking what this queue writes into guest memory.
+        Swapped under the completion lock, which every completion holds in thread mode."""
+        with self._idle:
+            self.dirty = dirty
+            self._written.clear()
 
     def set_features(self, acked: int) -> None:
         self.event_idx = bool(acked >> VIRTIO_RING_F_EVENT_IDX & 1)
@@ -339,6 +361,9 @@ class Virtqueue(SplitRing):
         self.num = 0
         self._addr = None
         self.frontend_addr = None
+        self.log_used_gpa = None
+        self.paused = False
+        self.set_dirty_log(None)
         self._last_avail = self._avail_seen = 0
         self._used_idx = 0
         self._inflight = None

@@ -90,7 +90,8 @@ class Profile:
 
 VHOSTMEM = Profile(
     name="vhostmem",
-    features=COMMON_FEATURES,
+    # LOG_ALL: dirty logging for live migration (vhostmem/dirty_log.py).
+    features=COMMON_FEATURES | mask(VirtioFeature.LOG_ALL),
     # The server's own protocol bits (they grow with the server) plus the blk device's.
     protocol_features=BASE_PROTOCOL_FEATURES | COMMON_PROTOCOL,
     max_mem_slots=509,

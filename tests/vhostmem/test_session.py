@@ -44,11 +44,12 @@ EXPECTED_FEATURES = bits(
     VirtioFeature.INDIRECT_DESC, VirtioFeature.EVENT_IDX,
     BlkFeature.SIZE_MAX, BlkFeature.SEG_MAX, BlkFeature.BLK_SIZE, BlkFeature.FLUSH,
     BlkFeature.CONFIG_WCE, BlkFeature.MQ, BlkFeature.DISCARD, BlkFeature.WRITE_ZEROES,
+    VirtioFeature.LOG_ALL,
 )
 EXPECTED_PROTOCOL = bits(
     ProtocolFeature.MQ, ProtocolFeature.REPLY_ACK, ProtocolFeature.CONFIG,
     ProtocolFeature.CONFIGURE_MEM_SLOTS, ProtocolFeature.RESET_DEVICE, ProtocolFeature.STATUS,
-    ProtocolFeature.BACKEND_REQ, ProtocolFeature.INFLIGHT_SHMFD,
+    ProtocolFeature.BACKEND_REQ, ProtocolFeature.INFLIGHT_SHMFD, ProtocolFeature.LOG_SHMFD,
 )
 ACK_PROTOCOL = bits(ProtocolFeature.REPLY_ACK, ProtocolFeature.CONFIG, ProtocolFeature.MQ,
                     ProtocolFeature.CONFIGURE_MEM_SLOTS, ProtocolFeature.RESET_DEVICE,
@@ -235,9 +236,9 @@ def _ring_addr(ram: GuestRam, ring: SplitRing, desc: int | None = None) -> dict[
 
 
 BAD_REQUESTS: dict[str, Any] = {
-    "unoffered feature": (FrontendRequest.SET_FEATURES, bits(VirtioFeature.LOG_ALL)),
+    "unoffered feature": (FrontendRequest.SET_FEATURES, bits(VirtioFeature.NOTIFY_ON_EMPTY)),
     "unoffered protocol feature": (FrontendRequest.SET_PROTOCOL_FEATURES,
-                                   bits(ProtocolFeature.REPLY_ACK, ProtocolFeature.LOG_SHMFD)),
+                                   bits(ProtocolFeature.REPLY_ACK, ProtocolFeature.PAGEFAULT)),
     "ring size not a power of two": (FrontendRequest.SET_VRING_NUM, {"index": 0, "num": 3}),
     "ring size too big": (FrontendRequest.SET_VRING_NUM, {"index": 0, "num": 65536}),
     "ring index out of range": (FrontendRequest.SET_VRING_NUM, {"index": 5, "num": 16}),

@@ -1,0 +1,137 @@
+"""The dirty log of live migration (vhost-user.rst "Migration", LOG_SHMFD), without sockets.
+
+While VHOST_F_LOG_ALL is negotiated, every guest page the backend writes is marked in a bitmap
+the frontend shares with us (SET_LOG_BASE: an fd, ``mmap_size`` and ``mmap_offset``): bit
+``page % 8`` of byte ``page // 8``, one bit per 4 KiB guest-physical page (``VHOST_LOG_PAGE``).
+QEMU fetches and clears it concurrently with atomic exchanges of 64-bit words, so the log must
+never lose a bit QEMU has not collected yet.
+
+How that is guaranteed: bits are only ever added. A byte that gets some of its bits is updated
+by read-modify-write (``byte | mask``) and a byte that gets all eight by a plain store of 0xFF,
+both under one lock per log, so two backend threads never race on a byte. Against QEMU the
+read-modify-write is safe: if QEMU's exchange lands between our read and our write, our write
+sets again bits QEMU already collected (the page is sent once more), and never clears one,
+because what we write is what we read plus our bits. A store of 0xFF sets everything. So every
+bit set since QEMU's last exchange is still set at its next one
+(tests/vhostmem/test_dirty_log.py runs a C collector doing exactly QEMU's exchanges against it).
+
+Bounds: the log covers guest addresses below ``mmap_size * 8 * 4096``; a range beyond it is
+not marked (it cannot be: there is no byte for it) and is reported by :meth:`DirtyLog.mark`
+returning False. SET_LOG_BASE refuses a log too small for the memory table, so that happens only
+for a guest address outside guest memory, which no write of ours reaches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import stat
+import threading
+
+from vhostmem.guest_memory import shrink_sealed
+
+LOG_PAGE_SHIFT = 12  # VHOST_LOG_PAGE: 4 KiB per bit
+BITS_PER_BYTE_SHIFT = 3
+BYTE_PAGES = 1 << BITS_PER_BYTE_SHIFT
+FULL_BYTE = 0xFF
+# Largest log accepted: 2^48 bytes of guest memory at one bit per 4 KiB.
+MAX_LOG_SIZE = 1 << (48 - LOG_PAGE_SHIFT - BITS_PER_BYTE_SHIFT)
+
+
+class DirtyLogError(ValueError):
+    """A SET_LOG_BASE that cannot be used (names what is wrong)."""
+
+
+def log_bytes_for(gpa_end: int) -> int:
+    """Bytes of log that cover guest addresses below ``gpa_end``."""
+    pages = (gpa_end + (1 << LOG_PAGE_SHIFT) - 1) >> LOG_PAGE_SHIFT
+    return (pages + BYTE_PAGES - 1) >> BITS_PER_BYTE_SHIFT
+
+
+class DirtyLog:
+    """A mapped log: owns the fd and the mapping."""
+
+    def __init__(self, fd: int, mm: mmap.mmap) -> None:
+        self.fd = fd
+        self.mm = mm
+        self.size = len(mm)
+        self.lock = threading.Lock()
+        self.marks = 0  # mark() calls that set something (for tests and stats)
+
+    @classmethod
+    def attach(cls, fd: int, mmap_size: int, mmap_offset: int, gpa_end: int) -> DirtyLog:
+        """Map a SET_LOG_BASE log covering guest memory up to ``gpa_end``. Takes ownership of
+        ``fd``: it is closed on error."""
+        try:
+            _check(fd, mmap_size, mmap_offset, gpa_end)
+            mm = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
+                           offset=mmap_offset)
+        except (DirtyLogError, OSError, ValueError) as exc:
+            os.close(fd)
+            if isinstance(exc, DirtyLogError):
+                raise
+            raise DirtyLogError(f"dirty log: {exc}") from exc
+        return cls(fd, mm)
+
+    def covers(self, gpa_end: int) -> bool:
+        return log_bytes_for(gpa_end) <= self.size
+
+    def mark(self, gpa: int, length: int) -> bool:
+        """Mark the pages of guest [gpa, gpa + length) dirty; False if the range is not
+        (wholly) inside the log, in which case nothing is marked."""
+        if length <= 0:
+            return True
+        first = gpa >> LOG_PAGE_SHIFT
+        last = (gpa + length - 1) >> LOG_PAGE_SHIFT
+        lo, hi = first >> BITS_PER_BYTE_SHIFT, last >> BITS_PER_BYTE_SHIFT
+        if gpa < 0 or hi >= self.size:
+            return False
+        mm = self.mm
+        with self.lock:
+            if lo == hi:
+                mm[lo] |= _span_mask(first, last)
+            else:
+                mm[lo] |= _span_mask(first, (lo << BITS_PER_BYTE_SHIFT) + BYTE_PAGES - 1)
+                if hi - lo > 1:
+                    mm[lo + 1 : hi] = bytes([FULL_BYTE]) * (hi - lo - 1)
+                mm[hi] |= _span_mask(hi << BITS_PER_BYTE_SHIFT, last)
+            self.marks += 1
+        return True
+
+    def close(self) -> None:
+        with contextlib.suppress(BufferError):
+            self.mm.close()
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = -1
+
+
+def _span_mask(first: int, last: int) -> int:
+    """Bits of pages first..last, which lie in one byte."""
+    lo, hi = first & (BYTE_PAGES - 1), last & (BYTE_PAGES - 1)
+    return ((1 << (hi + 1)) - 1) & ~((1 << lo) - 1)
+
+
+def _check(fd: int, mmap_size: int, mmap_offset: int, gpa_end: int) -> None:
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise DirtyLogError("log fd is not a memory file (memfd or regular file)")
+    if mmap_offset % mmap.PAGESIZE:
+        raise DirtyLogError(f"mmap_offset {mmap_offset} is not a multiple of {mmap.PAGESIZE}")
+    if not 0 < mmap_size <= MAX_LOG_SIZE:
+        raise DirtyLogError(f"mmap_size {mmap_size} not in 1..{MAX_LOG_SIZE}")
+    needed = log_bytes_for(gpa_end)
+    if mmap_size < needed:
+        raise DirtyLogError(
+            f"mmap_size {mmap_size} is smaller than the {needed} bytes guest memory up to "
+            f"{gpa_end:#x} needs")
+    if mmap_offset + mmap_size > st.st_size:
+        raise DirtyLogError(
+            f"mmap_offset {mmap_offset} + mmap_size {mmap_size} exceeds the fd's size "
+            f"{st.st_size}")
+    # QEMU allocates the log as a memfd sealed against shrinking (qemu_memfd_alloc); a log
+    # that could be truncated under the mapping would kill the process with SIGBUS.
+    if not shrink_sealed(fd):
+        raise DirtyLogError("log fd is not a memfd sealed against shrinking (F_SEAL_SHRINK)")
