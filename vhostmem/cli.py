@@ -18,11 +18,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from dataclasses import dataclass
 
 from vhostmem.devices.blk import BlkDevice
+from vhostmem.devices.blk_backend import BlkBackend, open_image, ram_disk
 from vhostmem.memmap import MemRegistry
 from vhostmem.server import DEFAULT_SOCKET_MODE, EndpointConfig, Server, new_event_loop
 
@@ -35,7 +37,8 @@ SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 TRUE_WORDS = {"on", "yes", "true", "1"}
 FALSE_WORDS = {"off", "no", "false", "0"}
 SOCKET_MODE_BITS = 0o777
-BLK_KEYS = {"socket", "client", "disk", "ram", "readonly", "num-queues", "serial", "io-mode"}
+BLK_KEYS = {"socket", "client", "disk", "ram", "readonly", "num-queues", "serial", "io-mode",
+            "share"}
 # inline: requests are served on the event loop (fastest on RAM and page cache);
 # thread: file I/O runs on a thread pool so a slow disk cannot stall the control plane.
 IO_MODES = ("inline", "thread")
@@ -55,6 +58,9 @@ class BlkSpec:
     num_queues: int = 1
     serial: str = "vhostmem"
     io_mode: str = "inline"
+    # Devices naming the same share serve one disk (a RAM disk, too); so do devices given the
+    # same disk file. Only one frontend at a time may run rings on it (live migration).
+    share: str | None = None
 
     @property
     def path(self) -> str:
@@ -109,7 +115,7 @@ def parse_blk_spec(text: str) -> BlkSpec:
         key, sep, value = item.partition("=")
         if not sep or key not in BLK_KEYS:
             raise UsageError(f"--blk {text!r}: unknown setting {item!r} (keys: {sorted(BLK_KEYS)})")
-        if key in ("socket", "client", "disk", "serial"):
+        if key in ("socket", "client", "disk", "serial", "share"):
             setattr(spec, key, value)
         elif key == "ram":
             spec.ram = parse_size(value)
@@ -127,7 +133,7 @@ def check_spec(spec: BlkSpec, where: str) -> BlkSpec:
         raise UsageError(f"{where}: give socket or client, not both")
     if spec.disk and spec.ram:
         raise UsageError(f"{where}: give disk or ram, not both")
-    if spec.ram is None and spec.disk is None:
+    if spec.ram is None and spec.disk is None and spec.share is None:
         spec.ram = DEFAULT_RAM_SIZE
     if len(spec.serial.encode()) > 20:
         raise UsageError(f"{where}: serial {spec.serial!r} is longer than 20 bytes")
@@ -166,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SPEC",
         help=(
             "a device: socket=P|client=P, disk=F|ram=SIZE, readonly=on, num-queues=N, "
-            "serial=S, io-mode=inline|thread"
+            "serial=S, io-mode=inline|thread, share=NAME (devices naming the same share, or "
+            "the same disk file, serve one disk; one frontend at a time runs rings on it)"
         ),
     )
     serve.add_argument(
@@ -226,17 +233,50 @@ def specs_from_args(args: argparse.Namespace) -> list[BlkSpec]:
     return specs
 
 
-def make_device(spec: BlkSpec) -> BlkDevice:
+def make_device(spec: BlkSpec, shared: dict[str, tuple[BlkSpec, BlkBackend]] | None = None
+                ) -> BlkDevice:
+    """A device for ``spec``; specs with the same ``share`` or disk file get one backend
+    (``shared`` remembers them across calls)."""
     options = {
-        "readonly": spec.readonly,
         "num_queues": spec.num_queues,
         "serial": spec.serial,
         "io_mode": spec.io_mode,
     }
+    key = share_key(spec)
+    if shared is not None and key is not None and key in shared:
+        first, backend = shared[key]
+        check_same_disk(first, spec)
+        return BlkDevice(backend, **options)
     if spec.disk is not None:
-        return BlkDevice.from_file(spec.disk, **options)
-    assert spec.ram is not None
-    return BlkDevice.from_ram(spec.ram, **options)
+        backend = open_image(spec.disk, readonly=spec.readonly)
+    elif spec.ram is not None:
+        backend = ram_disk(spec.ram, readonly=spec.readonly)
+    else:
+        raise UsageError(f"share={spec.share}: no device names its disk= or ram=")
+    if shared is not None and key is not None:
+        shared[key] = (spec, backend)
+    return BlkDevice(backend, **options)
+
+
+def share_key(spec: BlkSpec) -> str | None:
+    if spec.share is not None:
+        return f"share:{spec.share}"
+    if spec.disk is not None:
+        return f"disk:{os.path.realpath(spec.disk)}"
+    return None
+
+
+def check_same_disk(first: BlkSpec, spec: BlkSpec) -> None:
+    """Devices sharing a disk must agree on it (a later one may leave disk/ram out)."""
+    where = f"{spec.path} shares the disk of {first.path}"
+    if spec.readonly != first.readonly:
+        raise UsageError(f"{where}: readonly must be the same on both")
+    for key in ("disk", "ram"):
+        mine, theirs = getattr(spec, key), getattr(first, key)
+        if mine is not None and theirs is not None and mine != theirs:
+            raise UsageError(f"{where}: {key}={mine} differs from {key}={theirs}")
+        if mine is not None and theirs is None:
+            raise UsageError(f"{where}: it gives {key}= where the first one does not")
 
 
 def qemu_command(spec: BlkSpec) -> str:
@@ -257,9 +297,10 @@ def serve(args: argparse.Namespace) -> int:
     asyncio.set_event_loop(loop)
     server = Server(loop, MemRegistry())
     devices: list[BlkDevice] = []
+    shared: dict[str, tuple[BlkSpec, BlkBackend]] = {}
     try:
         for spec in specs:
-            device = make_device(spec)
+            device = make_device(spec, shared)
             devices.append(device)
             config = EndpointConfig(
                 path=spec.path,

@@ -25,6 +25,7 @@ says what it offers and serves kicked queues:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 from vhostmem.virtqueue import (
     VIRTIO_RING_F_EVENT_IDX,
@@ -82,6 +83,11 @@ class VhostUserDevice(ABC):
     @abstractmethod
     def handle_queue(self, vq: Virtqueue) -> None:
         """Serve every available request of ``vq``; signal the driver once at the end."""
+
+    def claim(self, who: str, busy: Callable[[], bool]) -> None:  # noqa: B027 - optional
+        """The frontend on ``who`` starts a ring. A device whose storage other devices share
+        refuses (ValueError naming the holder) while another frontend's rings run on it;
+        ``busy()`` says whether ``who``'s rings still run."""
 
     def reset(self) -> None:
         """Forget negotiated features (device reset; :meth:`forget_guest` on disconnect)."""

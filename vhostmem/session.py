@@ -401,6 +401,7 @@ class Session(MemoryRequests, LogRequests):
 
     def _start_ring(self, i: int) -> None:
         vq = self.queues[i]
+        self.device.claim(self.name, self._rings_busy)  # a shared disk serves one frontend
         vq.start()
         try:
             self.watcher.watch(vq.kick_fd, lambda: self.on_kick(i))
@@ -466,6 +467,10 @@ class Session(MemoryRequests, LogRequests):
 
     def idle(self) -> bool:
         return all(vq.idle() for vq in self.queues)
+
+    def _rings_busy(self) -> bool:
+        """Whether this frontend's rings still run on the device's storage."""
+        return any(vq.started for vq in self.queues) or not self.idle()
 
     def reset_rings(self) -> None:
         for i, vq in enumerate(self.queues):

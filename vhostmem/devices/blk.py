@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import struct
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -129,6 +130,7 @@ class BlkDevice(VhostUserDevice):
         if len(serial_bytes) > VIRTIO_BLK_ID_BYTES:
             raise ValueError(f"serial {serial!r} is longer than {VIRTIO_BLK_ID_BYTES} bytes")
         self.backend = backend
+        backend.users += 1
         self.num_queues = num_queues
         self.max_queue_size = queue_size
         self.blk_size = blk_size
@@ -224,7 +226,12 @@ class BlkDevice(VhostUserDevice):
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
-        self.backend.close()
+        self.backend.users -= 1
+        if self.backend.users <= 0:
+            self.backend.close()
+
+    def claim(self, who: str, busy: Callable[[], bool]) -> None:
+        self.backend.claim(who, busy)
 
     # ------------------------------------------------------------- config
 

@@ -10,6 +10,7 @@ import ctypes
 import errno
 import logging
 import os
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,10 @@ _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int6
 _fallocate.restype = ctypes.c_int
 
 
+class DiskBusyError(ValueError):
+    """A frontend starts rings on a disk another frontend's rings still run on."""
+
+
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     """fallocate(2) with an explicit mode (os.posix_fallocate has none)."""
     if _fallocate(fd, mode, offset, length) != 0:
@@ -46,6 +51,12 @@ class BlkBackend:
         self.size = size
         self.readonly = readonly
         self.name = name
+        # Devices serving this disk (several sockets may share one, e.g. both ends of a live
+        # migration on one host); the last one to close it closes the fd.
+        self.users = 0
+        # The frontend whose rings run on this disk, and how to ask whether they still do.
+        self._owner: str | None = None
+        self._owner_busy: Callable[[], bool] | None = None
         self._punch_ok = True
         self._zero_range_ok = True
 
@@ -116,6 +127,18 @@ class BlkBackend:
             if n <= 0:
                 raise OSError(errno.EIO, f"{self.name}: short write at {offset + done}")
             done += n
+
+    def claim(self, who: str, busy: Callable[[], bool]) -> None:
+        """``who`` starts rings on this disk. Refused (DiskBusyError) while another frontend
+        sharing it still has started rings or requests in flight: two guests writing one disk
+        at once would tear each other's writes. ``busy`` tells whether ``who`` is still."""
+        owner = self._owner
+        if owner is not None and owner != who and self._owner_busy is not None \
+                and self._owner_busy():
+            raise DiskBusyError(
+                f"disk {self.name} is in use by the frontend on {owner}; a second frontend "
+                "may start its rings once the first has stopped them (GET_VRING_BASE)")
+        self._owner, self._owner_busy = who, busy
 
     def close(self) -> None:
         """Make what was written durable (the guest may not have flushed), then close."""
