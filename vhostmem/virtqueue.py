@@ -224,10 +224,13 @@ class Virtqueue(SplitRing):
 
     def set_dirty_log(self, dirty: DirtyLog | None) -> None:
         """Start (a log) or stop (None) marking what this queue writes into guest memory.
-        Swapped under the completion lock, which every completion holds in thread mode."""
+        Swapped under the completion lock, which every completion holds in thread mode. A log
+        replacing another (QEMU resizes it) keeps the ranges of the chains in flight: they
+        are marked in the new one when they complete."""
         with self._idle:
             self.dirty = dirty
-            self._written.clear()
+            if dirty is None:
+                self._written.clear()
 
     def set_features(self, acked: int) -> None:
         self.event_idx = bool(acked >> VIRTIO_RING_F_EVENT_IDX & 1)

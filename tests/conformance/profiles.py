@@ -73,6 +73,23 @@ class Profile:
     # SET_FEATURES with a bit that was never offered: vhostmem refuses it (failed REPLY_ACK);
     # libvhost-user stores whatever the frontend acks.
     refuses_unoffered_features: bool
+    # SET_LOG_BASE's u64 reply: vhostmem answers 0; libvhost-user turns the request into its
+    # reply without clearing the payload, so the u64 is the request's first field, mmap_size.
+    # QEMU only waits for the reply (vhost_user_set_log_base) and never reads its value.
+    log_base_reply_is_mmap_size: bool
+    # LOG_ALL on, SET_VRING_ADDR without VHOST_VRING_F_LOG: vhostmem does not log used-ring
+    # writes (vhost-user.rst: they are marked "if VHOST_VRING_F_LOG is part of ring's flags");
+    # libvhost-user ignores the flag and marks them at log_guest_addr, whatever that holds.
+    # QEMU always sends log_guest_addr = the used ring's guest address (and the flag whenever
+    # LOG_ALL is on), so under QEMU both mark the same pages.
+    logs_used_ring_without_log_flag: bool
+    # avail_event (EVENT_IDX; the used ring's last field, written by the device): vhostmem
+    # marks its page like every used-ring write; libvhost-user stores it
+    # (vring_set_avail_event) without vu_log_write, so on a ring whose avail_event has a page
+    # to itself (512 entries and up) that page is written and never marked. Linux vhost logs
+    # it (vhost_update_avail_event). After a migration the guest may read a stale avail_event
+    # there (and skip a kick it owes) until the destination's device writes it again.
+    logs_avail_event: bool
 
     def reply_flags(self, request: FrontendRequest) -> int:
         """Header flags of the reply to `request` sent with NEED_REPLY."""
@@ -104,6 +121,9 @@ VHOSTMEM = Profile(
     refuses_unoffered_features=True,
     fails_unmapped_buffer_with_ioerr=True,
     refuses_removing_ring_region=True,
+    log_base_reply_is_mmap_size=False,
+    logs_used_ring_without_log_flag=False,
+    logs_avail_event=True,
 )
 QSD = Profile(
     name="qsd",
@@ -123,6 +143,9 @@ QSD = Profile(
     refuses_unoffered_features=False,
     fails_unmapped_buffer_with_ioerr=False,
     refuses_removing_ring_region=False,
+    log_base_reply_is_mmap_size=True,
+    logs_used_ring_without_log_flag=True,
+    logs_avail_event=False,
 )
 PROFILES = {p.name: p for p in (VHOSTMEM, QSD)}
 # What vhostmem documents beyond qsd, whatever else the server grows.

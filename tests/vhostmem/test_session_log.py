@@ -243,3 +243,24 @@ def test_log_fd_is_kept_and_closed_with_the_session() -> None:
     with pytest.raises(OSError):
         os.fstat(kept)
     os.close(efd)
+
+
+def test_a_new_log_base_while_requests_are_in_flight_gets_their_pages() -> None:
+    """QEMU resizes the log (a new SET_LOG_BASE) while migrating: chains in flight on I/O
+    threads, walked while logging into the old log, are marked in the new one."""
+    env = Env(hold=True)
+    try:
+        env.set_log_base()
+        send(env.s, FrontendRequest.SET_FEATURES, FEATURES | LOG_ALL_BIT)
+        buf = env.ram.alloc(2 * PAGE, PAGE)
+        env.read_into(buf, 2 * PAGE)
+        env.s.on_kick(0)
+        assert len(env.dev.held) == 1
+        new = log_fd(LOG_SIZE)
+        send(env.s, FrontendRequest.SET_LOG_BASE, {"mmap_size": LOG_SIZE, "mmap_offset": 0},
+             [os.dup(new)])
+        env.dev.finish_all()
+        assert pages(buf, 2 * PAGE) <= dirty_pages(os.pread(new, LOG_SIZE, 0))
+        os.close(new)
+    finally:
+        env.close()

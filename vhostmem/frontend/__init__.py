@@ -18,6 +18,7 @@ from vhostmem.frontend.blk import (
 )
 from vhostmem.frontend.client import Listener, VhostUserClient, VhostUserError
 from vhostmem.frontend.device import VhostUserBlk
+from vhostmem.frontend.dirty import DirtyBitmap, log_size_for, pages_of
 from vhostmem.frontend.memory import GuestRam, GuestRamError, GuestRegion
 from vhostmem.frontend.queue import BlkError, BlkQueue, LostKickError, QueueFullError, Request
 from vhostmem.frontend.ring import EventFd, RingAddresses, RingError, SplitRing, vring_need_event
@@ -30,6 +31,7 @@ __all__ = [
     "BlkQueue",
     "BlkStatus",
     "BlkType",
+    "DirtyBitmap",
     "EventFd",
     "GuestRam",
     "GuestRamError",
@@ -49,6 +51,8 @@ __all__ = [
     "blk_header",
     "chain_pieces",
     "discard_segment",
+    "log_size_for",
+    "pages_of",
     "parse_blk_config",
     "vring_need_event",
 ]

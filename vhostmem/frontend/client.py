@@ -40,6 +40,7 @@ REPLYING_REQUESTS = frozenset({
     FrontendRequest.GET_MAX_MEM_SLOTS,
     FrontendRequest.GET_STATUS,
     FrontendRequest.POSTCOPY_ADVISE,
+    FrontendRequest.SET_LOG_BASE,  # a u64 with LOG_SHMFD (QEMU waits for it, ignores its value)
 })
 # Requests sent before REPLY_ACK can be negotiated, or that never take one.
 NO_ACK_REQUESTS = REPLYING_REQUESTS | {
@@ -210,6 +211,13 @@ class VhostUserClient:
         self.call(FrontendRequest.REM_MEM_REG, {"padding": 0, "region": region},
                   [] if fd is None else [fd])
 
+    def set_log_base(self, mmap_size: int, mmap_offset: int, fd: int) -> int:
+        """SET_LOG_BASE with the log's fd (LOG_SHMFD); returns the backend's u64 reply."""
+        reply = self.call(FrontendRequest.SET_LOG_BASE,
+                          {"mmap_size": mmap_size, "mmap_offset": mmap_offset}, [fd])
+        assert reply is not None
+        return int(reply.payload)
+
     # -- vrings ------------------------------------------------------------------------------
     def set_vring_num(self, index: int, num: int) -> None:
         self.call(FrontendRequest.SET_VRING_NUM, {"index": index, "num": num})
@@ -219,7 +227,9 @@ class VhostUserClient:
 
     def set_vring_addr(self, index: int, desc: int, used: int, avail: int, *, flags: int = 0,
                        log: int = 0) -> None:
-        """Ring addresses are backend-translatable userspace addresses (not gpas)."""
+        """Ring addresses are backend-translatable userspace addresses (not gpas); `log` (the
+        used ring's guest-physical address) is where used-ring writes are logged when `flags`
+        has VHOST_VRING_F_LOG."""
         self.call(FrontendRequest.SET_VRING_ADDR, {
             "index": index, "flags": flags, "desc_user_addr": desc, "used_user_addr": used,
             "avail_user_addr": avail, "log_guest_addr": log})

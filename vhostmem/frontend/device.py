@@ -1,6 +1,8 @@
 """`VhostUserBlk`: the whole fake guest for one vhost-user-blk backend, in QEMU's order:
 SET_OWNER, feature and protocol-feature negotiation, memory table (SET_MEM_TABLE or ADD_MEM_REG),
 then per queue SET_VRING_NUM/BASE/ADDR/CALL/ERR/KICK and SET_VRING_ENABLE; GET_VRING_BASE stops.
+Migration's dirty log as QEMU drives it: SET_LOG_BASE, SET_FEATURES with or without
+VHOST_F_LOG_ALL, SET_VRING_ADDR with or without VHOST_VRING_F_LOG on every started ring.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from typing import Literal
 from protocol import BlkFeature, ProtocolFeature, VirtioFeature
 from vhostmem.frontend.blk import CONFIG_SIZE, parse_blk_config
 from vhostmem.frontend.client import DEFAULT_TIMEOUT, VhostUserClient, VhostUserError
+from vhostmem.frontend.dirty import DirtyBitmap
 from vhostmem.frontend.memory import GuestRam, GuestRegion
 from vhostmem.frontend.queue import DEFAULT_MAX_DATA, BlkQueue
 from vhostmem.frontend.ring import EventFd, SplitRing
@@ -24,6 +27,9 @@ STATUS_DRIVER = 2
 STATUS_DRIVER_OK = 4
 STATUS_FEATURES_OK = 8
 STATUS_RUNNING = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK
+
+# SET_VRING_ADDR flags: log used-ring writes at log_guest_addr (vhost-user.rst, Linux vhost.h).
+VHOST_VRING_F_LOG = 1
 
 
 def _mask(*bits: int) -> int:
@@ -42,7 +48,10 @@ SUPPORTED_FEATURES = _mask(
     BlkFeature.MQ, BlkFeature.DISCARD, BlkFeature.WRITE_ZEROES)
 SUPPORTED_PROTOCOL_FEATURES = _mask(
     ProtocolFeature.MQ, ProtocolFeature.REPLY_ACK, ProtocolFeature.CONFIG,
-    ProtocolFeature.RESET_DEVICE, ProtocolFeature.CONFIGURE_MEM_SLOTS, ProtocolFeature.STATUS)
+    ProtocolFeature.RESET_DEVICE, ProtocolFeature.CONFIGURE_MEM_SLOTS, ProtocolFeature.STATUS,
+    ProtocolFeature.LOG_SHMFD)
+# VHOST_F_LOG_ALL is never acked at start (QEMU neither): `set_logging` switches it.
+LOG_ALL_MASK = 1 << VirtioFeature.LOG_ALL
 
 MemMode = Literal["table", "slots"]
 
@@ -75,6 +84,7 @@ class VhostUserBlk:
         self.client, self.ram, self._own_ram = client, ram, own_ram
         self.offer = Offer()
         self.queues: dict[int, QueueState] = {}
+        self.log: DirtyBitmap | None = None  # the dirty log last sent by SET_LOG_BASE
 
     @classmethod
     def open(cls, socket_path: str, *, ram: GuestRam | None = None,
@@ -167,15 +177,22 @@ class VhostUserBlk:
         c.set_vring_num(index, ring.num)
         c.set_vring_base(index, base)
         ring.next_avail = ring.published = ring.kicked_upto = ring.last_used = base
-        c.set_vring_addr(index, self.ram.host_address(ring.addr.desc),
-                         self.ram.host_address(ring.addr.used),
-                         self.ram.host_address(ring.addr.avail))
+        self._send_ring_addr(index, ring)
         c.set_vring_call(index, st.call.fd)
         c.set_vring_err(index, st.err.fd)
         c.set_vring_kick(index, st.kick.fd)
         if self.has_feature(VirtioFeature.VHOST_USER_F_PROTOCOL_FEATURES):
             c.set_vring_enable(index, True)
         st.started = True
+
+    def _send_ring_addr(self, index: int, ring: SplitRing) -> None:
+        """SET_VRING_ADDR as QEMU sends it (vhost_virtqueue_set_addr): log_guest_addr is always
+        the used ring's guest-physical address, VHOST_VRING_F_LOG is set while logging."""
+        host = self.ram.host_address
+        self.client.set_vring_addr(index, host(ring.addr.desc), host(ring.addr.used),
+                                   host(ring.addr.avail),
+                                   flags=VHOST_VRING_F_LOG if self.logging else 0,
+                                   log=ring.addr.used)
 
     def stop_queue(self, index: int, *, disable: bool = True) -> int:
         """GET_VRING_BASE: the backend stops the ring and returns its next avail index.
@@ -199,6 +216,56 @@ class VhostUserBlk:
         assert q is not None
         return q
 
+    # -- migration: the dirty log -----------------------------------------------------------
+    @property
+    def logging(self) -> bool:
+        """VHOST_F_LOG_ALL is acked: the backend marks every guest page it writes."""
+        return self.has_feature(VirtioFeature.LOG_ALL)
+
+    def set_log_base(self, log: DirtyBitmap | None = None) -> int:
+        """SET_LOG_BASE (LOG_SHMFD) with `log`, by default a new log sized for guest RAM the
+        way QEMU sizes it; it becomes `self.log` and the previous one is closed once the
+        backend answered. Returns the backend's u64 reply (QEMU only waits for it)."""
+        if not self.client.has_protocol(ProtocolFeature.LOG_SHMFD):
+            raise VhostUserError("SET_LOG_BASE needs LOG_SHMFD, not negotiated")
+        new = DirtyBitmap.for_ram(self.ram) if log is None else log
+        try:
+            value = self.client.set_log_base(new.size, 0, new.fd)
+        except BaseException:
+            if log is None:
+                new.close()
+            raise
+        old, self.log = self.log, new
+        if old is not None and old is not new:
+            old.close()
+        return value
+
+    def set_logging(self, on: bool) -> None:
+        """Switch dirty logging on or off as QEMU does (vhost_dev_set_log): SET_FEATURES with
+        or without VHOST_F_LOG_ALL, then SET_VRING_ADDR with or without VHOST_VRING_F_LOG for
+        every started ring. Switching on first sends SET_LOG_BASE when no log was sent yet,
+        and waits until the backend took LOG_ALL: its REPLY_ACK (NEED_REPLY when REPLY_ACK is
+        negotiated), else a GET_FEATURES round trip (QEMU's enforce_reply)."""
+        if on and not self.offer.features & LOG_ALL_MASK:
+            raise VhostUserError("the backend does not offer VHOST_F_LOG_ALL")
+        if on and self.log is None:
+            self.set_log_base()
+        c = self.client
+        features = c.features | LOG_ALL_MASK if on else c.features & ~LOG_ALL_MASK
+        c.set_features(features)
+        if on and not c.has_protocol(ProtocolFeature.REPLY_ACK):
+            c.get_features()
+        for index, st in self.queues.items():
+            if st.started:
+                self._send_ring_addr(index, st.ring)
+
+    def fetch_dirty(self) -> set[int]:
+        """Page numbers (gpa >> 12) the backend marked since the last fetch; clears them.
+        Not atomic per word (unlike QEMU): call it with no request in flight."""
+        if self.log is None:
+            raise VhostUserError("no dirty log: call set_log_base or set_logging first")
+        return self.log.fetch_and_clear()
+
     # -- config and status -------------------------------------------------------------------
     def config(self) -> dict[str, int]:
         return parse_blk_config(self.client.get_config(0, CONFIG_SIZE))
@@ -220,6 +287,9 @@ class VhostUserBlk:
                     st.queue.close()
                 st.ring.free()
         self.queues.clear()
+        if self.log is not None:
+            self.log.close()
+            self.log = None
         if self._own_ram:
             self.ram.close()
 

@@ -30,6 +30,7 @@ from vhostmem.frontend.ring import (
     _DESC,
     DESC_SIZE,
     VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_WRITE,
     EventFd,
     RingError,
     SplitRing,
@@ -63,7 +64,7 @@ class Request:
 
     __slots__ = ("_hdr_mm", "_hdr_off", "_mm", "_status_off", "capacity", "data_gpa", "descs",
                  "done", "head", "header_gpa", "in_gpa", "in_len", "index", "key", "out_len",
-                 "status_gpa", "table_gpa", "used_len")
+                 "status_gpa", "table_gpa", "used_len", "writable")
 
     def __init__(self, ram: GuestRam, index: int, capacity: int) -> None:
         # Header ends where the page-aligned data begins so header+data can share a descriptor.
@@ -72,6 +73,9 @@ class Request:
         self.header_gpa, self.data_gpa = base + PAGE_SIZE - HEADER_SIZE, base + PAGE_SIZE
         self.table_gpa = 0
         self.descs: list[int] = []
+        # (gpa, len) of every device-writable piece of the current chain: what a device may
+        # write, so what a dirty log may mark for this request.
+        self.writable: list[tuple[int, int]] = []
         self.key: tuple[object, ...] | None = None
         self.head = -1
         self.in_gpa, self.in_len, self.out_len = self.data_gpa, 0, 0
@@ -169,6 +173,7 @@ class BlkQueue:
 
     def _write_chain(self, req: Request, pieces: list[tuple[int, int, int]],
                      indirect: bool) -> None:
+        req.writable = [(gpa, n) for gpa, n, flags in pieces if flags & VIRTQ_DESC_F_WRITE]
         if indirect:
             self._grab_descs(req, 1)
             req.head = req.descs[0]

@@ -4,68 +4,14 @@ refused REPLY_ACKs, silence and disconnects."""
 
 from __future__ import annotations
 
-import os
-import socket
-import tempfile
-import threading
-from collections.abc import Callable, Iterator
-
 import pytest
 
-from protocol import Framer, FrontendRequest, Message, ProtocolFeature, encode_reply
-from vhostmem.frontend.client import Listener, VhostUserClient, VhostUserError
+from protocol import FrontendRequest, Message, ProtocolFeature, encode_reply
+from tests.vhostmem.frontend.scripted import HANG_UP, Responder
+from vhostmem.frontend.client import VhostUserClient, VhostUserError
 
-Responder = Callable[[Message], bytes | None]
 REPLY_ACK_MASK = 1 << ProtocolFeature.REPLY_ACK
 STATUS_VALUE = 0xF
-HANG_UP = b""  # a responder returning this closes the backend's socket
-
-
-def _serve(path: str, respond: Responder, seen: list[Message]) -> None:
-    """A backend in client mode: connect to the frontend, answer with `respond`."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(5)
-    sock.connect(path)
-    framer = Framer(sender="frontend")
-    with sock:
-        while True:
-            data, fds, _, _ = socket.recv_fds(sock, 4096, 8)
-            if not data:
-                return
-            for msg in framer.feed(data, fds):
-                seen.append(msg)
-                for fd in msg.fds:
-                    os.close(fd)
-                out = respond(msg)
-                if out == HANG_UP:
-                    return
-                if out is not None:
-                    sock.sendall(out)
-
-
-@pytest.fixture
-def scripted() -> Iterator[Callable[[Responder], tuple[VhostUserClient, list[Message]]]]:
-    workdir = tempfile.mkdtemp(prefix="vhm-cl-")
-    path = os.path.join(workdir, "fe.sock")
-    listener = Listener(path)
-    threads, clients = [], []
-
-    def start(respond: Responder) -> tuple[VhostUserClient, list[Message]]:
-        seen: list[Message] = []
-        t = threading.Thread(target=_serve, args=(path, respond, seen), daemon=True)
-        t.start()
-        threads.append(t)
-        clients.append(listener.accept(timeout=5))
-        clients[-1].timeout = 0.5
-        return clients[-1], seen
-
-    yield start
-    for c in clients:
-        c.close()
-    for t in threads:
-        t.join(5)
-    listener.close()
-    os.rmdir(workdir)
 
 
 def _ack_all(status: int) -> Responder:
