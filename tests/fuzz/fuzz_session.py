@@ -5,46 +5,106 @@
 Input: ``u16 image length``, that many bytes of guest-memory image (copied to offset 0 of every
 memfd sent), then chunks: ``control byte, length byte, data``. Control bits 0-1: fds sent with the
 chunk (real memfds of MEMFD_SIZE bytes when bit 2 is set, else eventfds); bit 3: after the chunk
-fire every watched kick (the rings then run over the fuzzed guest memory).
+fire every watched kick (the rings then run over the fuzzed guest memory). After each chunk the
+turns the rings deferred (their work budget was used up, ``KickWatcher.defer``) run, at most
+DEFER_ROUNDS rounds of them.
+
+Concurrent mode: a chunk whose control byte's high nibble is PROGRAM_MAGIC (0xA) is not a
+message but a ring mutator program (tests/fuzz/ring_mutator.py, ``Program``): from that chunk on,
+a second thread keeps rewriting the guest memory (descriptor and indirect tables, avail and used
+rings, request buffers, through its own mapping of the memfds) while the backend handles the
+messages and kicks, as a hostile guest's vCPU can. The writes are chosen by the program (ops,
+PRNG seed, step budget, rate), so a crash input replays the same writes, but where they land
+between the backend's reads depends on thread scheduling: a race reproduces with some
+probability, not every time. Inputs without a program chunk run single threaded, as before.
 
 A ProtocolError or SessionError is the server's "disconnect": framer closed, session reset. Any
-other exception is a finding, as are (checked after every input) a registration left in the
-MemRegistry, an mmap still pending, a fd more than at start, a guest memfd still mapped (every
-MAPS_EVERY runs) and, with VHOSTMEM_DEBUG_BOUNDS on, any view outside its region.
-Without corpus arguments a seed corpus (a full valid session doing one read) is written to a
-temporary directory and used.
+other exception is a finding, as are: a Deferred reply (blk is served inline here, so nothing is
+ever in flight on a thread); a traceback logged by the backend (an unexpected exception its
+guards swallowed: ``log.exception``) or a critical record; a bounds violation
+(VHOSTMEM_DEBUG_BOUNDS, always on here); a chunk still running after WATCHDOG_SECONDS (every
+thread's stack is dumped and ``WatchdogTimeout`` raised in the main thread); and, checked after
+every input, a registration left in the MemRegistry, an mmap still pending, a fd more than at
+start, a guest memfd still mapped (every MAPS_EVERY runs).
+
+Without corpus arguments a seed corpus is written to a temporary directory and used: a full
+valid session doing one read; the same with the ring full, under a random mutator program;
+an indirect chain whose table entries the mutator rewrites every way it knows; and
+"double-fetch": a request whose data buffer is outside guest memory, with a program that keeps
+the ring full and links the chain's last descriptor to itself. A backend that walks the chain a
+second time to find where the failure status goes (git 5fd9bdf,
+``ChainWalker._last_descriptor``) can read a well-formed chain the first time and the loop the
+second: it spins forever and the watchdog fires (tests/fuzz/check_double_fetch.py checks that).
 """
 
 from __future__ import annotations
 
+import inspect
+import logging
 import os
 import struct
 import sys
 import tempfile
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 FD_BITS = 0x3
 MEMFD_BIT = 0x4
 KICK_BIT = 0x8
+PROGRAM_MASK = 0xF0
+PROGRAM_MAGIC = 0xA0
 MEMFD_SIZE = 64 << 10
 IMAGE_LEN = struct.Struct("<H")
 MAPS_EVERY = 1000
 RAM_DISK = 1 << 20
 NUM_QUEUES = 2
+DEFER_ROUNDS = 8
+WATCHDOG_SECONDS = 2.0
+# FUZZ_SESSION_STATS=N: every N runs, print how many inputs ran the mutator and its writes.
+STATS_EVERY = int(os.environ.get("FUZZ_SESSION_STATS", "0"))
 
 
 class Watcher:
-    """KickWatcher over a dict: the fuzzer fires the callbacks itself."""
+    """KickWatcher over a dict and a list: the fuzzer fires the callbacks itself."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_watch: Callable[[], None] = lambda: None) -> None:
         self.callbacks: dict[int, Callable[[], None]] = {}
+        self.deferred: list[Callable[[], None]] = []
+        self.on_watch = on_watch
 
     def watch(self, fd: int, callback: Callable[[], None]) -> None:
         self.callbacks[fd] = callback
+        self.on_watch()  # a ring starts: the mutator learns where it is before it runs
 
     def unwatch(self, fd: int) -> None:
         self.callbacks.pop(fd, None)
+
+    def defer(self, callback: Callable[[], None]) -> None:
+        self.deferred.append(callback)
+
+    def run_deferred(self, rounds: int = DEFER_ROUNDS) -> None:
+        """Run what was deferred, and what that defers, for at most ``rounds`` rounds (the
+        rest waits for the next chunk, as an event loop serves other I/O in between)."""
+        for _ in range(rounds):
+            if not self.deferred:
+                return
+            pending, self.deferred = self.deferred, []
+            for callback in pending:
+                callback()
+
+
+class TracebackLog(logging.Handler):
+    """Records the backend logged with a traceback (an unexpected exception one of its guards
+    caught: ``log.exception``) or as critical (a bounds violation): findings."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.found: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info or record.levelno >= logging.CRITICAL:
+            self.found.append(self.format(record))
 
 
 def parse(data: bytes) -> tuple[bytes, list[tuple[int, bytes]]]:
@@ -59,6 +119,10 @@ def parse(data: bytes) -> tuple[bytes, list[tuple[int, bytes]]]:
         chunks.append((control, data[pos + 2 : pos + 2 + length]))
         pos += 2 + length
     return image, chunks
+
+
+def is_program(control: int) -> bool:
+    return control & PROGRAM_MASK == PROGRAM_MAGIC
 
 
 def make_fds(control: int, image: bytes) -> list[int]:
@@ -85,21 +149,30 @@ U = 0x7000_0000_0000
 NUM = 8
 DESC_GPA, AVAIL_GPA, USED_GPA = 0x0, 0x80, 0x100
 HEADER_GPA, DATA_GPA, STATUS_GPA = 0x200, 0x400, 0x600
+INDIRECT_GPA = 0x300
+OUTSIDE_GPA = 0x10_0000  # past the one 64 KiB region
 
 
-def seed_image() -> bytes:
+def seed_image(data_gpa: int = DATA_GPA, requests: int = 1, indirect: bool = False) -> bytes:
+    """One read chain (header, 512-byte data buffer at ``data_gpa``, status) at head 0, made
+    available ``requests`` times; with ``indirect`` the chain is an indirect table."""
     img = bytearray(STATUS_GPA + 1)
     desc = struct.Struct("<QIHH")
-    desc.pack_into(img, DESC_GPA, HEADER_GPA, 16, 1, 1)
-    desc.pack_into(img, DESC_GPA + 16, DATA_GPA, 512, 3, 2)
-    desc.pack_into(img, DESC_GPA + 32, STATUS_GPA, 1, 2, 0)
-    struct.pack_into("<HHH", img, AVAIL_GPA, 0, 1, 0)  # flags, idx 1, ring[0] = head 0
+    table = INDIRECT_GPA if indirect else DESC_GPA
+    desc.pack_into(img, table, HEADER_GPA, 16, 1, 1)
+    desc.pack_into(img, table + 16, data_gpa, 512, 3, 2)
+    desc.pack_into(img, table + 32, STATUS_GPA, 1, 2, 0)
+    if indirect:
+        desc.pack_into(img, DESC_GPA, INDIRECT_GPA, 3 * 16, 4, 0)
+    struct.pack_into("<HH", img, AVAIL_GPA, 0, requests)  # flags, idx; ring entries: head 0
     struct.pack_into("<IIQ", img, HEADER_GPA, 0, 0, 0)  # read sector 0
     img[STATUS_GPA] = 0xFF
     return bytes(img)
 
 
-def seed_session(indirect_table: bool = False) -> bytes:
+def seed_session(image: bytes | None = None, program: bytes | None = None) -> bytes:
+    """A full session starting ring 0 over ``image``; ``program`` (a mutator program) comes
+    just before the SET_VRING_ENABLE that runs the ring."""
     from protocol import FrontendRequest as R
     from protocol import encode_request
 
@@ -119,69 +192,154 @@ def seed_session(indirect_table: bool = False) -> bytes:
                                            "log_guest_addr": 0}, need_reply=True), 0, 0),
         (encode_request(R.SET_VRING_CALL, {"index": 0, "nofd": False}, fds_count=1), 1, 0),
         (encode_request(R.SET_VRING_KICK, {"index": 0, "nofd": False}, fds_count=1), 1, 0),
-        (encode_request(R.SET_VRING_ENABLE, {"index": 0, "num": 1}), 0, KICK_BIT),
     ]
-    image = seed_image()
+    if program is not None:
+        msgs.append((program, 0, PROGRAM_MAGIC))
+    msgs.append((encode_request(R.SET_VRING_ENABLE, {"index": 0, "num": 1}), 0, KICK_BIT))
+    image = seed_image() if image is None else image
     out = bytearray(IMAGE_LEN.pack(len(image)) + image)
     for data, nfds, extra in msgs:
         out += bytes([nfds | extra, len(data)]) + data
     return bytes(out)
 
 
+def seed_double_fetch() -> bytes:
+    """The ring is kept full of a request whose data buffer is outside guest memory while the
+    status descriptor (2) is linked to itself, again and again (see the module docstring)."""
+    from ring_mutator import OP_AVAIL_IDX, OP_DESC, Program
+
+    keep_full = (OP_AVAIL_IDX, 1 << 1, 0)  # mode 1: avail idx = used idx + num
+    loop_status = (OP_DESC, 0 << 1, 2)  # mode 0 on descriptor 2: NEXT -> itself
+    program = Program.encode(rate=0, steps=2000, seed=1, ops=[keep_full] * 7 + [loop_status])
+    return seed_session(seed_image(OUTSIDE_GPA, NUM), program)
+
+
 def seed_corpus() -> str:
+    from ring_mutator import OP_AVAIL_IDX, OP_INDIRECT, Program
+
     path = tempfile.mkdtemp(prefix="fuzz-session-seeds-")
     Path(path, "session").write_bytes(seed_session())
+    random_program = Program.encode(rate=2, steps=512, seed=7, ops=[])
+    Path(path, "concurrent").write_bytes(seed_session(seed_image(requests=NUM), random_program))
+    # Every way of rewriting an entry of the indirect table, the ring kept full meanwhile.
+    keep_full = (OP_AVAIL_IDX, 1 << 1, 0)
+    ops = [op for mode in range(8) for op in (keep_full, (OP_INDIRECT, mode << 1, 0))]
+    program = Program.encode(rate=1, steps=1024, seed=3, ops=ops)
+    image = seed_image(requests=NUM, indirect=True)
+    Path(path, "concurrent-indirect").write_bytes(seed_session(image, program))
+    Path(path, "double-fetch").write_bytes(seed_double_fetch())
     return path
 
 
 # ------------------------------------------------------------------------------- main
 
 
-def main() -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    os.environ["VHOSTMEM_DEBUG_BOUNDS"] = "1"
-    import logging
+def build_target(instrument: Callable[[], AbstractContextManager[object]] = nullcontext,
+                 ) -> Callable[[bytes], None]:
+    """Set up the backend (imported under ``instrument``: atheris.instrument_imports) and
+    return the function that runs one input. Call from the main thread (the watchdog's
+    signal is delivered there)."""
+    from ring_mutator import GuestFiles, Program, RingMutator, Watchdog
 
-    import atheris
-
-    logging.disable(logging.CRITICAL)  # rejections are expected; findings raise
-    with atheris.instrument_imports():
+    # Rejections are logged as errors and expected; a traceback or a critical record is not.
+    logging.disable(logging.WARNING)
+    traceback_log = TracebackLog()
+    logging.getLogger().handlers = [traceback_log]
+    logging.getLogger().setLevel(logging.ERROR)
+    with instrument():
         from protocol import Framer, ProtocolError
+        from vhostmem import bounds, session_base
         from vhostmem.devices.blk import BlkDevice
         from vhostmem.memmap import MemRegistry
         from vhostmem.session import Session, SessionError
 
+    # As the server builds it (vhostmem/server.py). Trees from before keep_invalid and
+    # Deferred (the double-fetch check runs this target on git 5fd9bdf) get the old framer.
+    framer_args = {"keep_invalid": True} if "keep_invalid" in inspect.signature(
+        Framer).parameters else {}
+    deferred_reply = getattr(session_base, "Deferred", ())
+
+    def new_framer() -> Framer:
+        return Framer(sender="frontend", **framer_args)
+
     registry = MemRegistry()
     device = BlkDevice.from_ram(RAM_DISK, num_queues=NUM_QUEUES)
-    watcher = Watcher()
+    mutator = RingMutator()
+    guest = GuestFiles(MEMFD_SIZE)
+
+    def refresh_layout() -> None:
+        if mutator.active:
+            mutator.layout = guest.layout(session)
+
+    watcher = Watcher(on_watch=refresh_layout)
     session = Session(device, registry, watcher, name="fuzz")
+    watchdog = Watchdog(WATCHDOG_SECONDS)
     baseline_fds = len(os.listdir("/proc/self/fd"))
     runs = 0
+    stats = {"concurrent": 0}
 
     def disconnect(framer: Framer) -> None:
         framer.close()
         session.reset()
         watcher.callbacks.clear()
+        watcher.run_deferred()  # turns of a reset session: they only clear its schedule
+        refresh_layout()
+
+    def run_chunk(framer: Framer, control: int, chunk: bytes, fds: list[int]) -> bool:
+        """Feed one chunk; False when the session disconnected."""
+        try:
+            for msg in framer.feed(chunk, fds):
+                result = session.handle(msg)
+                if isinstance(result, deferred_reply):
+                    raise AssertionError(f"{msg.request!r}: Deferred reply in inline mode")
+                refresh_layout()
+        except (ProtocolError, SessionError):
+            return False
+        if control & KICK_BIT:
+            for callback in list(watcher.callbacks.values()):
+                callback()
+        watcher.run_deferred()
+        return True
 
     def one_input(data: bytes) -> None:
         nonlocal runs
         image, chunks = parse(data)
-        framer = Framer(sender="frontend")
+        concurrent = any(is_program(control) for control, _ in chunks)
+        violations = len(bounds.violations)
+        framer = new_framer()
         try:
-            for control, chunk in chunks:
-                try:
-                    for msg in framer.feed(chunk, make_fds(control, image)):
-                        session.handle(msg)
-                except (ProtocolError, SessionError):
-                    disconnect(framer)
-                    framer = Framer(sender="frontend")
+            for n, (control, chunk) in enumerate(chunks):
+                watchdog.arm(f"chunk {n} (control {control:#04x})")
+                if is_program(control):
+                    guest.map_all()
+                    mutator.start(Program.parse(chunk))
+                    refresh_layout()
                     continue
-                if control & KICK_BIT:
-                    for callback in list(watcher.callbacks.values()):
-                        callback()
+                fds = make_fds(control, image)
+                if concurrent and control & MEMFD_BIT:
+                    for fd in fds:
+                        guest.add(fd)
+                with mutator.busy():
+                    if not run_chunk(framer, control, chunk, fds):
+                        disconnect(framer)
+                        framer = new_framer()
         finally:
-            disconnect(framer)
+            watchdog.arm("the end of the input")
+            try:
+                mutator.stop()
+            finally:
+                disconnect(framer)
+                guest.close()
+                watchdog.disarm()
         runs += 1
+        if concurrent:
+            stats["concurrent"] += 1
+        if STATS_EVERY and runs % STATS_EVERY == 0:
+            print(f"fuzz_session: {runs} runs, {stats['concurrent']} concurrent, "
+                  f"{mutator.steps_done} mutator writes", file=sys.stderr)
+        assert not mutator.errors, f"ring mutator failed: {mutator.errors}"
+        assert not traceback_log.found, "backend logged:\n" + "\n".join(traceback_log.found)
+        assert len(bounds.violations) == violations, f"bounds: {bounds.violations[violations:]}"
         assert registry.chunks() == [], f"registrations left: {registry.chunks()}"
         assert session.memory.pending_unmaps == 0, "guest mmaps still pinned after reset"
         now = len(os.listdir("/proc/self/fd"))
@@ -189,6 +347,18 @@ def main() -> None:
         if runs % MAPS_EVERY == 0:
             assert memfd_mappings() == 0, "guest memfds still mapped"
 
+    one_input.watchdog = watchdog  # type: ignore[attr-defined]
+    one_input.mutator = mutator  # type: ignore[attr-defined]
+    one_input.session = session  # type: ignore[attr-defined]
+    return one_input
+
+
+def main() -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    os.environ["VHOSTMEM_DEBUG_BOUNDS"] = "1"
+    import atheris
+
+    one_input = build_target(atheris.instrument_imports)
     argv = list(sys.argv)
     if not any(not a.startswith("-") for a in argv[1:]):
         argv.append(seed_corpus())

@@ -58,6 +58,7 @@ def run(seconds: float, layout: str, io_mode: str = "inline") -> float:
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
         t0 = time.perf_counter()
+        vq.new_turn()  # what the session does per kick
         dev.handle_queue(vq)
         vq.wait_idle()
         busy += time.perf_counter() - t0
