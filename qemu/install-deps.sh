@@ -19,7 +19,9 @@ from qemu.assets import _is_static_elf
 with open(sys.argv[1], "rb") as f:
     sys.exit(0 if _is_static_elf(f.read()) else 1)' "$busybox"
 }
-{ busybox_is_static && "$busybox" --list 2>/dev/null | grep -qx blkdiscard; } || need+=(busybox-static)
+# (grep without -q reads the whole list: -q would exit at the match, busybox would get SIGPIPE,
+# and pipefail would report a failure now and then.)
+{ busybox_is_static && "$busybox" --list 2>/dev/null | grep -x blkdiscard >/dev/null; } || need+=(busybox-static)
 command -v cpio >/dev/null || need+=(cpio)
 # The guest's checker (qemu/guest/vmtest.c) is compiled statically on the host.
 command -v gcc >/dev/null || need+=(gcc)

@@ -2,7 +2,8 @@
 # /init of the vhostmem test guest (busybox sh). Loads virtio-blk, checks /dev/vda, powers off.
 #
 # Settings come from the kernel command line as vmtest.KEY=VALUE (see qemu/launch.py):
-#   mode=check|shell|bench|writer|durability|probe  bench_seconds=N  bench_jobs=J  writer_jobs=J  durability_writes=N
+#   mode=check|shell|bench|writer|durability|migrate|probe  bench_seconds=N  bench_jobs=J  writer_jobs=J  durability_writes=N
+#   migrate_jobs=J
 #   size=BYTES  lbs=BYTES  queues=N  ro=0|1  seed=S  rounds=N
 #   discard=OFF:LEN  discard_zeroes=0|1  zeroout=OFF:LEN  hotplug=0|1  queue_cpus=CPU,CPU (default: every CPU)
 # Output protocol, one line each, parsed by qemu/guestlog.py:
@@ -178,6 +179,24 @@ run_writer() {  # checksummed writes (vmtest --writer) until the host answers th
     finish
 }
 
+# Disk I/O across live migrations (qemu/migrate.py): writer jobs and page-cache jobs
+# (vmtest --migrate-io) run while the host migrates the VM, until it answers the sync point.
+# Before that the host may answer "diag" (its jobs stalled): the guest then prints the disk's
+# requests in flight and its blocked tasks (sysrq w) and waits again.
+run_migrate_io() {
+    vmtest --dev "$DISK" --size "$SIZE" --migrate-io "$(param migrate_jobs 2)" &
+    io=$!
+    echo "VHOSTMEM-SYNC migrate-stop"
+    while read -r reply && [ "$reply" = diag ]; do
+        echo "VHOSTMEM-INFO diag inflight=$(cat $SYSDISK/inflight | tr -s ' ' ,)"
+        echo w > /proc/sysrq-trigger
+    done
+    [ "$reply" = migrate-stop ] || result sync-migrate-stop FAIL "host replied '$reply'"
+    kill -TERM "$io"
+    wait "$io" || failed=1
+    finish
+}
+
 direct_writes() {  # direct_writes PHASE INDEX N: N O_DIRECT writes to blocks INDEX*N.., one at a time
     if vmtest --dev "$DISK" --size "$SIZE" --direct-writes "$3" --first-block $(($2 * $3)) --job "$2"; then
         result "durability.$1-writes" PASS "writes=$3"
@@ -236,6 +255,7 @@ check_sysfs
 [ "$MODE" = bench ] && run_bench
 [ "$MODE" = writer ] && run_writer
 [ "$MODE" = durability ] && run_durability
+[ "$MODE" = migrate ] && run_migrate_io
 if [ "$HOTPLUG" = 1 ]; then
     run_round 1
     run_hotplug_rounds

@@ -114,6 +114,7 @@ struct opts {
     unsigned lbs, seed, round;
     int readonly, discard_zeroes, high_buffer;
     unsigned bench_seconds, bench_jobs, writer_jobs, queue_io_ops, direct_writes, job;
+    unsigned migrate_jobs;
     uint64_t first_block;
     const char *queue_io_cpus;
 };
@@ -555,9 +556,132 @@ static int writer_job(const struct opts *o, unsigned job, uint64_t first, uint64
     return bad || errors || !writes;
 }
 
-static int writer(const struct opts *o)
+/* `--migrate-io J` (qemu/migrate.py): J writer jobs as above (jobs 0..J-1) and J cache jobs
+ * (jobs J..2J-1), each on its own slice, until SIGTERM. A cache job rewrites a random block of
+ * its slice with O_DIRECT, then reads it through the page cache (a buffered fd, readahead off):
+ * a real request whose data the backend writes into a page-cache page of guest RAM. Each turn
+ * it also re-reads CACHE_SWEEP blocks of its slice through the page cache, round-robin, and
+ * compares each with the last version it wrote (zeroes if none). Those re-reads are served
+ * from guest RAM without a request, so a page the backend wrote during a live migration but
+ * did not mark in the dirty log reaches the destination stale, and the next sweep over it
+ * finds the block's previous contents (or another block's); the guest must boot with
+ * init_on_alloc=0, or the kernel's zeroing of each new page marks it dirty from the vCPU just
+ * before the backend fills it, and hides the missing mark. At SIGTERM: one last sweep through
+ * the page cache, then every block read with O_DIRECT (the disk holds the last version).
+ * Lines: `VHOSTMEM-INFO cache job=J loads=N sweeps=S verified=V mismatches=M` (progress; a
+ * sweep is one pass over the slice), `VHOSTMEM-INFO cache job=J stale block=B want-seq=S cached=...
+ * disk=...` (a mismatch, the cached and the on-disk block described), and
+ * `VHOSTMEM-TEST cache.jobJ PASS|FAIL ...`. */
+enum { CACHE_SWEEP = 16, CACHE_PROGRESS = 32, CACHE_REPORTS = 8 };
+
+/* "zeroes", or the writer block's header and whether its checksum holds. */
+static void describe_block(const unsigned char *b, char *out, size_t n)
 {
-    unsigned jobs = o->writer_jobs, failed = 0;
+    uint32_t hdr[2];
+    uint64_t block, seq, sum;
+    if (is_zero(b, WBLOCK)) {
+        snprintf(out, n, "zeroes");
+        return;
+    }
+    memcpy(hdr, b, 8);
+    memcpy(&block, b + 8, 8);
+    memcpy(&seq, b + 16, 8);
+    memcpy(&sum, b + WBLOCK - 8, 8);
+    snprintf(out, n, "magic=%08x/job=%u/block=%llu/seq=%llu/sum=%s", hdr[0], hdr[1],
+             (unsigned long long)block, (unsigned long long)seq,
+             fnv1a(b, WBLOCK - 8) == sum ? "ok" : "bad");
+}
+
+/* 0 if the block read through the page cache (cfd) is what `seq` wrote; on a mismatch, drops
+ * the cached page and describes the cached and the on-disk block (read with O_DIRECT, dfd). */
+static int cache_check(int cfd, int dfd, unsigned job, uint64_t block, uint64_t seq,
+                       unsigned char *got, unsigned char *want, unsigned *errors,
+                       unsigned *reports)
+{
+    char cached[96], disk[96];
+    off_t off = (off_t)(block * WBLOCK);
+    if (seq == SEQ_UNKNOWN)
+        return 0;
+    if (pread(cfd, got, WBLOCK, off) != WBLOCK) {
+        printf("VHOSTMEM-INFO cache job=%u read-error block=%llu errno=%d\n", job,
+               (unsigned long long)block, errno);
+        (*errors)++;
+        return 1;
+    }
+    if (seq == 0 ? is_zero(got, WBLOCK) : (writer_block(want, job, block, seq),
+                                            !memcmp(got, want, WBLOCK)))
+        return 0;
+    if ((*reports)++ < CACHE_REPORTS) {
+        describe_block(got, cached, sizeof(cached));
+        if (pread(dfd, want, WBLOCK, off) == WBLOCK)
+            describe_block(want, disk, sizeof(disk));
+        else
+            snprintf(disk, sizeof(disk), "read-error-%d", errno);
+        printf("VHOSTMEM-INFO cache job=%u stale block=%llu want-seq=%llu cached=%s disk=%s\n",
+               job, (unsigned long long)block, (unsigned long long)seq, cached, disk);
+        fflush(stdout);
+    }
+    posix_fadvise(cfd, off, WBLOCK, POSIX_FADV_DONTNEED);
+    return 1;
+}
+
+static int cache_job(const struct opts *o, unsigned job, uint64_t first, uint64_t count)
+{
+    int dfd = open(o->dev, O_RDWR | O_DIRECT), cfd = open(o->dev, O_RDONLY);
+    unsigned char *buf = alloc_buffer(WBLOCK), *got = alloc_buffer(WBLOCK);
+    uint64_t *last = calloc(count, sizeof(*last)), loads = 0, verified = 0, sweeps = 0;
+    uint64_t next = 0, x = XORSHIFT_SEED + job;
+    unsigned errors = 0, bad = 0, reports = 0;
+    if (dfd < 0 || cfd < 0 || !last)
+        return 1;
+    posix_fadvise(cfd, 0, 0, POSIX_FADV_RANDOM); /* one page per buffered read */
+    for (uint64_t seq = 1; !writer_stop; seq++) {
+        uint64_t i = xorshift64(&x) % count;
+        writer_block(buf, job, first + i, seq);
+        if (pwrite(dfd, buf, WBLOCK, (off_t)((first + i) * WBLOCK)) != WBLOCK) {
+            printf("VHOSTMEM-INFO cache job=%u write-error block=%llu errno=%d\n", job,
+                   (unsigned long long)(first + i), errno);
+            errors++;
+            last[i] = SEQ_UNKNOWN;
+            continue;
+        }
+        last[i] = seq;
+        /* The direct write dropped the block's cached page: this read is a request. */
+        bad += cache_check(cfd, dfd, job, first + i, seq, got, buf, &errors, &reports);
+        loads++;
+        for (unsigned k = 0; k < CACHE_SWEEP; k++, verified++) {
+            bad += cache_check(cfd, dfd, job, first + next, last[next], got, buf, &errors,
+                               &reports);
+            if (++next == count) {
+                next = 0;
+                sweeps++;
+            }
+        }
+        if (loads % CACHE_PROGRESS == 0) {
+            printf("VHOSTMEM-INFO cache job=%u loads=%llu sweeps=%llu verified=%llu "
+                   "mismatches=%u\n", job, (unsigned long long)loads,
+                   (unsigned long long)sweeps, (unsigned long long)verified, bad);
+            fflush(stdout);
+        }
+    }
+    for (uint64_t i = 0; i < count; i++, verified++)
+        bad += cache_check(cfd, dfd, job, first + i, last[i], got, buf, &errors, &reports);
+    for (uint64_t i = 0; i < count; i++, verified++)
+        bad += writer_check(dfd, job, first + i, last[i], got, buf, &errors);
+    printf("VHOSTMEM-TEST cache.job%u %s loads=%llu sweeps=%llu verified=%llu mismatches=%u "
+           "errors=%u\n", job, bad || errors || !loads ? "FAIL" : "PASS",
+           (unsigned long long)loads, (unsigned long long)sweeps, (unsigned long long)verified,
+           bad, errors);
+    fflush(stdout);
+    close(cfd);
+    close(dfd);
+    return bad || errors || !loads;
+}
+
+/* `writers` writer jobs then `caches` cache jobs, one slice each, until SIGTERM. */
+static int writer(const struct opts *o, unsigned writers, unsigned caches)
+{
+    unsigned jobs = writers + caches, failed = 0;
     uint64_t per = o->size / WBLOCK / (jobs ? jobs : 1);
     pid_t pids[MAX_WRITER_JOBS];
     if (jobs > MAX_WRITER_JOBS || per == 0)
@@ -567,7 +691,7 @@ static int writer(const struct opts *o)
     for (unsigned j = 0; j < jobs; j++) {
         pids[j] = fork();
         if (pids[j] == 0)
-            _exit(writer_job(o, j, j * per, per));
+            _exit(j < writers ? writer_job(o, j, j * per, per) : cache_job(o, j, j * per, per));
         if (pids[j] < 0)
             failed++;
     }
@@ -641,6 +765,7 @@ static int parse(int argc, char **argv, struct opts *o)
         else if (!strcmp(a, "--bench")) o->bench_seconds = (unsigned)num(argv[++i]);
         else if (!strcmp(a, "--bench-jobs")) o->bench_jobs = (unsigned)num(argv[++i]);
         else if (!strcmp(a, "--writer")) o->writer_jobs = (unsigned)num(argv[++i]);
+        else if (!strcmp(a, "--migrate-io")) o->migrate_jobs = (unsigned)num(argv[++i]);
         else if (!strcmp(a, "--queue-io")) o->queue_io_cpus = argv[++i];
         else if (!strcmp(a, "--queue-io-ops")) o->queue_io_ops = (unsigned)num(argv[++i]);
         else if (!strcmp(a, "--direct-writes")) o->direct_writes = (unsigned)num(argv[++i]);
@@ -676,6 +801,7 @@ int main(int argc, char **argv)
                         "[--readonly] [--discard OFF:LEN [--discard-zeroes]] [--zeroout OFF:LEN] "
                         "[--high-buffer] | --dev DEV --size BYTES --bench SECONDS "
                         "[--bench-jobs J] | --dev DEV --size BYTES --writer J | "
+                        "--dev DEV --size BYTES --migrate-io J | "
                         "--dev DEV --size BYTES --queue-io CPU[,CPU...] [--queue-io-ops N] | "
                         "--dev DEV --size BYTES --direct-writes N [--first-block B] [--job J]\n");
         return 2;
@@ -683,7 +809,9 @@ int main(int argc, char **argv)
     if (o.bench_seconds)
         return bench(&o);
     if (o.writer_jobs)
-        return writer(&o);
+        return writer(&o, o.writer_jobs, 0);
+    if (o.migrate_jobs)
+        return writer(&o, o.migrate_jobs, o.migrate_jobs);
     if (o.queue_io_cpus)
         return queue_io(&o);
     if (o.direct_writes)
