@@ -130,7 +130,14 @@ class Session(MemoryRequests, LogRequests):
         logs it and disconnects. The message's fds are owned by the session from here on: kept,
         or closed on every error path.
         """
-        handler = self._handlers.get(msg.request)  # type: ignore[call-overload]
+        if msg.is_reply or not isinstance(msg.request, FrontendRequest):
+            # Replies answer backend requests and travel on the backend channel
+            # (SET_BACKEND_REQ_FD), never here; the number names a BackendRequest, and looking
+            # it up among frontend handlers would run whichever request shares its value.
+            close_fds(msg.fds)
+            raise SessionError(f"{request_name(msg.request)}: a reply (flags {msg.flags:#x}) "
+                               "on the frontend request channel")
+        handler = self._handlers.get(msg.request)
         wants_ack = msg.need_reply and self._reply_ack_negotiated()
         try:
             if msg.invalid is not None:  # framed, but its payload or fds failed validation

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -444,3 +445,17 @@ def test_capture_replay(srv: ServerThread, capture: str) -> None:
     srv_conn_gone(ep)
     assert srv.call(srv.registry.chunks) == []
     assert fd_snapshot() == before
+
+
+# 2 and 9: the values of SET_FEATURES and SET_VRING_NUM among frontend requests.
+@pytest.mark.parametrize("number", [2, 9])
+def test_a_reply_from_the_frontend_disconnects_and_runs_nothing(
+        ep: Endpoint, number: int, caplog: pytest.LogCaptureFixture) -> None:
+    """A reply-flagged message on the request channel: no frontend handler runs for it (the old
+    code set features from it, or died in a handler with a traceback)."""
+    with negotiated(ep, protocol=0) as c:
+        c.send_raw(struct.pack("<IIIQ", number, 0x5, 8, 1 << 32))
+        assert_disconnected(c)
+    srv_conn_gone(ep)
+    assert "unexpected error" not in caplog.text and "a reply" in caplog.text, caplog.text
+    do_io(ep)
