@@ -9,6 +9,13 @@ p50/p99 latency, the backend process's CPU seconds per I/O (utime + stime from /
 all threads), and the load generator's own CPU use (``loadgen_cpu`` = CPU seconds per wall
 second; ``loadgen_saturated`` when it is near one full core, i.e. the numbers are a floor for the
 backend). Prints one JSON object (``--table`` adds a markdown table on stderr).
+
+``--log-all``: every backend also runs each case with dirty logging on, as during a live
+migration (SET_LOG_BASE with a log sized like QEMU's, VHOST_F_LOG_ALL, VHOST_VRING_F_LOG on
+the rings: the backend marks every page it writes); those runs are ``BACKEND+log`` in the same
+A B B A order, and ``ratio.log_cpu_per_io`` is logging-on CPU per I/O over logging-off. The log
+is not collected while the load runs (QEMU fetches it every few hundred ms; marking costs the
+same whether or not a bit was already set).
 """
 
 from __future__ import annotations
@@ -54,9 +61,13 @@ def make_image(storage: str, mib: int) -> str:
     return path
 
 
-def run_once(backend: str, image: str, rw: str, qd: int, queues: int,
+LOG_SUFFIX = "+log"
+
+
+def run_once(variant: str, image: str, rw: str, qd: int, queues: int,
              seconds: float, seed: int) -> dict[str, Any]:
     write = rw == "randwrite"
+    backend = variant.removesuffix(LOG_SUFFIX)
     with running(backend, image, queues) as (proc, sock), VhostUserBlk.open(
             sock, ram_size=ram_bytes_for(qd, queues, BLOCK), event_idx=True) as dev:
         capacity = dev.config()["capacity"]
@@ -65,6 +76,8 @@ def run_once(backend: str, image: str, rw: str, qd: int, queues: int,
             for i in range(queues):
                 qs.append(FastQueue(dev, i, qd, BLOCK, write,
                                     sector_table(capacity, BLOCK, seed + i)))
+            if variant.endswith(LOG_SUFFIX):
+                dev.set_logging(True)
             drive(qs, WARMUP_S)
             cpu0 = cpu_seconds(proc.pid)
             res = drive(qs, seconds)
@@ -102,7 +115,21 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run_case(images: dict[str, str], storage: str, rw: str, qd: int, queues: int,
-             seconds: float, rounds: int, backends: list[str]) -> dict[str, Any]:
+             seconds: float, rounds: int, backends: list[str],
+             log_all: bool = False) -> dict[str, Any]:
+    variants = backends + [b + LOG_SUFFIX for b in backends] if log_all else backends
+    case = _run_variants(images, storage, rw, qd, queues, seconds, rounds, variants)
+    for b in backends:
+        if b + LOG_SUFFIX in case:
+            on, off = case[b + LOG_SUFFIX], case[b]
+            case.setdefault("ratio", {})[f"{b}_log_cpu_per_io"] = round(
+                on["backend_cpu_us_per_io"] / off["backend_cpu_us_per_io"], 3)
+            case["ratio"][f"{b}_log_iops"] = round(on["iops"] / off["iops"], 3)
+    return case
+
+
+def _run_variants(images: dict[str, str], storage: str, rw: str, qd: int, queues: int,
+                  seconds: float, rounds: int, backends: list[str]) -> dict[str, Any]:
     runs: dict[str, list[dict[str, Any]]] = {b: [] for b in backends}
     for rnd in range(rounds):
         order = backends if rnd % 2 == 0 else backends[::-1]  # A B B A: no fixed position bias
@@ -147,6 +174,20 @@ def table(cases: list[dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
+def log_table(cases: list[dict[str, Any]], backends: list[str]) -> str:
+    rows = ["| storage | rw | qd | queues | backend | IOPS off/on | CPU us/IO off | CPU us/IO "
+            "LOG_ALL on | CPU ratio | p99 us off/on |", "|" + "---|" * 10]
+    for c in cases:
+        for b in backends:
+            off, on = c[b], c[b + LOG_SUFFIX]
+            rows.append(
+                f"| {c['storage']} | {c['rw']} | {c['qd']} | {c['queues']} | {b} | "
+                f"{off['iops']}/{on['iops']} | {off['backend_cpu_us_per_io']} | "
+                f"{on['backend_cpu_us_per_io']} | {c['ratio'][f'{b}_log_cpu_per_io']} | "
+                f"{off['p99_us']}/{on['p99_us']} |")
+    return "\n".join(rows)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a subset with short runs (CI)")
@@ -159,6 +200,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--backends", default=",".join(BACKENDS))
     ap.add_argument("--image-mib", type=int, default=IMAGE_MIB)
     ap.add_argument("--table", action="store_true", help="markdown table on stderr")
+    ap.add_argument("--log-all", action="store_true",
+                    help="also run every case with dirty logging on (live migration)")
     return ap.parse_args(argv)
 
 
@@ -188,7 +231,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                 for rw in p["rw"]:
                     for qd in p["qd"]:
                         cases.append(run_case(images, storage, rw, qd, queues, p["seconds"],
-                                              p["rounds"], backends))
+                                              p["rounds"], backends, args.log_all))
     finally:
         for path in images.values():
             os.unlink(path)
@@ -198,6 +241,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
            "wall_s": round(time.monotonic() - t0, 1)}
     if args.table and set(BACKENDS) <= set(backends):
         print(table(cases), file=sys.stderr)
+    if args.table and args.log_all:
+        print(log_table(cases, backends), file=sys.stderr)
     return out
 
 

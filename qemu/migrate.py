@@ -249,6 +249,9 @@ class MigrationConfig:
     max_bandwidth: int = 4 << 30  # bytes/s for a `migrate` step (QEMU 7.2's default: 128 MiB/s)
     slow_bandwidth: int = 16 * MIB  # `cancel` and `kill`: slow enough to land halfway
     halfway: float = 0.5  # cancel / kill once this share of RAM's first pass was sent
+    # Or once this many bytes were sent (None: by share). The share jumps while QEMU skips
+    # zero pages; a byte count keeps the time left after the action steady.
+    act_after_bytes: int | None = None
     downtime_limit_ms: int = 300  # QEMU's default
     reconnect: int = 1  # QEMU's redial period in seconds, on every chardev
     backend_down: float = 0.5  # seconds a killed backend stays dead
@@ -897,7 +900,8 @@ class _Run:
                 sent = 1 - ram.get("remaining", 0) / ram["total"]
                 if ram.get("dirty-sync-count", 0) > 1:
                     sent = 1.0  # past the first pass
-                if sent >= cfg.halfway:
+                if (sent >= cfg.halfway if cfg.act_after_bytes is None
+                        else int(ram.get("transferred", 0)) >= cfg.act_after_bytes):
                     acted = True
                     record.action_at = sent
                     if kind in (KILL, KILL_CANCEL):

@@ -99,6 +99,12 @@ class DirtyLog:
             self.marks += 1
         return True
 
+    def mark_all(self) -> None:
+        """Every page the log covers: bits only set, as in mark()."""
+        with self.lock:
+            self.mm[:] = bytes([FULL_BYTE]) * self.size
+            self.marks += 1
+
     def close(self) -> None:
         with contextlib.suppress(BufferError):
             self.mm.close()

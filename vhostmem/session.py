@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from protocol import FrontendRequest, Message, ProtocolFeature, encode_reply
+from protocol import FrontendRequest, Message, encode_reply
 from vhostmem.device import DeviceConfigError, VhostUserDevice
 from vhostmem.dirty_log import DirtyLog
 from vhostmem.eventfd import check_eventfd
@@ -78,6 +78,9 @@ class Session(MemoryRequests, LogRequests):
         self.dirty_log: DirtyLog | None = None  # SET_LOG_BASE (session_log.py)
         self.logging = False  # VHOST_F_LOG_ALL acked and applied to the rings
         self.log_fd = -1
+        # Came up with LOG_ALL in its first SET_FEATURES: a backend restarted mid-migration,
+        # which marks the whole log once (session_log.py, _catch_up).
+        self.log_catch_up = False
         self._handlers: dict[FrontendRequest, Callable[[Message], object]] = {
             FrontendRequest.GET_FEATURES: self._get_features,
             FrontendRequest.SET_FEATURES: self._set_features,
@@ -118,8 +121,16 @@ class Session(MemoryRequests, LogRequests):
     def offered_protocol_features(self) -> int:
         return BASE_PROTOCOL_FEATURES | self.device.protocol_features()
 
-    def _reply_ack_negotiated(self) -> bool:
-        return bool(self.state.protocol_features & (1 << ProtocolFeature.REPLY_ACK))
+    @staticmethod
+    def _acks(msg: Message) -> bool:
+        """Whether ``msg`` gets a REPLY_ACK status (vhost-user.rst, "REPLY_ACK"): whenever it
+        sets NEED_REPLY, negotiated or not. A frontend sets the flag only when it believes
+        REPLY_ACK negotiated and then blocks reading the status; QEMU 7.2 believes so on a
+        connection where it skipped negotiation (a destination reconnecting to a restarted
+        backend during a migration sends SET_FEATURES, SET_INFLIGHT_FD, ADD_MEM_REG with
+        NEED_REPLY first: docs/migration.md), and without an answer its main loop hangs.
+        libvhost-user and DPDK answer every NEED_REPLY the same way."""
+        return msg.need_reply
 
     def handle(self, msg: Message) -> list[Reply] | Deferred:
         """Apply one frontend message; return the replies to send, in order, or a
@@ -138,7 +149,7 @@ class Session(MemoryRequests, LogRequests):
             raise SessionError(f"{request_name(msg.request)}: a reply (flags {msg.flags:#x}) "
                                "on the frontend request channel")
         handler = self._handlers.get(msg.request)
-        wants_ack = msg.need_reply and self._reply_ack_negotiated()
+        wants_ack = self._acks(msg)
         try:
             if msg.invalid is not None:  # framed, but its payload or fds failed validation
                 raise SessionError(f"{request_name(msg.request)}: {msg.invalid}")
@@ -277,7 +288,7 @@ class Session(MemoryRequests, LogRequests):
             return None
         # Requests are in flight on I/O threads: reset (and answer) once they completed, so
         # that none of them lands in guest memory or in a ring restarted after the reset.
-        ack = msg.need_reply and self._reply_ack_negotiated()
+        ack = self._acks(msg)
 
         def finish() -> list[Reply]:
             self._reset_now()

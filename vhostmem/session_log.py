@@ -26,6 +26,7 @@ from vhostmem.session_base import (
     Deferred,
     Reply,
     SessionError,
+    SessionState,
     close_fd,
     take_fds,
 )
@@ -52,6 +53,8 @@ class LogRequests:
     dirty_log: DirtyLog | None
     logging: bool
     log_fd: int
+    log_catch_up: bool
+    state: SessionState
 
     def process_queue(self, i: int) -> None:
         raise NotImplementedError
@@ -59,7 +62,8 @@ class LogRequests:
     def idle(self) -> bool:
         raise NotImplementedError
 
-    def _reply_ack_negotiated(self) -> bool:
+    @staticmethod
+    def _acks(msg: Message) -> bool:
         raise NotImplementedError
 
     def _gpa_end(self) -> int:
@@ -80,6 +84,8 @@ class LogRequests:
         if old is not None:
             old.close()
         log.info("%s: dirty log of %d bytes attached", self.name, new.size)
+        if self.logging:
+            self._catch_up()
         return 0  # the u64 reply QEMU waits for before it relies on the log
 
     def _set_log_fd(self, msg: Message) -> None:
@@ -101,6 +107,8 @@ class LogRequests:
     def _switch_logging(self, msg: Message, acked: int) -> Deferred | None:
         """SET_FEATURES toggled VHOST_F_LOG_ALL: start or stop marking."""
         want = bool(acked & LOG_ALL_BIT)
+        if want and not self.state.features:
+            self.log_catch_up = True
         if want == self.logging:
             return None
         if not want:
@@ -117,7 +125,7 @@ class LogRequests:
             return None
         for vq in self.queues:
             vq.paused = True
-        ack = msg.need_reply and self._reply_ack_negotiated()
+        ack = self._acks(msg)
 
         def finish() -> list[Reply]:
             self._apply_logging(True)
@@ -135,15 +143,32 @@ class LogRequests:
         for vq in self.queues:
             vq.set_dirty_log(target)
         log.info("%s: dirty logging %s", self.name, "on" if on else "off")
+        if on:
+            self._catch_up()
         for i, vq in enumerate(self.queues):
             if vq.paused:
                 vq.paused = False
                 if vq.started and vq.enabled:
                     self.process_queue(i)
 
+    def _catch_up(self) -> None:
+        """A session whose first SET_FEATURES has LOG_ALL is QEMU reconnecting during a
+        migration, to a backend that replaced one that died. The dead one's marks since QEMU's
+        last sync may never be collected (QEMU 7.2 stops the vhost device before its final sync
+        of a disconnected one: docs/migration.md), so its writes could reach the destination
+        stale. Marking every page once makes QEMU send all guest memory again: one more pass,
+        and nothing the dead backend wrote is missed."""
+        if not self.log_catch_up or self.dirty_log is None or DEBUG_NO_MARKING:
+            return
+        self.log_catch_up = False
+        self.dirty_log.mark_all()
+        log.warning("%s: joined a migration with logging on: every page marked dirty (the "
+                    "previous backend's unsynced marks may be lost)", self.name)
+
     def drop_log(self) -> None:
         """Reset / disconnect: logging off, log unmapped, log fd closed."""
         self.logging = False
+        self.log_catch_up = False
         for vq in self.queues:
             vq.set_dirty_log(None)
         if self.dirty_log is not None:

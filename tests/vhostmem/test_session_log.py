@@ -264,3 +264,44 @@ def test_a_new_log_base_while_requests_are_in_flight_gets_their_pages() -> None:
         os.close(new)
     finally:
         env.close()
+
+
+def all_pages() -> set[int]:
+    return set(range(LOG_SIZE * 8))
+
+
+def test_a_backend_joining_a_migration_marks_every_page_once() -> None:
+    """QEMU reconnecting mid-migration to a restarted backend: LOG_ALL in the first
+    SET_FEATURES, then the log. The old backend's uncollected marks may be gone; all pages
+    are marked once, and after that only what the device writes."""
+    ram = GuestRam(size=8 << 20)
+    s = Session(Device(), MemRegistry(), Watcher())
+    log = log_fd(LOG_SIZE)
+    try:
+        send(s, FrontendRequest.SET_FEATURES, FEATURES | LOG_ALL_BIT)
+        send(s, FrontendRequest.SET_MEM_TABLE, {"regions": [{
+            "guest_phys_addr": ram.gpa, "memory_size": ram.size,
+            "userspace_addr": ram.uaddr, "mmap_offset": 0}]}, [os.dup(ram.fd)])
+        assert dirty_pages(os.pread(log, LOG_SIZE, 0)) == set()
+        send(s, FrontendRequest.SET_LOG_BASE, {"mmap_size": LOG_SIZE, "mmap_offset": 0},
+             [os.dup(log)])
+        assert dirty_pages(os.pread(log, LOG_SIZE, 0)) == all_pages()
+        os.pwrite(log, bytes(LOG_SIZE), 0)  # QEMU collects
+        send(s, FrontendRequest.SET_FEATURES, FEATURES | LOG_ALL_BIT)
+        send(s, FrontendRequest.SET_LOG_BASE, {"mmap_size": LOG_SIZE, "mmap_offset": 0},
+             [os.dup(log)])
+        assert dirty_pages(os.pread(log, LOG_SIZE, 0)) == set()  # once only
+    finally:
+        s.close()
+        os.close(log)
+        ram.close()
+
+
+def test_a_migration_started_on_a_running_session_marks_only_writes(env: Env) -> None:
+    env.set_log_base()
+    send(env.s, FrontendRequest.SET_FEATURES, FEATURES | LOG_ALL_BIT)
+    assert env.collect() == set()
+    buf = env.ram.alloc(PAGE, PAGE)
+    env.read_into(buf, PAGE)
+    env.s.on_kick(0)
+    assert pages(buf, PAGE) <= env.collect() != all_pages()
