@@ -28,12 +28,14 @@ import mmap
 import os
 import stat
 import threading
+from collections.abc import Iterable
 
 from vhostmem.guest_memory import shrink_sealed
 
 LOG_PAGE_SHIFT = 12  # VHOST_LOG_PAGE: 4 KiB per bit
 BITS_PER_BYTE_SHIFT = 3
 BYTE_PAGES = 1 << BITS_PER_BYTE_SHIFT
+BYTE_BIT_MASK = BYTE_PAGES - 1  # a page's bit within its byte
 FULL_BYTE = 0xFF
 # Largest log accepted: 2^48 bytes of guest memory at one bit per 4 KiB.
 MAX_LOG_SIZE = 1 << (48 - LOG_PAGE_SHIFT - BITS_PER_BYTE_SHIFT)
@@ -80,24 +82,32 @@ class DirtyLog:
     def mark(self, gpa: int, length: int) -> bool:
         """Mark the pages of guest [gpa, gpa + length) dirty; False if the range is not
         (wholly) inside the log, in which case nothing is marked."""
-        if length <= 0:
-            return True
-        first = gpa >> LOG_PAGE_SHIFT
-        last = (gpa + length - 1) >> LOG_PAGE_SHIFT
-        lo, hi = first >> BITS_PER_BYTE_SHIFT, last >> BITS_PER_BYTE_SHIFT
-        if gpa < 0 or hi >= self.size:
-            return False
-        mm = self.mm
+        return self.mark_ranges(((gpa, length),)) is None
+
+    def mark_ranges(self, ranges: Iterable[tuple[int, int]]) -> tuple[int, int] | None:
+        """Mark every (gpa, length) range under one lock (what one completion wrote). Returns
+        the last range not wholly inside the log (that one is not marked), else None."""
+        mm, size = self.mm, self.size
+        outside = None
         with self.lock:
-            if lo == hi:
-                mm[lo] |= _span_mask(first, last)
-            else:
-                mm[lo] |= _span_mask(first, (lo << BITS_PER_BYTE_SHIFT) + BYTE_PAGES - 1)
-                if hi - lo > 1:
-                    mm[lo + 1 : hi] = bytes([FULL_BYTE]) * (hi - lo - 1)
-                mm[hi] |= _span_mask(hi << BITS_PER_BYTE_SHIFT, last)
+            for gpa, length in ranges:
+                if length <= 0:
+                    continue
+                first = gpa >> LOG_PAGE_SHIFT
+                last = (gpa + length - 1) >> LOG_PAGE_SHIFT
+                lo, hi = first >> BITS_PER_BYTE_SHIFT, last >> BITS_PER_BYTE_SHIFT
+                if gpa < 0 or hi >= size:
+                    outside = (gpa, length)
+                elif lo == hi:  # the common case: a buffer within 8 pages' byte
+                    mm[lo] |= ((2 << (last & BYTE_BIT_MASK)) - 1) & ~(
+                        (1 << (first & BYTE_BIT_MASK)) - 1)
+                else:
+                    mm[lo] |= _span_mask(first, (lo << BITS_PER_BYTE_SHIFT) + BYTE_PAGES - 1)
+                    if hi - lo > 1:
+                        mm[lo + 1 : hi] = bytes([FULL_BYTE]) * (hi - lo - 1)
+                    mm[hi] |= _span_mask(hi << BITS_PER_BYTE_SHIFT, last)
             self.marks += 1
-        return True
+        return outside
 
     def mark_all(self) -> None:
         """Every page the log covers: bits only set, as in mark()."""
@@ -116,7 +126,7 @@ class DirtyLog:
 
 def _span_mask(first: int, last: int) -> int:
     """Bits of pages first..last, which lie in one byte."""
-    lo, hi = first & (BYTE_PAGES - 1), last & (BYTE_PAGES - 1)
+    lo, hi = first & BYTE_BIT_MASK, last & BYTE_BIT_MASK
     return ((1 << (hi + 1)) - 1) & ~((1 << lo) - 1)
 
 

@@ -257,10 +257,13 @@ class SplitRing(ChainWalker):
     def _log_completion(self, dirty: DirtyLog, head: int, pos: int) -> None:
         """Mark what completing ``head`` wrote into guest memory: every device-writable buffer
         of its chain (the walk recorded their ranges) and its used entry."""
-        for gpa, length in self._written.pop(head, ()):
-            if not dirty.mark(gpa, length):
-                self._log_outside(gpa, length)
-        self._log_used(USED_RING_OFFSET + USED_ELEM_SIZE * pos, USED_ELEM_SIZE)
+        ranges = self._written.pop(head, [])
+        used_gpa = self.log_used_gpa
+        if used_gpa is not None:
+            ranges.append((used_gpa + USED_RING_OFFSET + USED_ELEM_SIZE * pos, USED_ELEM_SIZE))
+        outside = dirty.mark_ranges(ranges)  # one lock for the whole completion
+        if outside is not None:
+            self._log_outside(*outside)
 
     def _log_used(self, offset: int, length: int) -> None:
         """Mark bytes of the used ring, when the frontend asked for it (VHOST_VRING_F_LOG,
