@@ -26,11 +26,10 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
-import stat
 import threading
 from collections.abc import Iterable
 
-from vhostmem.guest_memory import shrink_sealed
+from vhostmem.sealed_region import map_sealed
 
 LOG_PAGE_SHIFT = 12  # VHOST_LOG_PAGE: 4 KiB per bit
 BITS_PER_BYTE_SHIFT = 3
@@ -65,16 +64,18 @@ class DirtyLog:
     def attach(cls, fd: int, mmap_size: int, mmap_offset: int, gpa_end: int) -> DirtyLog:
         """Map a SET_LOG_BASE log covering guest memory up to ``gpa_end``. Takes ownership of
         ``fd``: it is closed on error."""
-        try:
-            _check(fd, mmap_size, mmap_offset, gpa_end)
-            mm = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
-                           offset=mmap_offset)
-        except (DirtyLogError, OSError, ValueError) as exc:
-            os.close(fd)
-            if isinstance(exc, DirtyLogError):
-                raise
-            raise DirtyLogError(f"dirty log: {exc}") from exc
-        return cls(fd, mm)
+
+        def check_size() -> None:
+            if not 0 < mmap_size <= MAX_LOG_SIZE:
+                raise DirtyLogError(f"mmap_size {mmap_size} not in 1..{MAX_LOG_SIZE}")
+            needed = log_bytes_for(gpa_end)
+            if mmap_size < needed:
+                raise DirtyLogError(
+                    f"mmap_size {mmap_size} is smaller than the {needed} bytes guest memory up "
+                    f"to {gpa_end:#x} needs")
+
+        return cls(fd, map_sealed(fd, mmap_size, mmap_offset, "dirty log", DirtyLogError,
+                                  check_size))
 
     def covers(self, gpa_end: int) -> bool:
         return log_bytes_for(gpa_end) <= self.size
@@ -128,26 +129,3 @@ def _span_mask(first: int, last: int) -> int:
     """Bits of pages first..last, which lie in one byte."""
     lo, hi = first & BYTE_BIT_MASK, last & BYTE_BIT_MASK
     return ((1 << (hi + 1)) - 1) & ~((1 << lo) - 1)
-
-
-def _check(fd: int, mmap_size: int, mmap_offset: int, gpa_end: int) -> None:
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        raise DirtyLogError("log fd is not a memory file (memfd or regular file)")
-    if mmap_offset % mmap.PAGESIZE:
-        raise DirtyLogError(f"mmap_offset {mmap_offset} is not a multiple of {mmap.PAGESIZE}")
-    if not 0 < mmap_size <= MAX_LOG_SIZE:
-        raise DirtyLogError(f"mmap_size {mmap_size} not in 1..{MAX_LOG_SIZE}")
-    needed = log_bytes_for(gpa_end)
-    if mmap_size < needed:
-        raise DirtyLogError(
-            f"mmap_size {mmap_size} is smaller than the {needed} bytes guest memory up to "
-            f"{gpa_end:#x} needs")
-    if mmap_offset + mmap_size > st.st_size:
-        raise DirtyLogError(
-            f"mmap_offset {mmap_offset} + mmap_size {mmap_size} exceeds the fd's size "
-            f"{st.st_size}")
-    # QEMU allocates the log as a memfd sealed against shrinking (qemu_memfd_alloc); a log
-    # that could be truncated under the mapping would kill the process with SIGBUS.
-    if not shrink_sealed(fd):
-        raise DirtyLogError("log fd is not a memfd sealed against shrinking (F_SEAL_SHRINK)")

@@ -44,13 +44,12 @@ import fcntl
 import logging
 import mmap
 import os
-import stat
 import struct
 import threading
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from vhostmem.guest_memory import shrink_sealed
+from vhostmem.sealed_region import map_sealed
 
 log = logging.getLogger(__name__)
 
@@ -148,14 +147,17 @@ class InflightRegion:
         """Map a SET_INFLIGHT_FD region. Takes ownership of ``fd``: it is closed on error."""
         try:
             _check_shape(num_queues, queue_size, max_queues)
-            _check_file(fd, mmap_size, mmap_offset, region_size(num_queues, queue_size))
-            mm = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
-                           offset=mmap_offset)
-        except (InflightError, OSError, ValueError) as exc:
+        except InflightError:
             os.close(fd)
-            if isinstance(exc, InflightError):
-                raise
-            raise InflightError(f"inflight region: {exc}") from exc
+            raise
+        needed = region_size(num_queues, queue_size)
+
+        def check_size() -> None:
+            if mmap_size < needed:
+                raise InflightError(
+                    f"mmap_size {mmap_size} is smaller than the {needed} bytes the queues need")
+
+        mm = map_sealed(fd, mmap_size, mmap_offset, "inflight", InflightError, check_size)
         region = cls(fd, mm, num_queues, queue_size)
         stride = queue_region_size(queue_size)
         for i in range(num_queues):
@@ -219,28 +221,6 @@ class InflightRegion:
             with contextlib.suppress(OSError):
                 os.close(self.fd)
             self.fd = -1
-
-
-def _check_file(fd: int, mmap_size: int, mmap_offset: int, needed: int) -> None:
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        raise InflightError("inflight fd is not a memory file (memfd or regular file)")
-    if mmap_offset % mmap.PAGESIZE:
-        raise InflightError(f"mmap_offset {mmap_offset} is not a multiple of {mmap.PAGESIZE}")
-    if mmap_size < needed:
-        raise InflightError(
-            f"mmap_size {mmap_size} is smaller than the {needed} bytes the queues need"
-        )
-    if mmap_offset + mmap_size > st.st_size:
-        raise InflightError(
-            f"mmap_offset {mmap_offset} + mmap_size {mmap_size} exceeds the fd's size "
-            f"{st.st_size}"
-        )
-    # Every backend hands out this region as a memfd sealed against shrinking (we do, and so
-    # does libvhost-user); QEMU only passes it back. An unsealed fd could be truncated under
-    # the mapping, and the next touch would kill the process with SIGBUS.
-    if not shrink_sealed(fd):
-        raise InflightError("inflight fd is not a memfd sealed against shrinking (F_SEAL_SHRINK)")
 
 
 class InflightQueue:
