@@ -194,18 +194,32 @@ class Virtqueue(SplitRing):
                 raise VirtqueueError(
                     f"queue {self.index}: {what} address {gpa:#x} is not {align}-byte aligned"
                 )
+        log_used = None
+        if frontend_addr is not None and frontend_addr[0] & VHOST_VRING_F_LOG:
+            log_used = frontend_addr[4]  # log_guest_addr: a guest physical address
+            self._check_log_addr(log_used)
         addr = (desc_gpa, avail_gpa, used_gpa)
         views = self._resolve(addr) if self.num else None
         self._addr = addr
         self.frontend_addr = frontend_addr
-        log_used = None
-        if frontend_addr is not None and frontend_addr[0] & VHOST_VRING_F_LOG:
-            log_used = frontend_addr[4]  # log_guest_addr: a guest physical address
         self.log_used_gpa = log_used
         if views is not None:
             self._install(views)  # swaps the views in one step: completions never miss them
         else:
             self.unmap()
+
+    def _check_log_addr(self, gpa: int) -> None:
+        """log_guest_addr names where the used ring is in guest-physical memory (QEMU sends
+        the used ring's address): a range outside guest memory is a frontend error, refused
+        here rather than reported at every completion."""
+        length = self.ring_sizes()[2] if self.num else 1
+        try:
+            for view in self.mem.translate(gpa, length):
+                view.release()  # only the check was wanted: pin no mapping
+        except GuestMemoryError as exc:
+            raise VirtqueueError(
+                f"queue {self.index}: log_guest_addr {gpa:#x} (VHOST_VRING_F_LOG) is not in "
+                f"guest memory: {exc}") from None
 
     def set_base(self, base: int) -> None:
         self._last_avail = self._avail_seen = base & IDX_MASK

@@ -36,6 +36,7 @@ from tests.hostile.wire import (
     config,
     hugetlb_beyond_pool,
     inflight,
+    log_base,
     mem_table,
     message,
     region,
@@ -56,6 +57,10 @@ GOOD_REGION = region(0, 2 * MiB, UADDR, 0)
 EVENTFD = Fds(["eventfd"])
 MEMFD = Fds(["memfd"])
 HUGE = hugetlb_beyond_pool()
+SEALED_LOG = Fds(["sealed-memfd"], memfd_size=4096)  # a log for 128 MiB of guest memory
+VRING_F_LOG = 1  # SET_VRING_ADDR flags: log used ring writes at log_guest_addr
+# VERSION_1 | PROTOCOL_FEATURES | VHOST_F_LOG_ALL (virtio bit 26)
+LOG_ALL_FEATURES = 1 << 32 | PROTOCOL_FEATURES_BIT | 1 << 26
 NACK = "nack"
 HANGUP = "hangup"
 EMPTY = "empty reply"
@@ -210,6 +215,31 @@ CASES: dict[str, tuple[list[Step], str]] = {
     "set-inflight-fd-valid": (
         [(inflight(R.SET_INFLIGHT_FD, 4096, 2, 64), Fds(["sealed-memfd"], memfd_size=4096)),
          *ring0()], "ok"),
+    # Dirty logging (live migration). SET_LOG_BASE has its own reply and no error form: a
+    # refused log is a disconnect (QEMU must not migrate believing we log).
+    "log-base-smaller-than-memory": ([memory(), (log_base(8), SEALED_LOG)], HANGUP),
+    "log-base-unsealed": ([memory(), (log_base(4096), Fds(["memfd"], memfd_size=4096))],
+                          HANGUP),
+    "log-base-eventfd": ([memory(), (log_base(4096), EVENTFD)], HANGUP),
+    "log-base-without-fd": ([memory(), (log_base(4096), None)], HANGUP),
+    "log-base-offset-unaligned": ([memory(), (log_base(4096, 100), SEALED_LOG)], HANGUP),
+    "log-base-beyond-fd": ([memory(), (log_base(4096, 4096), SEALED_LOG)], HANGUP),
+    "log-base-size-2-to-the-63": ([memory(), (log_base(1 << 63), SEALED_LOG)], HANGUP),
+    "log-all-then-memory-beyond-the-log": (
+        [(log_base(8), SEALED_LOG), (u64(R.SET_FEATURES, LOG_ALL_FEATURES), None),
+         (single_region(R.ADD_MEM_REG, region(0, 4 * MiB, UADDR, 0)), MEMFD)], NACK),
+    "vring-addr-log-outside-memory": (
+        [memory(), (vring_state(R.SET_VRING_NUM, 0, 64), None),
+         (vring_addr(0, UADDR, UADDR + 0x1000, UADDR + 0x800, flags=VRING_F_LOG,
+                     log=2**64 - 0x100), None)], NACK),
+    "vring-addr-log-past-memory-end": (
+        [memory(), (vring_state(R.SET_VRING_NUM, 0, 64), None),
+         (vring_addr(0, UADDR, UADDR + 0x1000, UADDR + 0x800, flags=VRING_F_LOG,
+                     log=2 * MiB - 0x10), None)], NACK),
+    "vring-addr-log-valid": (
+        [memory(), (log_base(4096), SEALED_LOG), (vring_state(R.SET_VRING_NUM, 0, 64), None),
+         (vring_addr(0, UADDR, UADDR + 0x1000, UADDR + 0x800, flags=VRING_F_LOG,
+                     log=0x800), None)], "ok"),
     "backend-req-fd-twice": ([(message(R.SET_BACKEND_REQ_FD), EVENTFD),
                               (message(R.SET_BACKEND_REQ_FD), EVENTFD),
                               (message(R.SET_BACKEND_REQ_FD), None)], NACK),

@@ -46,8 +46,14 @@ def vring_state(request: int, index: int, num: int) -> bytes:
     return message(request, VRING_STATE.pack(index, num))
 
 
-def vring_addr(index: int, desc: int, used: int, avail: int, flags: int = 0) -> bytes:
-    return message(R.SET_VRING_ADDR, VRING_ADDR.pack(index, flags, desc, used, avail, 0))
+def vring_addr(index: int, desc: int, used: int, avail: int, flags: int = 0,
+               log: int = 0) -> bytes:
+    return message(R.SET_VRING_ADDR, VRING_ADDR.pack(index, flags, desc, used, avail, log))
+
+
+def log_base(mmap_size: int, mmap_offset: int = 0) -> bytes:
+    """SET_LOG_BASE (LOG_SHMFD): its own u64 reply, no REPLY_ACK, so no NEED_REPLY."""
+    return message(R.SET_LOG_BASE, struct.pack("<QQ", mmap_size, mmap_offset), flags=VERSION)
 
 
 def vring_file(request: int, index: int, nofd: bool = False) -> bytes:
