@@ -390,3 +390,24 @@ def test_an_unreachable_notify_socket_does_not_stop_the_service(tmp_path: Path) 
     finally:
         log = stop(proc)
     assert "sd_notify ('READY=1'" in log and "failed" in log
+
+
+def test_activation_wrapper_then_vhostmem_blk_without_a_socket_option(tmp_path: Path) -> None:
+    """The one-command socket unit of tests/vhostmem/activation.py (the QEMU test's backend):
+    the socket exists before vhostmem-blk runs, which takes it from LISTEN_FDS with neither
+    --socket-path nor --fd, and a frontend that connected early is served."""
+    path = tmp_path / "early.sock"
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "tests" / "vhostmem" / "activation.py"), "--listen",
+         str(path), "--name", "disk0", "--", *BLK, f"--blk-file={image}"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for_socket(path, proc)
+        roundtrip(path, 9, b"e")
+    finally:
+        log = stop(proc)
+    assert "(inherited fd 3)" in log
+    assert image.read_bytes()[9 * SECTOR : 10 * SECTOR] == b"e" * SECTOR
+    assert path.exists()  # the wrapper (the socket unit) owns the file
