@@ -11,6 +11,11 @@ Several devices: repeat ``--blk`` with comma-separated ``key=value`` settings::
 
 With no device option, ``vhostmem serve`` serves a 1 GiB RAM disk on ./vhostmem.sock and prints
 the QEMU command line that attaches a VM to it.
+
+Started by a launcher: ``--fd N`` / ``fd=N`` serve an inherited listening socket, systemd socket
+activation is honoured (``vhostmem.launch``), ``--print-capabilities`` prints the vhost-user.rst
+capabilities JSON. SIGTERM/SIGINT drain and exit 0, SIGHUP reopens ``--log-file``
+(``vhostmem.lifecycle``).
 """
 
 from __future__ import annotations
@@ -19,12 +24,21 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from vhostmem.devices.blk import BlkDevice
 from vhostmem.devices.blk_backend import BlkBackend, open_image, ram_disk
+from vhostmem.launch import (
+    InheritedSocket,
+    Notifier,
+    assign_inherited,
+    capabilities_json,
+    systemd_sockets,
+    wants_capabilities,
+)
+from vhostmem.lifecycle import Lifecycle, ReopenableFileHandler, configure_logging
 from vhostmem.memmap import MemRegistry
 from vhostmem.server import DEFAULT_SOCKET_MODE, EndpointConfig, Server, new_event_loop
 
@@ -38,7 +52,7 @@ TRUE_WORDS = {"on", "yes", "true", "1"}
 FALSE_WORDS = {"off", "no", "false", "0"}
 SOCKET_MODE_BITS = 0o777
 BLK_KEYS = {"socket", "client", "disk", "ram", "readonly", "num-queues", "serial", "io-mode",
-            "share"}
+            "share", "fd", "fdname"}
 # inline: requests are served on the event loop (fastest on RAM and page cache);
 # thread: file I/O runs on a thread pool so a slow disk cannot stall the control plane.
 IO_MODES = ("inline", "thread")
@@ -61,10 +75,23 @@ class BlkSpec:
     # Devices naming the same share serve one disk (a RAM disk, too); so do devices given the
     # same disk file. Only one frontend at a time may run rings on it (live migration).
     share: str | None = None
+    # An inherited listening socket (fd=N, --fd N, or one systemd passed: vhostmem.launch).
+    fd: int | None = None
+    fdname: str | None = None  # the systemd socket of this LISTEN_FDNAMES name
+    fd_path: str | None = None  # the path the inherited socket is bound to, if any
+    fd_option: str = "--fd"  # how the fd was given, for errors
 
     @property
     def path(self) -> str:
+        if self.fd is not None:
+            return self.fd_path or f"fd{self.fd}"
+        if self.fdname is not None:
+            return f"fdname={self.fdname}"
         return self.client or self.socket or DEFAULT_SOCKET
+
+    def names_no_socket(self) -> bool:
+        return self.socket is None and self.client is None and self.fd is None \
+            and self.fdname is None
 
 
 def parse_size(text: str) -> int:
@@ -109,14 +136,23 @@ def parse_num_queues(text: str) -> int:
     return int(text)
 
 
+def parse_fd(text: str, option: str) -> int:
+    if not text.isdigit():
+        raise UsageError(f"{option} {text!r}: expected a file descriptor number")
+    return int(text)
+
+
 def parse_blk_spec(text: str) -> BlkSpec:
     spec = BlkSpec()
     for item in filter(None, text.split(",")):
         key, sep, value = item.partition("=")
         if not sep or key not in BLK_KEYS:
             raise UsageError(f"--blk {text!r}: unknown setting {item!r} (keys: {sorted(BLK_KEYS)})")
-        if key in ("socket", "client", "disk", "serial", "share"):
+        if key in ("socket", "client", "disk", "serial", "share", "fdname"):
             setattr(spec, key, value)
+        elif key == "fd":
+            spec.fd_option = f"--blk {text!r}: fd={value}"
+            spec.fd = parse_fd(value, f"--blk {text!r}: fd=")
         elif key == "ram":
             spec.ram = parse_size(value)
         elif key == "readonly":
@@ -131,6 +167,11 @@ def parse_blk_spec(text: str) -> BlkSpec:
 def check_spec(spec: BlkSpec, where: str) -> BlkSpec:
     if spec.socket and spec.client:
         raise UsageError(f"{where}: give socket or client, not both")
+    given = [key for key, value in (("socket", spec.socket), ("client", spec.client),
+                                    ("fd", spec.fd), ("fdname", spec.fdname)) if value is not None]
+    if len(given) > 1:
+        raise UsageError(f"{where}: give one of socket, client, fd or fdname, not "
+                         f"{' and '.join(given)}")
     if spec.disk and spec.ram:
         raise UsageError(f"{where}: give disk or ram, not both")
     if spec.ram is None and spec.disk is None and spec.share is None:
@@ -153,7 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     where = serve.add_mutually_exclusive_group()
-    where.add_argument("--socket", help="listen on this Unix socket (default ./vhostmem.sock)")
+    where.add_argument("--socket", "--socket-path", dest="socket",
+                       help="listen on this Unix socket (default ./vhostmem.sock)")
+    where.add_argument("--fd", metavar="FDNUM", help="serve this inherited listening socket")
     where.add_argument("--client", help="connect to a frontend listening on this socket")
     what = serve.add_mutually_exclusive_group()
     what.add_argument("--disk", help="raw image file to serve")
@@ -189,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    serve.add_argument("--log-file", metavar="PATH", help="log here (reopened on SIGHUP)")
+    serve.add_argument("--print-capabilities", action="store_true",
+                       help="print the vhost-user backend capabilities (JSON) and exit")
     return parser
 
 
@@ -198,6 +244,7 @@ def specs_from_args(args: argparse.Namespace) -> list[BlkSpec]:
         for option, given in (
             ("--socket", args.socket),
             ("--client", args.client),
+            ("--fd", args.fd is not None),
             ("--disk", args.disk),
             ("--ram-size", args.ram_size),
             ("--readonly", args.readonly),
@@ -219,6 +266,8 @@ def specs_from_args(args: argparse.Namespace) -> list[BlkSpec]:
         spec = BlkSpec(
             socket=args.socket,
             client=args.client,
+            fd=None if args.fd is None else parse_fd(args.fd, "--fd"),
+            fd_option=f"--fd {args.fd}",
             disk=args.disk,
             ram=parse_size(args.ram_size) if args.ram_size else None,
             readonly=args.readonly,
@@ -227,10 +276,15 @@ def specs_from_args(args: argparse.Namespace) -> list[BlkSpec]:
             io_mode=parse_io_mode(args.io_mode or BlkSpec.io_mode),
         )
         specs = [check_spec(spec, "serve")]
+    # Devices naming no socket may still get one each from systemd (checked again then).
+    check_distinct_paths([spec for spec in specs if not spec.names_no_socket()])
+    return specs
+
+
+def check_distinct_paths(specs: list[BlkSpec]) -> None:
     paths = [spec.path for spec in specs]
     if len(set(paths)) != len(paths):
         raise UsageError(f"two devices on the same socket: {paths}")
-    return specs
 
 
 def make_device(spec: BlkSpec, shared: dict[str, tuple[BlkSpec, BlkBackend]] | None = None
@@ -291,13 +345,34 @@ def qemu_command(spec: BlkSpec) -> str:
 
 
 def serve(args: argparse.Namespace) -> int:
+    handler = setup_logging(args)
     specs = specs_from_args(args)
+    return serve_specs(specs, args, systemd_sockets(), handler)
+
+
+def setup_logging(args: argparse.Namespace) -> ReopenableFileHandler | None:
+    level = logging.getLevelName(args.log_level.upper())
+    if not isinstance(level, int):
+        raise UsageError(f"--log-level {args.log_level!r}: expected DEBUG, INFO, WARNING or "
+                         "ERROR")
+    return configure_logging(level, args.log_file)
+
+
+def serve_specs(specs: list[BlkSpec], args: argparse.Namespace,
+                inherited: list[InheritedSocket],
+                log_handler: ReopenableFileHandler | None) -> int:
+    """Serve ``specs`` until a stop signal; ``args`` gives the socket and memory options."""
+    assign_inherited(specs, inherited)
+    check_distinct_paths(specs)
     mode = parse_socket_mode(args.socket_mode)
+    notifier = Notifier()
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
     server = Server(loop, MemRegistry())
     devices: list[BlkDevice] = []
     shared: dict[str, tuple[BlkSpec, BlkBackend]] = {}
+    lifecycle = Lifecycle(loop, server, notifier, log_handler)
+    lifecycle.install_signals()
     try:
         for spec in specs:
             device = make_device(spec, shared)
@@ -308,6 +383,7 @@ def serve(args: argparse.Namespace) -> int:
                 socket_mode=mode,
                 socket_group=args.socket_group,
                 require_sealed_memory=args.require_sealed_memory,
+                fd=spec.fd,
             )
             server.add(device, config)
             print(
@@ -316,42 +392,43 @@ def serve(args: argparse.Namespace) -> int:
                 "`make vm` boots a small test guest on ./vhostmem.sock)",
                 flush=True,
             )
-        stop = asyncio.Event()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
-        loop.run_until_complete(stop.wait())
-        log.info("shutting down")
+        lifecycle.run()
     finally:
+        restore = lifecycle.closing()
         server.close()
         for device in devices:
             device.close()  # joins I/O threads, makes the image durable and closes it
         loop.close()
+        if lifecycle.stop_signal is not None:
+            log.info("stopped: images flushed, sockets closed")
+        restore()
     return 0
 
 
+def report_errors(prog: str, run: Callable[[], int]) -> int:
+    """Run ``run``; a usage error exits 2 and a path, disk or system error 1, each with one
+    line on stderr naming what was wrong."""
+    try:
+        return run()
+    except (UsageError, ValueError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"] and wants_capabilities(argv):
+        print(capabilities_json())  # every other argument ignored (vhost-user.rst)
+        return 0
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
-    level = logging.getLevelName(args.log_level.upper())
-    if not isinstance(level, int):
-        print(f"vhostmem: error: --log-level {args.log_level!r}: expected DEBUG, INFO, "
-              "WARNING or ERROR", file=sys.stderr)
-        return 2
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    try:
-        return serve(args)
-    except (UsageError, ValueError) as exc:
-        print(f"vhostmem: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"vhostmem: error: {exc}", file=sys.stderr)
-        return 1
+    return report_errors("vhostmem", lambda: serve(args))
 
 
 if __name__ == "__main__":

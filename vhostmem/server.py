@@ -27,7 +27,7 @@ from vhostmem.device import VhostUserDevice
 from vhostmem.memmap import MemRegistry
 from vhostmem.session import Session
 from vhostmem.session_base import Deferred
-from vhostmem.sockets import bind_unix_socket, peer_credentials
+from vhostmem.sockets import adopt_listening_socket, bind_unix_socket, peer_credentials
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,9 @@ class EndpointConfig:
     socket_group: str | None = None
     # Refuse guest memory fds not sealed against shrinking (a truncation would SIGBUS us).
     require_sealed_memory: bool = False
+    # An inherited listening socket to serve instead of binding ``path`` (``--fd``, systemd
+    # socket activation); its file belongs to whoever created it and is never unlinked.
+    fd: int | None = None
 
 
 class LoopKickWatcher:
@@ -295,6 +298,7 @@ class Endpoint:
         self.connections_served = 0
         self._client_task: asyncio.Task[None] | None = None
         self._closing = False
+        self._owns_path = False  # we created the socket file, so we unlink it
         self.draining = False  # a frontend left with requests in flight; not serving yet
 
     # ---------------------------------------------------------------- listen mode
@@ -303,12 +307,17 @@ class Endpoint:
         if self.config.client:
             self._client_task = self.loop.create_task(self._client_loop())
             return
-        self.listener = bind_unix_socket(
-            self.config.path, self.config.socket_mode, self.config.socket_group
-        )
+        if self.config.fd is not None:
+            self.listener = adopt_listening_socket(self.config.fd, f"fd {self.config.fd}")
+        else:
+            self.listener = bind_unix_socket(
+                self.config.path, self.config.socket_mode, self.config.socket_group
+            )
+            self._owns_path = True
         self.listener.setblocking(False)
         self.loop.add_reader(self.listener.fileno(), self._on_accept)
-        log.info("%s: listening on %s", self.name, self.config.path)
+        inherited = "" if self.config.fd is None else f" (inherited fd {self.config.fd})"
+        log.info("%s: listening on %s%s", self.name, self.config.path, inherited)
 
     def _on_accept(self) -> None:
         assert self.listener is not None
@@ -405,18 +414,37 @@ class Endpoint:
 
     # ------------------------------------------------------------------ teardown
 
-    def close(self) -> None:
-        self._closing = True
+    def stop_accepting(self) -> None:
+        """Take no new frontend (shutdown): the listening socket is closed and its file
+        removed if we created it (an inherited one stays: its owner, e.g. systemd, keeps
+        listening on it); a client endpoint stops (re)connecting."""
         if self._client_task is not None:
             self._client_task.cancel()
-        if self.connection is not None:
-            self.connection.close()
+            self._client_task = None
         if self.listener is not None:
             self.loop.remove_reader(self.listener.fileno())
             self.listener.close()
             self.listener = None
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.config.path)
+            if self._owns_path:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.config.path)
+
+    def quiesce(self) -> None:
+        """Stop popping requests (shutdown); those already on I/O threads still complete into
+        the used ring and are signalled. :meth:`idle` says when none is left."""
+        try:
+            self.session.stop_rings()
+        except Exception:
+            log.exception("%s: error while stopping the rings", self.name)
+
+    def idle(self) -> bool:
+        return self.session.idle()
+
+    def close(self) -> None:
+        self._closing = True
+        self.stop_accepting()
+        if self.connection is not None:
+            self.connection.close()
         self.session.close()
 
 
@@ -448,6 +476,18 @@ class Server:
         endpoint.start()
         self.endpoints.append(endpoint)
         return endpoint
+
+    def stop_accepting(self) -> None:
+        for endpoint in self.endpoints:
+            endpoint.stop_accepting()
+
+    def quiesce(self) -> None:
+        for endpoint in self.endpoints:
+            endpoint.quiesce()
+
+    def idle(self) -> bool:
+        """Whether no request of any endpoint is in flight on an I/O thread."""
+        return all(endpoint.idle() for endpoint in self.endpoints)
 
     def close(self) -> None:
         for endpoint in self.endpoints:

@@ -10,7 +10,8 @@ import socket
 import stat
 import struct
 
-__all__ = ["bind_unix_socket", "group_id", "peer_credentials"]
+__all__ = ["adopt_listening_socket", "bind_unix_socket", "bound_path", "check_listening_fd",
+           "group_id", "peer_credentials"]
 
 # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
 UCRED = struct.Struct("3i")
@@ -86,3 +87,53 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, UCRED.size)
     pid, uid, gid = UCRED.unpack(raw)
     return pid, uid, gid
+
+
+def check_listening_fd(fd: int, what: str) -> str | None:
+    """Check that ``fd`` is a listening AF_UNIX SOCK_STREAM socket (an inherited ``--fd``,
+    vhost-user.rst "Backend program conventions", or a systemd socket); returns the path it
+    is bound to (None: abstract or unbound). ValueError naming ``what`` otherwise; the fd is
+    left as it was either way."""
+    try:
+        st = os.fstat(fd)
+    except OSError as exc:
+        raise ValueError(f"{what}: not an open file descriptor ({exc.strerror})") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ValueError(f"{what}: not a socket (a listening Unix stream socket is expected)")
+    sock = socket.socket(fileno=fd)  # family and type are read from the fd
+    try:
+        problem = _listener_problem(sock)
+        path = bound_path(sock)
+    finally:
+        sock.detach()  # not ours yet: never closed here
+    if problem is not None:
+        raise ValueError(f"{what}: {problem} (a listening Unix stream socket is expected)")
+    return path
+
+
+def adopt_listening_socket(fd: int, what: str) -> socket.socket:
+    """Take over an inherited listening socket (checked as :func:`check_listening_fd` does).
+    Close-on-exec is set: systemd and most launchers hand fds over without it."""
+    check_listening_fd(fd, what)
+    sock = socket.socket(fileno=fd)
+    sock.set_inheritable(False)
+    return sock
+
+
+def _listener_problem(sock: socket.socket) -> str | None:
+    if sock.family != socket.AF_UNIX:
+        return f"a {sock.family.name} socket, not AF_UNIX"
+    kind = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+    if kind != socket.SOCK_STREAM:
+        return f"a {socket.SocketKind(kind).name} socket, not SOCK_STREAM"
+    if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        return "a socket that is not listening"
+    return None
+
+
+def bound_path(sock: socket.socket) -> str | None:
+    """The file system path a Unix socket is bound to (None: unbound or abstract)."""
+    name = sock.getsockname()
+    if isinstance(name, str) and name:
+        return name
+    return None

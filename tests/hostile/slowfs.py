@@ -7,7 +7,8 @@ no read is served from the page cache: every read of the slow zone is slow.
 Run as ``python -m tests.hostile.slowfs MOUNTPOINT [--delay S] [--slow-bytes N]`` (root, with
 /dev/fuse); it prints ``slow-read OFFSET SIZE`` on stdout when a slow read starts and
 ``slow-done OFFSET T`` just before it is answered (T: time.monotonic(), the clock all processes
-share), so a test knows its requests are really in flight, and when their data came.
+share), so a test knows its requests are really in flight, and when their data came; and
+``fsync D`` for each fsync (D: 1 for fdatasync) that reaches it.
 `SlowDisk` starts it as a subprocess and unmounts it again.
 """
 
@@ -82,6 +83,7 @@ def serve(mountpoint: str, delay: float, slow_bytes: int) -> None:
             return 0
 
         def fsync(self, path: str, datasync: int, fh: int) -> int:
+            say(f"fsync {datasync}")
             return 0
 
         def flush(self, path: str, fh: int) -> int:
@@ -107,6 +109,7 @@ class SlowDisk:
         self.started = 0
         self.done = 0
         self.done_at: list[float] = []  # CLOCK_MONOTONIC when each answer left the file system
+        self.fsyncs = 0  # fsync/fdatasync calls on the image that reached the file system
         self._reader = threading.Thread(target=self._read_events, daemon=True)
         self._reader.start()
         deadline = time.monotonic() + MOUNT_TIMEOUT
@@ -128,6 +131,8 @@ class SlowDisk:
                 elif line.startswith("slow-done "):
                     self.done += 1
                     self.done_at.append(float(line.split()[2]))
+                elif line.startswith("fsync "):
+                    self.fsyncs += 1
                 self._cond.notify_all()
 
     def wait_started(self, n: int, timeout: float) -> bool:
