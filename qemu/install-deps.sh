@@ -2,10 +2,12 @@
 # Installs the Debian packages the QEMU and qemu-storage-daemon tests need, when missing.
 # --dry-run: only print the packages that would be installed (one line, maybe empty).
 # $BUSYBOX (default /bin/busybox): the busybox to check, for tests of this script.
+# $LIBVIRTD (default /usr/sbin/libvirtd): the libvirtd to check, for tests of this script.
 set -euo pipefail
 dry_run=0
 [ "${1:-}" = --dry-run ] && dry_run=1
 busybox=${BUSYBOX:-/bin/busybox}
+libvirtd=${LIBVIRTD:-/usr/sbin/libvirtd}
 need=()
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v qemu-storage-daemon >/dev/null || need+=(qemu-system-common)
@@ -31,6 +33,21 @@ command -v strace >/dev/null || need+=(strace)
 # tests/hostile/slowfs.py: a FUSE file system with slow reads (fusepy, the `test` extra, loads
 # libfuse 2 with ctypes).
 [ -f /usr/lib/x86_64-linux-gnu/libfuse.so.2 ] || need+=(libfuse2)
+# tests/qemu/test_libvirt.py starts a private libvirtd itself (qemu/libvirt.py): the daemon,
+# its QEMU driver, virsh, and virt-xml-validate (a shell script around xmllint). libvirtd is
+# looked for where Debian puts it: /usr/sbin is not on every PATH.
+[ -x "$libvirtd" ] || need+=(libvirt-daemon)
+[ -f /usr/lib/x86_64-linux-gnu/libvirt/connection-driver/libvirt_driver_qemu.so ] \
+    || need+=(libvirt-daemon-driver-qemu)
+command -v virsh >/dev/null || need+=(libvirt-clients)
+command -v xmllint >/dev/null || need+=(libxml2-utils)
+# A root libvirtd's QEMU driver looks up the user libvirt-qemu when it starts, even when its
+# qemu.conf names another; libvirt-daemon-system creates it. Its systemd flavour would install
+# systemd as init, so where systemd is not running, the sysv flavour.
+if ! getent passwd libvirt-qemu >/dev/null; then
+    need+=(libvirt-daemon-system)
+    [ -d /run/systemd/system ] || need+=(libvirt-daemon-system-sysv)
+fi
 if [ "$dry_run" = 1 ]; then
     echo "${need[*]}"
 elif [ ${#need[@]} -gt 0 ]; then
