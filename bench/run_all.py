@@ -4,6 +4,8 @@
 
 Runs, each as its own process: bench/blk_bench.py (vhostmem vs qemu-storage-daemon through the
 Python load generator), bench/guest_bench.py (a real guest under QEMU on each backend),
+blk_bench.py --log-all (dirty logging on vs off), bench/migration_bench.py (live migration of a
+real guest on each backend),
 bench/memmap_bench.py (the memory map against SPDK's C figures) and bench/region_bench.py (a
 16 GiB memfd region registered end to end). ``--quick`` passes the short variants on.
 """
@@ -25,6 +27,11 @@ SUITES: dict[str, tuple[str, list[str], list[str]]] = {
     "blk": ("blk_bench.py", [], ["--quick"]),
     "guest": ("guest_bench.py", ["--seconds", "5", "--jobs", "1,4"],
               ["--seconds", "2", "--jobs", "1", "--rounds", "1"]),
+    # dirty logging on vs off (live migration), both backends
+    "blk-log": ("blk_bench.py", ["--log-all", "--storage", "shm", "--queues", "1"],
+                ["--quick", "--log-all", "--rw", "randread"]),
+    "migration": ("migration_bench.py", ["--rounds", "2"],
+                  ["--rounds", "1", "--switchovers", "1"]),
     "memmap": ("memmap_bench.py", [], []),
     "region": ("region_bench.py", [], ["--reps", "3"]),
 }
