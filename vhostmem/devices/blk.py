@@ -25,6 +25,7 @@ import logging
 import struct
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from time import monotonic_ns
 from typing import Any
 
 from vhostmem.device import (
@@ -284,33 +285,54 @@ class BlkDevice(VhostUserDevice):
             return
         pop = vq.pop
         push = vq.push_used
-        serve = self.serve
+        serve = self._serve
+        # Statistics: local ints per request, added to the queue once per turn
+        # (vhostmem/queue_stats.py; the cost is measured in bench/RESULTS.md).
+        started = monotonic_ns()
+        requests = into = taken = errors = 0
         while (chain := pop()) is not None:
-            push(chain.head, serve(chain))
+            used, wrote, took, status = serve(chain)
+            push(chain.head, used)
+            requests += 1
+            into += wrote
+            taken += took
+            if status:
+                errors += 1
         vq.notify()
+        if requests:
+            vq.account_turn(requests, into, taken, errors, started)
 
     def _dispatch(self, vq: Virtqueue, pool: ThreadPoolExecutor) -> None:
         """Thread mode: hand every available chain to the pool."""
+        started = monotonic_ns()  # one clock read per turn; each request is timed from it
         while (chain := vq.pop()) is not None:
             vq.hold()
-            pool.submit(self._serve_in_thread, vq, chain)
+            pool.submit(self._serve_in_thread, vq, chain, started)
 
-    def _serve_in_thread(self, vq: Virtqueue, chain: DescChain) -> None:
-        written = 0
+    def _serve_in_thread(self, vq: Virtqueue, chain: DescChain, started: int) -> None:
+        used = wrote = took = 0
+        status = VIRTIO_BLK_S_IOERR
         vq.begin()
         try:
-            written = self.serve(chain)
+            used, wrote, took, status = self._serve(chain)
         except Exception:  # a bug must not lose the completion: the driver would hang
             log.exception("blk request %d failed", chain.head)
         finally:
-            vq.complete(chain.head, written)
+            # Counted before the completion is published: whoever sees it also sees the count.
+            vq.account_request(wrote, took, status != VIRTIO_BLK_S_OK, started)
+            vq.complete(chain.head, used)
 
     def serve(self, chain: DescChain) -> int:
         """Execute one request; returns the used length (bytes written into the chain)."""
+        return self._serve(chain)[0]
+
+    def _serve(self, chain: DescChain) -> tuple[int, int, int, int]:
+        """Execute one request: (used length, data bytes written into the guest's buffers,
+        data bytes taken from them, status)."""
         writable = chain.writable
         if chain.writable_len == 0:
             log.warning("blk request %d has no status byte: completed empty", chain.head)
-            return 0
+            return 0, 0, 0, VIRTIO_BLK_S_IOERR
         last = writable[-1]
         if len(last) == 1:
             status = writable.pop()
@@ -318,23 +340,24 @@ class BlkDevice(VhostUserDevice):
             status = last[-1:]
             writable[-1] = last[:-1]
         try:
-            st, written = self._execute(chain, writable, chain.writable_len - 1)
+            st, written, taken = self._execute(chain, writable, chain.writable_len - 1)
         except OSError as exc:
             log.error("blk request %d: %s", chain.head, exc)
-            st, written = VIRTIO_BLK_S_IOERR, 0
+            st, written, taken = VIRTIO_BLK_S_IOERR, 0, 0
         except Exception:  # a bug must fail one request, not the connection
             log.exception("blk request %d: unexpected error", chain.head)
-            st, written = VIRTIO_BLK_S_IOERR, 0
+            st, written, taken = VIRTIO_BLK_S_IOERR, 0, 0
         status[0] = st
-        return written + 1
+        return written + 1, written, taken, st
 
     def _execute(
         self, chain: DescChain, data_out: list[memoryview], out_len: int
-    ) -> tuple[int, int]:
-        """(status, data bytes written) for one request."""
+    ) -> tuple[int, int, int]:
+        """(status, data bytes written into the chain, data bytes written to the disk) for
+        one request."""
         readable = chain.readable
         if chain.readable_len < REQ_HEADER.size:
-            return VIRTIO_BLK_S_IOERR, 0
+            return VIRTIO_BLK_S_IOERR, 0, 0
         first = readable[0]
         in_len = chain.readable_len - REQ_HEADER.size
         if len(first) == REQ_HEADER.size:
@@ -344,9 +367,9 @@ class BlkDevice(VhostUserDevice):
                 # _in_range inlined.
                 offset = sector << SECTOR_SHIFT
                 if out_len % SECTOR_SIZE or offset + out_len > self.disk_bytes:
-                    return VIRTIO_BLK_S_IOERR, 0
+                    return VIRTIO_BLK_S_IOERR, 0, 0
                 self.backend.readv(data_out, offset, out_len)
-                return VIRTIO_BLK_S_OK, out_len
+                return VIRTIO_BLK_S_OK, out_len, 0
             data_in = readable[1:]
         else:
             header, data_in = _split(readable, REQ_HEADER.size)
@@ -355,26 +378,26 @@ class BlkDevice(VhostUserDevice):
         # write) is a malformed request: fail it rather than silently move zero bytes.
         if rtype == VIRTIO_BLK_T_IN:
             if in_len or not self._in_range(sector, out_len):
-                return VIRTIO_BLK_S_IOERR, 0
+                return VIRTIO_BLK_S_IOERR, 0, 0
             self.backend.readv(data_out, sector << SECTOR_SHIFT, out_len)
-            return VIRTIO_BLK_S_OK, out_len
+            return VIRTIO_BLK_S_OK, out_len, 0
         if rtype == VIRTIO_BLK_T_OUT:
             if self.readonly or out_len or not self._in_range(sector, in_len):
-                return VIRTIO_BLK_S_IOERR, 0
+                return VIRTIO_BLK_S_IOERR, 0, 0
             self.backend.writev(data_in, sector << SECTOR_SHIFT, in_len)
-            return self._after_write(), 0
+            return self._after_write(), 0, in_len
         if rtype == VIRTIO_BLK_T_FLUSH:
             self.backend.flush()
-            return VIRTIO_BLK_S_OK, 0
+            return VIRTIO_BLK_S_OK, 0, 0
         if rtype == VIRTIO_BLK_T_GET_ID:
-            return VIRTIO_BLK_S_OK, _copy_into(data_out, self.serial)
+            return VIRTIO_BLK_S_OK, _copy_into(data_out, self.serial), 0
         if rtype in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES):
             # The length is checked before the segments are copied out of guest memory: a chain
             # of huge readable buffers must not turn into a huge allocation.
             if self.readonly or not _segment_bytes_ok(in_len):
-                return VIRTIO_BLK_S_IOERR, 0
-            return self._discard_write_zeroes(rtype, b"".join(data_in)), 0
-        return VIRTIO_BLK_S_UNSUPP, 0
+                return VIRTIO_BLK_S_IOERR, 0, 0
+            return self._discard_write_zeroes(rtype, b"".join(data_in)), 0, 0
+        return VIRTIO_BLK_S_UNSUPP, 0, 0
 
     def _in_range(self, sector: int, nbytes: int) -> bool:
         """Whole sectors, inside the disk."""
