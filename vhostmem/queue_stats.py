@@ -80,8 +80,9 @@ class QueueStats:
         with self._idle:
             self.stats_init()
 
-    def stats(self) -> dict[str, Any]:
-        """A snapshot (consistent with completions from I/O threads)."""
+    def stats(self, reset: bool = False) -> dict[str, Any]:
+        """A snapshot (consistent with completions from I/O threads); with ``reset`` the
+        counters restart from zero in the same step, so no request is counted twice or lost."""
         with self._idle:
             latency = list(self.stat_latency)
             snap: dict[str, Any] = {
@@ -93,6 +94,8 @@ class QueueStats:
                 "interrupts": self.stat_interrupts,
                 "in_flight": self.inflight,
             }
+            if reset:
+                self.stats_init()
         snap["latency_us"] = [
             {"from": low, "to": high, "count": count}
             for low, high, count in (
