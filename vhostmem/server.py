@@ -310,6 +310,28 @@ class Endpoint:
         self.loop.add_reader(self.listener.fileno(), self._on_accept)
         log.info("%s: listening on %s", self.name, self.config.path)
 
+    def adopt(self, listener: socket.socket) -> None:
+        """Serve frontends connecting to ``listener``, a socket already listening (its file,
+        if any, is not ours: it is left in place when the endpoint closes)."""
+        listener.setblocking(False)
+        self.listener = listener
+        self.loop.add_reader(listener.fileno(), self._on_accept)
+        log.info("%s: listening on fd %d", self.name, listener.fileno())
+
+    def stop_accepting(self) -> None:
+        """Take no new frontend: close the listening socket (removing its file) or stop
+        connecting (client mode). A connected frontend is served until it goes."""
+        if self._client_task is not None:
+            self._client_task.cancel()
+            self._client_task = None
+        if self.listener is not None:
+            self.loop.remove_reader(self.listener.fileno())
+            self.listener.close()
+            self.listener = None
+            if self.config.path and not self.config.client:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.config.path)
+
     def _on_accept(self) -> None:
         assert self.listener is not None
         try:
@@ -411,12 +433,7 @@ class Endpoint:
             self._client_task.cancel()
         if self.connection is not None:
             self.connection.close()
-        if self.listener is not None:
-            self.loop.remove_reader(self.listener.fileno())
-            self.listener.close()
-            self.listener = None
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.config.path)
+        self.stop_accepting()
         self.session.close()
 
 
@@ -443,11 +460,26 @@ class Server:
         self.registry = registry
         self.endpoints: list[Endpoint] = []
 
-    def add(self, device: VhostUserDevice, config: EndpointConfig) -> Endpoint:
-        endpoint = Endpoint(device, config, self.registry, self.loop)
-        endpoint.start()
+    def add(self, device: VhostUserDevice, config: EndpointConfig, *, name: str | None = None,
+            listener: socket.socket | None = None) -> Endpoint:
+        """Serve ``device``; on ``listener`` (a listening socket handed over, e.g. an inherited
+        fd) when given, else as ``config`` says."""
+        endpoint = Endpoint(device, config, self.registry, self.loop, name)
+        try:
+            if listener is not None:
+                endpoint.adopt(listener)
+            else:
+                endpoint.start()
+        except BaseException:
+            endpoint.session.close()  # its guest-memory map is registered in the registry
+            raise
         self.endpoints.append(endpoint)
         return endpoint
+
+    def remove(self, endpoint: Endpoint) -> None:
+        """Close one endpoint (the caller waited for its requests in flight: ``draining``)."""
+        endpoint.close()
+        self.endpoints.remove(endpoint)
 
     def close(self) -> None:
         for endpoint in self.endpoints:
