@@ -118,7 +118,7 @@ def test_device_del_safe_refuses_while_connected_and_hard_disconnects(tmp_path: 
     image.write_bytes(bytes(1 << 20))
     with Serve(tmp_path) as serve, serve.rpc() as rpc:
         rpc.call("version")
-        baseline = serve.fds()
+        baseline = serve.fd_summary()
         rpc.call("device_add", socket=str(path), disk=str(image), name="d", io_mode="thread")
         assert any(target == str(image) for target in serve.fds().values())
         with VhostUserBlk.open(str(path), ram_size=GUEST_RAM) as dev:
@@ -137,7 +137,7 @@ def test_device_del_safe_refuses_while_connected_and_hard_disconnects(tmp_path: 
                 dev.client.get_features()  # the frontend was disconnected
             done = {reqs.index(req): req.status for req in q.poll()}
         assert rpc.call("device_list") == []
-        wait_until(lambda: serve.fds() == baseline, "the device's fds to be closed")
+        wait_until(lambda: serve.fd_summary() == baseline, "the device's fds to be closed")
     data = image.read_bytes()
     assert data[7 * SECTOR : 9 * SECTOR] == b"h" * SECTOR + b"i" * SECTOR
     for i, status in done.items():  # what completed before the disconnect is on the disk
@@ -185,7 +185,7 @@ def test_add_errors_name_the_parameter_and_leave_nothing_open(tmp_path: Path) ->
     victim.write_text("keep")
     with Serve(tmp_path) as serve, serve.rpc() as rpc:
         rpc.call("version")
-        baseline = serve.fds()
+        baseline = serve.fd_summary()
         cases = [
             ({"socket": str(tmp_path / "x.sock"), "num_queues": "two"}, "num_queues"),
             ({"socket": str(tmp_path / "x.sock"), "num_queues": 17}, "num-queues='17'"),
@@ -220,7 +220,7 @@ def test_add_errors_name_the_parameter_and_leave_nothing_open(tmp_path: Path) ->
             rpc.call("device_del", name="nope", mode="gentle")
         assert exc.value.code == INVALID_PARAMS and "mode" in exc.value.message
         assert rpc.call("device_list") == []
-        assert serve.fds() == baseline
+        assert serve.fd_summary() == baseline
     assert victim.read_text() == "keep"
     assert not (tmp_path / "x.sock").exists()
 
