@@ -7,8 +7,9 @@ Every error is a :class:`UsageError` whose message names the setting that was wr
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from vhostmem.devices.blk import BlkDevice
 from vhostmem.devices.blk_backend import BlkBackend, open_image, ram_disk
@@ -184,6 +185,7 @@ def check_same_disk(first: BlkSpec, spec: BlkSpec) -> None:
             raise UsageError(f"{where}: it gives {key}= where the first one does not")
 
 
+T = TypeVar("T")
 # device_add parameter -> its --blk key (the JSON names use underscores).
 PARAM_KEYS = {
     "socket": "socket", "client": "client", "fd": "fd", "disk": "disk", "ram": "ram",
@@ -210,7 +212,7 @@ def spec_from_params(params: dict[str, Any]) -> BlkSpec:
             raise UsageError(f"ram: expected a byte count or a size like 64M, got {value!r}")
         if isinstance(value, int) and value <= 0:
             raise UsageError(f"ram: {value} is not a positive size")
-        spec.ram = parse_size(str(value))
+        spec.ram = _named("ram", parse_size, str(value))
     if "readonly" in params:
         value = params["readonly"]
         if isinstance(value, bool):
@@ -220,9 +222,10 @@ def spec_from_params(params: dict[str, Any]) -> BlkSpec:
         else:
             raise UsageError(f"readonly: expected true or false, got {value!r}")
     if "num_queues" in params:
-        spec.num_queues = parse_num_queues(str(_integer(params, "num_queues")))
+        spec.num_queues = _named("num_queues", parse_num_queues,
+                                 str(_integer(params, "num_queues")))
     if "io_mode" in params:
-        spec.io_mode = parse_io_mode(_string(params, "io_mode"))
+        spec.io_mode = _named("io_mode", parse_io_mode, _string(params, "io_mode"))
     if "fd" in params:
         spec.fd = _integer(params, "fd")
     where = "device_add"
@@ -237,6 +240,15 @@ def spec_from_params(params: dict[str, Any]) -> BlkSpec:
         raise UsageError(f"name {spec.name!r}: expected 1..{MAX_NAME_BYTES} printable "
                          "characters without spaces")
     return check_spec(spec, where)
+
+
+def _named(key: str, parse: Callable[[str], T], text: str) -> T:
+    """``parse(text)``; its error names the device_add parameter (the --blk parsers name the
+    --blk key)."""
+    try:
+        return parse(text)
+    except UsageError as exc:
+        raise UsageError(f"{key}: {exc}") from None
 
 
 def _good_name(name: str) -> bool:

@@ -188,8 +188,10 @@ def test_add_errors_name_the_parameter_and_leave_nothing_open(tmp_path: Path) ->
         baseline = serve.fd_summary()
         cases = [
             ({"socket": str(tmp_path / "x.sock"), "num_queues": "two"}, "num_queues"),
-            ({"socket": str(tmp_path / "x.sock"), "num_queues": 17}, "num-queues='17'"),
-            ({"socket": str(tmp_path / "x.sock"), "ram": "12Q"}, "bad size '12Q'"),
+            ({"socket": str(tmp_path / "x.sock"), "num_queues": 17},
+             "num_queues: num-queues='17': expected 1..16"),
+            ({"socket": str(tmp_path / "x.sock"), "ram": "12Q"}, "ram: bad size '12Q'"),
+            ({"socket": str(tmp_path / "x.sock"), "io_mode": "async"}, "io_mode: "),
             ({"socket": str(tmp_path / "x.sock"), "readonly": 3}, "readonly"),
             ({"socket": str(tmp_path / "x.sock"), "colour": "red"}, "'colour'"),
             ({"ram": "1M"}, "exactly one of socket, client and fd"),
