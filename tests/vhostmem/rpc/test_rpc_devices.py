@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.hostile.slowfs import SlowDisk, pattern
 from tests.vhostmem.rpc.rpcenv import Rpc, RpcFailed, Serve, wait_until
 from tests.vhostmem.test_cli import GUEST_RAM, REPO, SECTOR
 from vhostmem.frontend import BlkStatus, BlkType, VhostUserBlk, VhostUserError
@@ -315,3 +316,36 @@ def _try_version(serve: Serve) -> bool:
     except (RpcFailed, AssertionError):
         return False
     return True
+
+
+def test_hard_delete_waits_for_requests_in_flight(tmp_path: Path) -> None:
+    """Reads held 2 s by a slow disk (a FUSE image) are in flight on I/O threads when the
+    device is deleted with mode=hard: the reply comes only after they completed, and the guest
+    finds them completed with the disk's data in its memory."""
+    delay = 2.0
+    disk = SlowDisk(tmp_path / "mnt", delay, 64 << 10)
+    path = tmp_path / "slow.sock"
+    try:
+        with Serve(tmp_path) as serve, serve.rpc() as rpc:
+            rpc.call("device_add", socket=str(path), disk=disk.path, io_mode="thread",
+                     name="slow")
+            with VhostUserBlk.open(str(path), ram_size=GUEST_RAM) as dev:
+                q = dev.start_queue(0, size=16)
+                reqs = [q.submit(BlkType.IN, sector, in_len=BLOCK) for sector in (0, 8)]
+                assert disk.wait_started(2, 10), disk.stderr()
+                stats = rpc.call("device_stats", name="slow")
+                assert stats["queues"][0]["in_flight"] == 2
+                began = time.monotonic()
+                assert rpc.call("device_del", name="slow", mode="hard") == {"name": "slow"}
+                took = time.monotonic() - began
+                assert disk.wait_done(2, 5), disk.stderr()
+                assert not path.exists()
+                done = {id(r): r for r in q.poll()}
+                assert set(done) == {id(r) for r in reqs}  # both completed, none lost
+                for req, sector in zip(reqs, (0, 8), strict=True):
+                    assert req.status == BlkStatus.OK
+                    assert dev.ram.read(req.in_gpa, BLOCK) == pattern(sector * SECTOR, BLOCK)
+            assert rpc.call("device_list") == []
+        assert took > delay / 4, f"device_del returned after {took:.2f} s"
+    finally:
+        disk.close()
