@@ -16,6 +16,10 @@ Started by a launcher: ``--fd N`` / ``fd=N`` serve an inherited listening socket
 activation is honoured (``vhostmem.launch``), ``--print-capabilities`` prints the vhost-user.rst
 capabilities JSON. SIGTERM/SIGINT drain and exit 0, SIGHUP reopens ``--log-file``
 (``vhostmem.lifecycle``).
+
+``--rpc-socket PATH`` adds a management socket (JSON-RPC, docs/rpc.md) to add, list, inspect and
+remove devices at run time; with it, no device option means no device at start. ``vhostmem rpc
+METHOD KEY=VALUE ...`` is its client.
 """
 
 from __future__ import annotations
@@ -23,13 +27,29 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 
-from vhostmem.devices.blk import BlkDevice
-from vhostmem.devices.blk_backend import BlkBackend, open_image, ram_disk
+from vhostmem.devspec import (  # noqa: F401  (re-exported: the parsing used to live here)
+    BLK_KEYS,
+    DEFAULT_RAM_SIZE,
+    DEFAULT_SOCKET,
+    IO_MODES,
+    MAX_QUEUES,
+    BlkSpec,
+    UsageError,
+    check_same_disk,
+    check_spec,
+    make_device,
+    parse_blk_spec,
+    parse_bool,
+    parse_fd,
+    parse_io_mode,
+    parse_num_queues,
+    parse_size,
+    parse_socket_mode,
+    share_key,
+)
 from vhostmem.launch import (
     InheritedSocket,
     Notifier,
@@ -39,147 +59,14 @@ from vhostmem.launch import (
     wants_capabilities,
 )
 from vhostmem.lifecycle import Lifecycle, ReopenableFileHandler, configure_logging
+from vhostmem.manager import DeviceManager
 from vhostmem.memmap import MemRegistry
-from vhostmem.server import DEFAULT_SOCKET_MODE, EndpointConfig, Server, new_event_loop
+from vhostmem.rpc import client as rpc_client
+from vhostmem.rpc.methods import Methods
+from vhostmem.rpc.server import RpcServer
+from vhostmem.server import DEFAULT_SOCKET_MODE, Server, new_event_loop
 
 log = logging.getLogger("vhostmem")
-
-DEFAULT_SOCKET = "vhostmem.sock"
-DEFAULT_RAM_SIZE = 1 << 30
-MAX_QUEUES = 16
-SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-TRUE_WORDS = {"on", "yes", "true", "1"}
-FALSE_WORDS = {"off", "no", "false", "0"}
-SOCKET_MODE_BITS = 0o777
-BLK_KEYS = {"socket", "client", "disk", "ram", "readonly", "num-queues", "serial", "io-mode",
-            "share", "fd", "fdname"}
-# inline: requests are served on the event loop (fastest on RAM and page cache);
-# thread: file I/O runs on a thread pool so a slow disk cannot stall the control plane.
-IO_MODES = ("inline", "thread")
-
-
-class UsageError(Exception):
-    """A command-line or device-spec error; the message names the offending option."""
-
-
-@dataclass
-class BlkSpec:
-    socket: str | None = None
-    client: str | None = None
-    disk: str | None = None
-    ram: int | None = None
-    readonly: bool = False
-    num_queues: int = 1
-    serial: str = "vhostmem"
-    io_mode: str = "inline"
-    # Devices naming the same share serve one disk (a RAM disk, too); so do devices given the
-    # same disk file. Only one frontend at a time may run rings on it (live migration).
-    share: str | None = None
-    # An inherited listening socket (fd=N, --fd N, or one systemd passed: vhostmem.launch).
-    fd: int | None = None
-    fdname: str | None = None  # the systemd socket of this LISTEN_FDNAMES name
-    fd_path: str | None = None  # the path the inherited socket is bound to, if any
-    fd_option: str = "--fd"  # how the fd was given, for errors
-
-    @property
-    def path(self) -> str:
-        if self.fd is not None:
-            return self.fd_path or f"fd{self.fd}"
-        if self.fdname is not None:
-            return f"fdname={self.fdname}"
-        return self.client or self.socket or DEFAULT_SOCKET
-
-    def names_no_socket(self) -> bool:
-        return self.socket is None and self.client is None and self.fd is None \
-            and self.fdname is None
-
-
-def parse_size(text: str) -> int:
-    """'1G', '512M', '4096' -> bytes (binary units)."""
-    value = text.strip().upper().removesuffix("IB").removesuffix("B")
-    suffix = value[-1:] if value[-1:] in SIZE_SUFFIXES else ""
-    number = value[: len(value) - len(suffix)]
-    if not number.isdigit() or int(number) == 0:
-        raise UsageError(f"bad size {text!r}: expected e.g. 1G, 512M or a byte count")
-    return int(number) * SIZE_SUFFIXES[suffix]
-
-
-def parse_bool(key: str, text: str) -> bool:
-    word = text.lower()
-    if word in TRUE_WORDS:
-        return True
-    if word in FALSE_WORDS:
-        return False
-    raise UsageError(f"{key}={text!r}: expected on or off")
-
-
-def parse_socket_mode(text: str) -> int:
-    """'600', '0660' -> permission bits; only rwx bits for user, group and others."""
-    try:
-        mode = int(text, 8)
-    except ValueError:
-        raise UsageError(f"--socket-mode {text!r}: expected octal bits, e.g. 660") from None
-    if not 0 <= mode <= SOCKET_MODE_BITS:
-        raise UsageError(f"--socket-mode {text!r}: only permission bits 0..777 are allowed")
-    return mode
-
-
-def parse_io_mode(text: str) -> str:
-    if text not in IO_MODES:
-        raise UsageError(f"io-mode={text!r}: expected one of {', '.join(IO_MODES)}")
-    return text
-
-
-def parse_num_queues(text: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= MAX_QUEUES:
-        raise UsageError(f"num-queues={text!r}: expected 1..{MAX_QUEUES}")
-    return int(text)
-
-
-def parse_fd(text: str, option: str) -> int:
-    if not text.isdigit():
-        raise UsageError(f"{option} {text!r}: expected a file descriptor number")
-    return int(text)
-
-
-def parse_blk_spec(text: str) -> BlkSpec:
-    spec = BlkSpec()
-    for item in filter(None, text.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep or key not in BLK_KEYS:
-            raise UsageError(f"--blk {text!r}: unknown setting {item!r} (keys: {sorted(BLK_KEYS)})")
-        if key in ("socket", "client", "disk", "serial", "share", "fdname"):
-            setattr(spec, key, value)
-        elif key == "fd":
-            spec.fd_option = f"--blk {text!r}: fd={value}"
-            spec.fd = parse_fd(value, f"--blk {text!r}: fd=")
-        elif key == "ram":
-            spec.ram = parse_size(value)
-        elif key == "readonly":
-            spec.readonly = parse_bool(key, value)
-        elif key == "io-mode":
-            spec.io_mode = parse_io_mode(value)
-        else:
-            spec.num_queues = parse_num_queues(value)
-    return check_spec(spec, f"--blk {text!r}")
-
-
-def check_spec(spec: BlkSpec, where: str) -> BlkSpec:
-    if spec.socket and spec.client:
-        raise UsageError(f"{where}: give socket or client, not both")
-    given = [key for key, value in (("socket", spec.socket), ("client", spec.client),
-                                    ("fd", spec.fd), ("fdname", spec.fdname)) if value is not None]
-    if len(given) > 1:
-        raise UsageError(f"{where}: give one of socket, client, fd or fdname, not "
-                         f"{' and '.join(given)}")
-    if spec.disk and spec.ram:
-        raise UsageError(f"{where}: give disk or ram, not both")
-    if spec.ram is None and spec.disk is None and spec.share is None:
-        spec.ram = DEFAULT_RAM_SIZE
-    if len(spec.serial.encode()) > 20:
-        raise UsageError(f"{where}: serial {spec.serial!r} is longer than 20 bytes")
-    return spec
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -235,6 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-file", metavar="PATH", help="log here (reopened on SIGHUP)")
     serve.add_argument("--print-capabilities", action="store_true",
                        help="print the vhost-user backend capabilities (JSON) and exit")
+    serve.add_argument(
+        "--rpc-socket",
+        metavar="PATH",
+        help=(
+            "management socket (JSON-RPC, mode 0600): device_add/device_del/device_list/"
+            "device_stats at run time; with it, no device option means no device at start"
+        ),
+    )
+    rpc_client.add_parser(sub)
     return parser
 
 
@@ -260,6 +156,8 @@ def specs_from_args(args: argparse.Namespace) -> list[BlkSpec]:
             "each --blk (socket=, client=, disk=, ram=, readonly=, num-queues=, serial=, "
             "io-mode=)"
         )
+    if not args.blk and not simple and args.rpc_socket:
+        return []  # devices come from the management socket (device_add) or systemd
     if args.blk:
         specs = [parse_blk_spec(text) for text in args.blk]
     else:
@@ -285,52 +183,6 @@ def check_distinct_paths(specs: list[BlkSpec]) -> None:
     paths = [spec.path for spec in specs]
     if len(set(paths)) != len(paths):
         raise UsageError(f"two devices on the same socket: {paths}")
-
-
-def make_device(spec: BlkSpec, shared: dict[str, tuple[BlkSpec, BlkBackend]] | None = None
-                ) -> BlkDevice:
-    """A device for ``spec``; specs with the same ``share`` or disk file get one backend
-    (``shared`` remembers them across calls)."""
-    options = {
-        "num_queues": spec.num_queues,
-        "serial": spec.serial,
-        "io_mode": spec.io_mode,
-    }
-    key = share_key(spec)
-    if shared is not None and key is not None and key in shared:
-        first, backend = shared[key]
-        check_same_disk(first, spec)
-        return BlkDevice(backend, **options)
-    if spec.disk is not None:
-        backend = open_image(spec.disk, readonly=spec.readonly)
-    elif spec.ram is not None:
-        backend = ram_disk(spec.ram, readonly=spec.readonly)
-    else:
-        raise UsageError(f"share={spec.share}: no device names its disk= or ram=")
-    if shared is not None and key is not None:
-        shared[key] = (spec, backend)
-    return BlkDevice(backend, **options)
-
-
-def share_key(spec: BlkSpec) -> str | None:
-    if spec.share is not None:
-        return f"share:{spec.share}"
-    if spec.disk is not None:
-        return f"disk:{os.path.realpath(spec.disk)}"
-    return None
-
-
-def check_same_disk(first: BlkSpec, spec: BlkSpec) -> None:
-    """Devices sharing a disk must agree on it (a later one may leave disk/ram out)."""
-    where = f"{spec.path} shares the disk of {first.path}"
-    if spec.readonly != first.readonly:
-        raise UsageError(f"{where}: readonly must be the same on both")
-    for key in ("disk", "ram"):
-        mine, theirs = getattr(spec, key), getattr(first, key)
-        if mine is not None and theirs is not None and mine != theirs:
-            raise UsageError(f"{where}: {key}={mine} differs from {key}={theirs}")
-        if mine is not None and theirs is None:
-            raise UsageError(f"{where}: it gives {key}= where the first one does not")
 
 
 def qemu_command(spec: BlkSpec) -> str:
@@ -369,35 +221,32 @@ def serve_specs(specs: list[BlkSpec], args: argparse.Namespace,
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
     server = Server(loop, MemRegistry())
-    devices: list[BlkDevice] = []
-    shared: dict[str, tuple[BlkSpec, BlkBackend]] = {}
+    manager = DeviceManager(loop, server, socket_mode=mode, socket_group=args.socket_group,
+                            require_sealed_memory=args.require_sealed_memory)
+    rpc: RpcServer | None = None
     lifecycle = Lifecycle(loop, server, notifier, log_handler)
     lifecycle.install_signals()
     try:
         for spec in specs:
-            device = make_device(spec, shared)
-            devices.append(device)
-            config = EndpointConfig(
-                path=spec.path,
-                client=spec.client is not None,
-                socket_mode=mode,
-                socket_group=args.socket_group,
-                require_sealed_memory=args.require_sealed_memory,
-                fd=spec.fd,
-            )
-            server.add(device, config)
+            manager.add(spec)
             print(
                 f"vhost-user-blk on {spec.path}; attach a VM with:\n  {qemu_command(spec)}\n"
                 "(add your kernel/disk options, -accel tcg where KVM cannot run the guest; "
                 "`make vm` boots a small test guest on ./vhostmem.sock)",
                 flush=True,
             )
+        rpc_socket = getattr(args, "rpc_socket", None)  # vhostmem-blk has none
+        if rpc_socket:
+            rpc = RpcServer(loop, Methods(manager), rpc_socket)
+            loop.run_until_complete(rpc.start())
+            manager.reserved_fds.add(rpc.fileno())
+            print(f"management socket on {rpc_socket}", flush=True)
         lifecycle.run()
     finally:
         restore = lifecycle.closing()
-        server.close()
-        for device in devices:
-            device.close()  # joins I/O threads, makes the image durable and closes it
+        if rpc is not None:
+            loop.run_until_complete(rpc.close())
+        manager.close()  # endpoints, then devices: joins I/O threads, makes images durable
         loop.close()
         if lifecycle.stop_signal is not None:
             log.info("stopped: images flushed, sockets closed")
@@ -428,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    if args.command == "rpc":
+        return rpc_client.main(args)
     return report_errors("vhostmem", lambda: serve(args))
 
 

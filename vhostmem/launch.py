@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 from vhostmem.sockets import check_listening_fd
 
 if TYPE_CHECKING:
-    from vhostmem.cli import BlkSpec
+    from vhostmem.devspec import BlkSpec
 
 log = logging.getLogger("vhostmem")
 

@@ -27,7 +27,7 @@ from vhostmem.device import VhostUserDevice
 from vhostmem.memmap import MemRegistry
 from vhostmem.session import Session
 from vhostmem.session_base import Deferred
-from vhostmem.sockets import adopt_listening_socket, bind_unix_socket, peer_credentials
+from vhostmem.sockets import bind_unix_socket, peer_credentials
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +64,6 @@ class EndpointConfig:
     socket_group: str | None = None
     # Refuse guest memory fds not sealed against shrinking (a truncation would SIGBUS us).
     require_sealed_memory: bool = False
-    # An inherited listening socket to serve instead of binding ``path`` (``--fd``, systemd
-    # socket activation); its file belongs to whoever created it and is never unlinked.
-    fd: int | None = None
 
 
 class LoopKickWatcher:
@@ -307,17 +304,23 @@ class Endpoint:
         if self.config.client:
             self._client_task = self.loop.create_task(self._client_loop())
             return
-        if self.config.fd is not None:
-            self.listener = adopt_listening_socket(self.config.fd, f"fd {self.config.fd}")
-        else:
-            self.listener = bind_unix_socket(
-                self.config.path, self.config.socket_mode, self.config.socket_group
-            )
-            self._owns_path = True
+        self.listener = bind_unix_socket(
+            self.config.path, self.config.socket_mode, self.config.socket_group
+        )
+        self._owns_path = True
         self.listener.setblocking(False)
         self.loop.add_reader(self.listener.fileno(), self._on_accept)
-        inherited = "" if self.config.fd is None else f" (inherited fd {self.config.fd})"
-        log.info("%s: listening on %s%s", self.name, self.config.path, inherited)
+        log.info("%s: listening on %s", self.name, self.config.path)
+
+    def adopt(self, listener: socket.socket) -> None:
+        """Serve frontends connecting to ``listener``, a socket already listening (``--fd``,
+        systemd socket activation, device_add's fd): its file, if any, belongs to whoever
+        created it and is never unlinked."""
+        listener.setblocking(False)
+        self.listener = listener
+        self.loop.add_reader(listener.fileno(), self._on_accept)
+        log.info("%s: listening on %s (inherited fd %d)", self.name,
+                 self.config.path or "an unbound socket", listener.fileno())
 
     def _on_accept(self) -> None:
         assert self.listener is not None
@@ -471,9 +474,19 @@ class Server:
         self.registry = registry
         self.endpoints: list[Endpoint] = []
 
-    def add(self, device: VhostUserDevice, config: EndpointConfig) -> Endpoint:
-        endpoint = Endpoint(device, config, self.registry, self.loop)
-        endpoint.start()
+    def add(self, device: VhostUserDevice, config: EndpointConfig, *, name: str | None = None,
+            listener: socket.socket | None = None) -> Endpoint:
+        """Serve ``device``; on ``listener`` (a listening socket handed over, e.g. an inherited
+        fd) when given, else as ``config`` says."""
+        endpoint = Endpoint(device, config, self.registry, self.loop, name)
+        try:
+            if listener is not None:
+                endpoint.adopt(listener)
+            else:
+                endpoint.start()
+        except BaseException:
+            endpoint.session.close()  # its guest-memory map is registered in the registry
+            raise
         self.endpoints.append(endpoint)
         return endpoint
 
@@ -488,6 +501,11 @@ class Server:
     def idle(self) -> bool:
         """Whether no request of any endpoint is in flight on an I/O thread."""
         return all(endpoint.idle() for endpoint in self.endpoints)
+
+    def remove(self, endpoint: Endpoint) -> None:
+        """Close one endpoint (the caller waited for its requests in flight: ``draining``)."""
+        endpoint.close()
+        self.endpoints.remove(endpoint)
 
     def close(self) -> None:
         for endpoint in self.endpoints:

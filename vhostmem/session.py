@@ -441,6 +441,7 @@ class Session(MemoryRequests, LogRequests):
     def on_kick(self, i: int) -> None:
         """The ring's kick eventfd is readable: drain it and process the ring."""
         vq = self.queues[i]
+        vq.stat_kicks += 1
         try:
             vq.drain_kick()  # the kick is consumed; what its counter said does not matter
         except OSError as exc:

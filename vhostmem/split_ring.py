@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from vhostmem.descriptors import ChainError, ChainWalker, DescChain, OutsideMemoryError
@@ -100,6 +101,8 @@ class SplitRing(ChainWalker):
     _used_ring: memoryview | None
     _avail_event: memoryview | None
     log_used_gpa: int | None
+    stat_interrupts: int  # QueueStats (queue_stats.py), mixed in after this class
+    account_failed: Callable[[], None]
 
     def _map(self) -> None:
         raise NotImplementedError
@@ -188,6 +191,7 @@ class SplitRing(ChainWalker):
         # signalled now: a caller that hands chains to threads never notifies itself.
         with self._idle:
             self.push_used(head, written)
+            self.account_failed()  # under the lock: I/O threads may be counting too
             self.notify()
 
     def _fetch_avail(self, last: int) -> bool:
@@ -297,6 +301,7 @@ class SplitRing(ChainWalker):
         self._signalled_valid = True
         if need:
             signal_eventfd(self.call_fd)
+            self.stat_interrupts += 1
         return need
 
 

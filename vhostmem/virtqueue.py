@@ -51,6 +51,7 @@ from vhostmem.descriptors import (
 )
 from vhostmem.eventfd import KickReader, signal_eventfd
 from vhostmem.guest_memory import GuestMemory, GuestMemoryError
+from vhostmem.queue_stats import QueueStats
 from vhostmem.split_ring import (
     AVAIL_ALIGN,
     DESC_ALIGN,
@@ -99,7 +100,7 @@ VHOST_VRING_F_LOG = 1
 
 
 
-class Virtqueue(SplitRing):
+class Virtqueue(SplitRing, QueueStats):
     """Device side of one split virtqueue. Rings start stopped and disabled."""
 
     def __init__(
@@ -163,6 +164,7 @@ class Virtqueue(SplitRing):
         self.inflight = 0
         self.queued = 0
         self._idle = threading.Condition(threading.Lock())
+        self.stats_init()  # queue_stats.py: counters for the management socket
 
     # ------------------------------------------------------------ configuration
 
