@@ -251,9 +251,7 @@ class SplitRing(ChainWalker):
         if dirty is not None:  # migrating: the chain's buffers and this entry, before idx
             self._log_completion(dirty, head, pos)
         self._used_idx = idx = (self._used_idx + 1) & IDX_MASK
-        hdr[IDX] = idx
-        if dirty is not None:
-            self._log_used(0, RING_HEADER_SIZE)
+        hdr[IDX] = idx  # its page is marked once per batch, in notify()
         if self._inflight is not None:
             self._inflight.completed(head, idx)
         self._unsignalled = True
@@ -286,6 +284,13 @@ class SplitRing(ChainWalker):
         call (EVENT_IDX used_event, or NO_INTERRUPT). Returns whether it signalled."""
         if not self._unsignalled or self._avail is None:
             return False
+        if self.dirty is not None:
+            # The used idx of the batch pushed since the last notify, marked after its last
+            # store: one mark per batch, not per request. Every push is followed by a notify
+            # (inline: the end of the turn; thread mode: the batch's last completion, also
+            # after a ring stop), so the mark precedes GET_VRING_BASE's answer and with it
+            # QEMU's last sync of the log; a sync in between finds it at the next one.
+            self._log_used(0, RING_HEADER_SIZE)
         self._unsignalled = False
         new = self._used_idx
         if self.event_idx:

@@ -305,3 +305,19 @@ def test_a_migration_started_on_a_running_session_marks_only_writes(env: Env) ->
     env.read_into(buf, PAGE)
     env.s.on_kick(0)
     assert pages(buf, PAGE) <= env.collect() != all_pages()
+
+
+def test_the_used_idx_page_is_marked_when_the_entries_are_on_the_next_page(env: Env) -> None:
+    """The used idx is marked once per batch (in notify), apart from the entries: a used ring
+    whose header ends a page and whose entries start the next one gets both pages."""
+    env.ring.used = env.ram.alloc(2 * PAGE, PAGE) + PAGE - 4  # flags, idx | entries
+    env.set_addr(VHOST_VRING_F_LOG)
+    env.set_log_base()
+    send(env.s, FrontendRequest.SET_FEATURES, FEATURES | LOG_ALL_BIT)
+    buf = env.ram.alloc(PAGE, PAGE)
+    for _ in range(3):
+        env.read_into(buf, PAGE)
+    env.s.on_kick(0)
+    assert len(env.ring.take_used()) == 3
+    header_page, entries_page = env.ring.used // PAGE, env.ring.used // PAGE + 1
+    assert {header_page, entries_page} | pages(buf, PAGE) <= env.collect()
