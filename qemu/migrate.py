@@ -77,14 +77,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import os
 import queue
 import re
 import shutil
 import signal
-import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -95,25 +92,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from protocol.constants import HEADER_SIZE, MAX_PAYLOAD_SIZE, FrontendRequest
 from qemu import assets as guest_assets
 from qemu.accel import resolve_accel
 from qemu.backends import ROOT
 from qemu.guestlog import Check, GuestLog
 from qemu.launch import SOCKET_WAIT, GuestConfig, _stop, _tail, qemu_command
+from qemu.migrate_oracle import MigrationTap, compare_guest_ram
 from qemu.qmp import QMPClient, QMPError
-from qemu.reconnect import KERNEL_ERROR_MARKERS, WRITER_MAGIC, check_writer_image
-from qemu.vhost_tap import (
-    FRONT,
-    HEADER,
-    TapMessage,
-    VhostUserTap,
-    _Closed,
-    _recv_exact,
-    _send,
-)
+from qemu.reconnect import KERNEL_ERROR_MARKERS, check_writer_image
 
 MIB = 1 << 20
 MIGRATE, CANCEL, KILL, KILL_CANCEL = "migrate", "cancel", "kill", "kill-cancel"
@@ -389,164 +375,6 @@ def migrate_cmdline(config: MigrationConfig) -> str:
     # and be sent again anyway: QEMU's own dirty tracking would hide a missing dirty log.
     words = ["console=ttyS0", "quiet", "panic=-1", "init_on_alloc=0"]
     return " ".join(words + [f"vmtest.{k}={v}" for k, v in settings.items()])
-
-
-# ---- the vhost-user relay: what each connection negotiated, and the negative control ---------
-
-LOG_PAYLOAD = struct.Struct("<QQ")  # VhostUserLog: mmap_size, mmap_offset
-U64 = struct.Struct("<Q")
-F_LOG_ALL = 1 << 26  # VHOST_F_LOG_ALL
-
-
-def decoy_log_fd(size: int) -> int:
-    """A fresh memfd of ``size`` bytes, sealed like QEMU's own log (grow, shrink, seal)."""
-    fd = os.memfd_create("decoy-vhost-log", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    os.ftruncate(fd, size)
-    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
-    return fd
-
-
-class MigrationTap(VhostUserTap):
-    """qemu/vhost_tap.py's relay, recording per connection the dirty-log messages (``events``:
-    ``features LOG_ALL=on|off``, ``log-base SIZE``, ``inflight``). With ``decoy``, SET_LOG_BASE
-    reaches the backend with a fresh memfd of the same size in place of QEMU's log: the backend
-    logs as it should, into memory QEMU never reads, so QEMU migrates as if the backend marked
-    nothing (the negative control of the in-guest check)."""
-
-    def __init__(self, front: Path, back: Path, decoy: bool = False) -> None:
-        self.decoy = decoy
-        self.decoys = 0
-        self.events: list[tuple[int, str]] = []  # (connection, what)
-        super().__init__(front, back)
-
-    def _inspect(self, number: int, request: int, payload: bytes, fds: list[int]) -> None:
-        if request == FrontendRequest.SET_FEATURES and len(payload) >= U64.size:
-            on = U64.unpack_from(payload)[0] & F_LOG_ALL
-            self.events.append((number, f"features LOG_ALL={'on' if on else 'off'}"))
-        elif request == FrontendRequest.SET_LOG_BASE and len(payload) >= LOG_PAYLOAD.size:
-            mmap_size, mmap_offset = LOG_PAYLOAD.unpack_from(payload)
-            self.events.append((number, f"log-base {mmap_size}"))
-            if self.decoy and len(fds) == 1:
-                os.close(fds[0])
-                fds[0] = decoy_log_fd(mmap_size + mmap_offset)
-                self.decoys += 1
-        elif request == FrontendRequest.SET_INFLIGHT_FD:
-            self.events.append((number, "inflight"))
-        elif request == FrontendRequest.SET_VRING_KICK and len(payload) >= U64.size:
-            self.events.append((number, f"kick[{U64.unpack_from(payload)[0] & 0xFF}]"))
-        elif request == FrontendRequest.SET_VRING_ENABLE and len(payload) >= 8:
-            index, on = struct.unpack_from("<II", payload)
-            self.events.append((number, f"enable[{index}]={on}"))
-        elif request == FrontendRequest.GET_VRING_BASE and len(payload) >= 8:
-            self.events.append((number, f"stop[{struct.unpack_from('<I', payload)[0]}]"))
-
-    def _pump(self, number: int, sender: str, source: socket.socket,
-              sink: socket.socket) -> None:
-        try:
-            while True:
-                fds: list[int] = []
-                try:
-                    header = _recv_exact(source, HEADER_SIZE, fds)
-                    request, flags, size = HEADER.unpack(header)
-                    if size > MAX_PAYLOAD_SIZE:
-                        self._error(f"c{number} {sender}: payload size {size} too large")
-                        return
-                    payload = _recv_exact(source, size, fds)
-                    with self._lock:
-                        if sender == FRONT:
-                            self._inspect(number, request, payload, fds)
-                        self.messages.append(TapMessage(number, sender, request, flags, None,
-                                                        None, len(fds)))
-                    _send(sink, header + payload, fds)
-                finally:
-                    for fd in fds:
-                        with contextlib.suppress(OSError):
-                            os.close(fd)
-        except _Closed:
-            pass
-        except OSError as exc:
-            if not self._stop.is_set():
-                self._error(f"c{number} {sender}: {exc}")
-        finally:
-            for sock in (source, sink):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-
-    def summary(self) -> str:
-        """Per connection: its dirty-log and ring events, then the last messages it carried
-        (where a connection stalled)."""
-        with self._lock:
-            events, messages = list(self.events), list(self.messages)
-        per: dict[int, list[str]] = {}
-        for number, what in events:
-            per.setdefault(number, []).append(what)
-        parts = []
-        for n in sorted({m.connection for m in messages} | set(per)):
-            last = [f"{m.name}{' reply' if m.is_reply else ''}" for m in messages
-                    if m.connection == n][-3:]
-            parts.append(f"c{n}: {', '.join(per.get(n, []))} (last: {', '.join(last)})")
-        return "; ".join(parts)
-
-
-# ---- the RAM oracle and the built-in control ----------------------------------------------------
-
-RAM_CHUNK = 16 * MIB
-PAGE = 4096
-
-
-def guest_ram_address(pid: int, size: int) -> int:
-    """Where QEMU ``pid`` maps its main guest RAM: the one mapping of exactly ``size`` bytes
-    (the memfd backend's, or the anonymous RAM block's). LookupError if there is none or
-    several."""
-    found = []
-    with open(f"/proc/{pid}/maps") as maps:
-        for line in maps:
-            fields = line.split()
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            path = fields[5] if len(fields) > 5 else ""
-            if end - start == size and fields[1].startswith("rw") and (
-                    "memfd:" in path or not path):
-                found.append(start)
-    if len(found) != 1:
-        raise LookupError(f"QEMU {pid}: {len(found)} mappings of {size} bytes")
-    return found[0]
-
-
-def describe_page(page: bytes) -> str:
-    """"zeroes", a vmtest writer block ("block J/B/S": job, block, seq; the guest's disk data:
-    a page-cache page, an I/O buffer), or "other" (guest kernel or program data)."""
-    words = np.frombuffer(page, dtype="<u8")
-    if not words.any():
-        return "zeroes"
-    if int(words[0]) & 0xFFFFFFFF == WRITER_MAGIC:
-        return f"block {int(words[0]) >> 32}/{int(words[1])}/{int(words[2])}"
-    return "other"
-
-
-def compare_guest_ram(source_pid: int, destination_pid: int, size: int,
-                      first: int = 4) -> tuple[int, list[tuple[int, str, str]]]:
-    """Guest pages (4 KiB) whose contents differ between two QEMUs' RAM (read through
-    /proc/PID/mem), and for the first ``first`` of them the guest-physical offset and what
-    each side holds (``describe_page``)."""
-    addresses = (guest_ram_address(source_pid, size), guest_ram_address(destination_pid, size))
-    fds = [os.open(f"/proc/{pid}/mem", os.O_RDONLY) for pid in (source_pid, destination_pid)]
-    differing, found = 0, []
-    try:
-        for offset in range(0, size, RAM_CHUNK):
-            length = min(RAM_CHUNK, size - offset)
-            raw = [os.pread(fd, length, base + offset)
-                   for fd, base in zip(fds, addresses, strict=True)]
-            a, b = (np.frombuffer(r, dtype=np.uint64).reshape(-1, PAGE // 8) for r in raw)
-            pages = np.flatnonzero((a != b).any(axis=1))
-            differing += len(pages)
-            for p in pages[: first - len(found)]:
-                at = int(p) * PAGE
-                found.append((offset + at, describe_page(raw[0][at : at + PAGE]),
-                              describe_page(raw[1][at : at + PAGE])))
-    finally:
-        for fd in fds:
-            os.close(fd)
-    return differing, found
 
 
 def _builtin_disk(argv: list[str], image: Path, config: MigrationConfig) -> list[str]:

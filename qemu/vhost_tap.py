@@ -165,6 +165,11 @@ class VhostUserTap:
             self._spawn(self._pump, number, FRONT, qemu, backend)
             self._spawn(self._pump, number, BACK, backend, qemu)
 
+    def _inspect(self, number: int, sender: str, request: int, payload: bytes,
+                 fds: list[int]) -> None:
+        """Called with each message before it is forwarded (under the lock); a subclass may
+        record it or replace its fds (``fds`` is what gets sent)."""
+
     def _error(self, text: str) -> None:
         with self._lock:
             self.errors.append(text)
@@ -183,6 +188,7 @@ class VhostUserTap:
                     payload = _recv_exact(source, size, fds)
                     ring, num = _ring_fields(request, payload)
                     with self._lock:  # recorded before forwarding: replies come after requests
+                        self._inspect(number, sender, request, payload, fds)
                         self.messages.append(
                             TapMessage(number, sender, request, flags, ring, num, len(fds)))
                     _send(sink, header + payload, fds)

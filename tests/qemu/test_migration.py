@@ -49,11 +49,11 @@ from qemu.migrate import (
     MigrationRequest,
     MigrationResult,
     command_migration_backend,
-    decoy_log_fd,
     qsd_migration_backend,
     run_migration_test,
     vhostmem_migration_backend,
 )
+from qemu.migrate_oracle import decoy_log_fd
 
 MIGRATION_BACKENDS: list[MigrationBackend] = [vhostmem_migration_backend(),
                                                qsd_migration_backend()]
