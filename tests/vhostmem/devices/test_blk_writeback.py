@@ -67,6 +67,14 @@ def _session(dev: BlkDevice) -> Session:
     return s
 
 
+def _get_inflight_fd(s: Session) -> tuple[int, int]:
+    """GET_INFLIGHT_FD for 1 queue of 128: (a dup of the region's fd, the region's size)."""
+    msg = reply_of(send(s, FrontendRequest.GET_INFLIGHT_FD, {
+        "mmap_size": 0, "mmap_offset": 0, "num_queues": 1, "queue_size": 128}),
+        FrontendRequest.GET_INFLIGHT_FD)
+    return os.dup(msg.fds[0]), msg.payload.mmap_size  # type: ignore[attr-defined]
+
+
 def test_write_through_survives_a_backend_restart_through_the_inflight_region() -> None:
     """QEMU's order on (re)connect: SET_FEATURES, SET_INFLIGHT_FD (the region it kept),
     SET_FEATURES again; it never replays SET_CONFIG. The restarted backend must come back
@@ -74,12 +82,8 @@ def test_write_through_survives_a_backend_restart_through_the_inflight_region() 
     dev0 = device()
     s0 = _session(dev0)
     send(s0, FrontendRequest.SET_FEATURES, LINUX)
-    msg = reply_of(send(s0, FrontendRequest.GET_INFLIGHT_FD, {
-        "mmap_size": 0, "mmap_offset": 0, "num_queues": 1, "queue_size": 128}),
-        FrontendRequest.GET_INFLIGHT_FD)
-    p = msg.payload  # type: ignore[attr-defined]
-    qemu_fd = os.dup(msg.fds[0])  # type: ignore[attr-defined]
-    inflight = {"mmap_size": p.mmap_size, "mmap_offset": 0, "num_queues": 1, "queue_size": 128}
+    qemu_fd, size = _get_inflight_fd(s0)
+    inflight = {"mmap_size": size, "mmap_offset": 0, "num_queues": 1, "queue_size": 128}
     send(s0, FrontendRequest.SET_INFLIGHT_FD, inflight, [os.dup(qemu_fd)])
     send(s0, FrontendRequest.SET_FEATURES, LINUX)
     send(s0, FrontendRequest.SET_CONFIG, {"offset": CFG_WRITEBACK, "size": 1, "flags": 0,
@@ -99,10 +103,7 @@ def test_write_through_survives_a_backend_restart_through_the_inflight_region() 
     dev2 = device()
     s2 = _session(dev2)
     send(s2, FrontendRequest.SET_FEATURES, LINUX)
-    msg = reply_of(send(s2, FrontendRequest.GET_INFLIGHT_FD, {
-        "mmap_size": 0, "mmap_offset": 0, "num_queues": 1, "queue_size": 128}),
-        FrontendRequest.GET_INFLIGHT_FD)
-    fresh = os.dup(msg.fds[0])  # type: ignore[attr-defined]
+    fresh, _ = _get_inflight_fd(s2)
     send(s2, FrontendRequest.SET_INFLIGHT_FD, inflight, [fresh])
     assert dev2.writeback
     s2.close()
@@ -113,11 +114,7 @@ def test_a_corrupt_saved_state_is_not_restored() -> None:
     dev = device()
     s = _session(dev)
     send(s, FrontendRequest.SET_FEATURES, LINUX)
-    msg = reply_of(send(s, FrontendRequest.GET_INFLIGHT_FD, {
-        "mmap_size": 0, "mmap_offset": 0, "num_queues": 1, "queue_size": 128}),
-        FrontendRequest.GET_INFLIGHT_FD)
-    fd = os.dup(msg.fds[0])  # type: ignore[attr-defined]
-    size = msg.payload.mmap_size  # type: ignore[attr-defined]
+    fd, size = _get_inflight_fd(s)
     # A frontend scribbles a saved state with a bogus writeback value into the trailer.
     from vhostmem.inflight import DEVICE_STATE_MAGIC, DEVICE_STATE_SIZE
 
