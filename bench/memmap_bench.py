@@ -9,6 +9,11 @@ per slice of 100k addresses, summed over the slices).
 array; ``translate_many_new_array_ns_per_address`` lets each call allocate its 80 MB result
 (dropped before the next call), so it includes the kernel faulting in fresh pages. No memory is
 mapped: the maps only record addresses.
+
+The 51200 x 2 MiB registrations are timed three ways: ``register`` called once per range,
+``register_many`` with maps that only have ``notify`` (one callback per range and map), and
+``register_many`` with maps that also have ``notify_many`` (one ``set_translations`` per map),
+the ranges given as a list of pairs or as an (N, 2) numpy array. ``--small`` runs only those.
 """
 
 from __future__ import annotations
@@ -62,9 +67,19 @@ def notify(mem_map: MemMap, ctx: Any, action: NotifyAction, vaddr: int, length: 
         mem_map.clear_translation(vaddr, length)
 
 
-def fresh(maps: int) -> tuple[MemRegistry, list[MemMap]]:
+def notify_many(mem_map: MemMap, ctx: Any, action: NotifyAction, vaddrs: np.ndarray,
+                lengths: np.ndarray) -> None:
+    """The batch form of ``notify``: the same translations, one call per batch."""
+    if action == NotifyAction.REGISTER:
+        mem_map.set_translations(vaddrs, lengths, vaddrs)
+    else:
+        mem_map.clear_translations(vaddrs, lengths)
+
+
+def fresh(maps: int, batch: bool = False) -> tuple[MemRegistry, list[MemMap]]:
     reg = MemRegistry()
-    return reg, [reg.alloc_map(0, MapOps(notify=notify)) for _ in range(maps)]
+    ops = MapOps(notify=notify, notify_many=notify_many if batch else None)
+    return reg, [reg.alloc_map(0, ops) for _ in range(maps)]
 
 
 def timed(setup: Callable[[], Any], work: Callable[[Any], None], reps: int) -> float:
@@ -90,6 +105,50 @@ def bench_small_registrations() -> float:
             register(BASE + i * MIB2, MIB2)
 
     return timed(lambda: fresh(3), work, SMALL_REPS)
+
+
+def small_ranges() -> list[tuple[int, int]]:
+    return [(BASE + i * MIB2, MIB2) for i in range(SMALL_COUNT)]
+
+
+def bench_register_many() -> dict[str, float]:
+    """``register_many`` of the 51200 ranges: maps with ``notify`` only (one call per range
+    and map), and maps with ``notify_many``, given the ranges as a list of pairs or as an
+    (N, 2) numpy array; then ``unregister_many`` of them with ``notify_many``."""
+    pairs = small_ranges()
+    array = np.array(pairs, dtype=np.uint64)
+
+    def registered() -> tuple[MemRegistry, list[MemMap]]:
+        state = fresh(3, batch=True)
+        state[0].register_many(array)
+        return state
+
+    result = {
+        "per_range_notify": timed(lambda: fresh(3), lambda s: s[0].register_many(pairs),
+                                  SMALL_REPS),
+        "notify_many_pairs": timed(lambda: fresh(3, batch=True),
+                                   lambda s: s[0].register_many(pairs), REPS),
+        "notify_many_array": timed(lambda: fresh(3, batch=True),
+                                   lambda s: s[0].register_many(array), REPS),
+        "unregister_many_notify_many": timed(registered, lambda s: s[0].unregister_many(array),
+                                             REPS),
+    }
+    check_same_state(pairs)
+    return result
+
+
+def check_same_state(pairs: list[tuple[int, int]]) -> None:
+    """The timed variants leave the maps as 51200 ``register`` calls do."""
+    one, maps_one = fresh(3)
+    for vaddr, length in pairs:
+        one.register(vaddr, length)
+    many, maps_many = fresh(3, batch=True)
+    many.register_many(pairs)
+    probes = [vaddr + MIB2 // 2 for vaddr, _ in pairs[::97]] + [BASE - MIB2, BASE + SIZE]
+    if one.chunks() != many.chunks() or any(
+            a.translate_many(probes).tolist() != b.translate_many(probes).tolist()
+            for a, b in zip(maps_one, maps_many, strict=True)):
+        raise SystemExit("register_many disagrees with register")
 
 
 def bench_unregister() -> float:
@@ -189,7 +248,25 @@ def bench_memory() -> dict[str, float]:
     }
 
 
+def small_only() -> dict[str, Any]:
+    """``--small``: only the 51200 x 2 MiB cases (register one by one, register_many)."""
+    started = time.perf_counter()
+    many = bench_register_many()
+    return {
+        "register_2m_x51200_3maps_ms": round(bench_small_registrations(), 1),
+        **{f"register_many_2m_x51200_3maps_{k}_ms": round(v, 2) for k, v in many.items()},
+        "register_2m_x51200_3maps_ms_spdk_c": SPDK_C["register_2m_x51200_3maps_ms"],
+        "repetitions": {"register": SMALL_REPS, "register_many_per_range_notify": SMALL_REPS,
+                        "notify_many": REPS},
+        "statistic": "median",
+        "bench_seconds": round(time.perf_counter() - started, 1),
+    }
+
+
 def main() -> None:
+    if sys.argv[1:] == ["--small"]:
+        print(json.dumps(small_only(), indent=1))
+        return
     started = time.perf_counter()
     result: dict[str, Any] = {}
     for maps in (0, 1, 3):
@@ -200,6 +277,15 @@ def main() -> None:
     result["seed_spdk_ms_per_gb_with_vtophys"] = SEED_SPDK_MS_PER_GB
     result["register_2m_x51200_3maps_ms"] = round(bench_small_registrations(), 1)
     result["register_2m_x51200_3maps_ms_spdk_c"] = SPDK_C["register_2m_x51200_3maps_ms"]
+    many = bench_register_many()
+    result["register_many_2m_x51200_3maps_per_range_notify_ms"] = round(
+        many["per_range_notify"], 1)
+    result["register_many_2m_x51200_3maps_notify_many_pairs_ms"] = round(
+        many["notify_many_pairs"], 2)
+    result["register_many_2m_x51200_3maps_notify_many_array_ms"] = round(
+        many["notify_many_array"], 2)
+    result["unregister_many_2m_x51200_3maps_notify_many_ms"] = round(
+        many["unregister_many_notify_many"], 2)
     result["unregister_100g_3maps_ms"] = round(bench_unregister(), 3)
     result["unregister_100g_3maps_ms_spdk_c"] = SPDK_C["unregister_100g_3maps_ms"]
     tr = bench_translate()
@@ -212,6 +298,8 @@ def main() -> None:
     result["translate_spdk_c_ns_per_call"] = SPDK_C["translate_ns"]
     result.update({k: round(v, 1) for k, v in bench_memory().items()})
     result["repetitions"] = {"register_unregister": REPS, "small_registrations": SMALL_REPS,
+                             "register_many_per_range_notify": SMALL_REPS,
+                             "register_many_notify_many": REPS,
                              "translate": TRANSLATE_REPS, "translate_many": MANY_REPS}
     result["statistic"] = "median"
     result["translate_statistic"] = "min"

@@ -8,6 +8,8 @@ reg.unregister(vaddr, length)    # cb(..., UNREGISTER, ...) per chunk, maps in r
 m.set_translation(vaddr, size, translation); m.clear_translation(vaddr, size)
 m.translate(vaddr) -> (translation, size); m.translate(vaddr, size=n); m.lookup(vaddr) -> int
 m.translate_many(addresses) -> numpy uint64 array
+reg.register_many(ranges); reg.unregister_many(ranges)   # all or nothing; MapOps.notify_many
+m.set_translations(vaddrs, lengths, translations); m.clear_translations(vaddrs, lengths)
 ```
 
 Addresses are below 2^48; ranges are 4 KiB aligned. Errors are ``MemMapError`` (an ``OSError``)

@@ -48,6 +48,8 @@ class NotifyAction(IntEnum):
 
 
 NotifyCallback = Callable[["MemMap", Any, NotifyAction, int, int], None]
+# notify_many(map, ctx, action, vaddrs, lengths): numpy uint64 arrays, read-only.
+NotifyManyCallback = Callable[["MemMap", Any, NotifyAction, Any, Any], None]
 ContiguityCallback = Callable[[int, int], bool]
 
 
@@ -58,10 +60,18 @@ class MapOps:
     ``notify(map, ctx, action, vaddr, length)`` is called for every registration change; it
     signals failure by raising. ``are_contiguous(prev, cur)`` tells ``translate(..., size=N)``
     whether the translation of the next page continues the previous one.
+
+    ``notify_many(map, ctx, action, vaddrs, lengths)`` is optional and only used with
+    ``notify``: ``register_many`` / ``unregister_many`` call it once per batch instead of
+    calling ``notify`` once per range. ``vaddrs`` and ``lengths`` are read-only numpy uint64
+    arrays in the order ``notify`` would have heard the ranges, and the call must have the
+    effect of those ``notify`` calls (e.g. one ``MemMap.set_translations``). Like ``notify``
+    it signals failure by raising, after leaving its own map as it found it.
     """
 
     notify: NotifyCallback | None = None
     are_contiguous: ContiguityCallback | None = None
+    notify_many: NotifyManyCallback | None = None
 
 
 def check_range(what: str, vaddr: int, length: int) -> tuple[int, int]:

@@ -20,6 +20,7 @@ and undone on failure.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import operator
 import threading
@@ -237,6 +238,34 @@ class MemMap:
             self._check_alive()
             self._set(vaddr, vaddr + size, self._default)
 
+    def set_translations(self, vaddrs: Any, lengths: Any, translations: Any) -> None:
+        """Many ``set_translation`` calls at once, all or nothing: range ``i`` is
+        ``[vaddrs[i], vaddrs[i] + lengths[i])`` and gets ``translations[i]`` (or
+        ``translations`` itself when it is one integer). Where ranges overlap the later one
+        wins, as with successive calls. Any sequences or numpy arrays of integers.
+
+        EINVAL (nothing changed) if any range or value is bad; ENOMEM (nothing changed) if a
+        table cannot be allocated. Batches of whole 2 MiB frames are written table by table
+        from numpy arrays, so their cost is per 1 GiB table touched, not per range.
+        """
+        from vhostmem.memmap import _batch
+
+        starts, sizes = _batch.check_ranges("set_translations", vaddrs, lengths)
+        values = _batch.check_values("set_translations", translations, starts.size)
+        with self._lock:
+            self._check_alive()
+            self._set_batch(starts, sizes, values)
+
+    def clear_translations(self, vaddrs: Any, lengths: Any) -> None:
+        """Many ``clear_translation`` calls at once, all or nothing (see ``set_translations``)."""
+        from vhostmem.memmap import _batch
+
+        starts, sizes = _batch.check_ranges("clear_translations", vaddrs, lengths)
+        values = _batch.check_values("clear_translations", self._default, starts.size)
+        with self._lock:
+            self._check_alive()
+            self._set_batch(starts, sizes, values)
+
     def preallocate(self, vaddr: int, size: int) -> None:
         """Allocate the 1 GiB tables covering a range now (used by ``MemRegistry.reserve``)."""
         vaddr, size = check_range("reserve", vaddr, size)
@@ -302,6 +331,70 @@ class MemMap:
                 del split[frame]
         if self._mirror is not None:
             self._mark_mirror(indexes, stores, dropped, pages)
+
+    def _set_batch(self, starts: np.ndarray, sizes: np.ndarray, values: np.ndarray) -> None:
+        keep = sizes > 0
+        if not keep.all():
+            starts, sizes, values = starts[keep], sizes[keep], values[keep]
+        if not starts.size:
+            return
+        from vhostmem.memmap import _batch
+
+        if _batch.whole_frames(starts, sizes):
+            self._set_frames(starts, sizes, values)
+        else:
+            self._set_each(starts.tolist(), sizes.tolist(), values.tolist())
+
+    def _set_frames(self, starts: np.ndarray, sizes: np.ndarray, values: np.ndarray) -> None:
+        """Whole 2 MiB frames: build a changed copy of every 1 GiB table touched (all the
+        allocation, so MemoryError leaves the map as it was), then store the copies."""
+        from vhostmem.memmap import _batch
+
+        l1, split = self._l1, self._split
+        try:
+            frames, per_frame = _batch.frame_values(starts, sizes, values)
+            indexes, tables = _batch.build_tables(
+                l1, self._default_table, self._default, frames, per_frame, _filled, _copied)
+            dropped = _batch.split_frames_in(split, frames)
+        except MemoryError as exc:
+            raise MemMapError(errno.ENOMEM, "out of memory allocating a memory-map table") from exc
+        for index, table in zip(indexes, tables, strict=True):
+            l1[index] = table
+        for frame in dropped:  # after the stores that overwrote their markers
+            del split[frame]
+        if self._mirror is not None:
+            self._mark_mirror(indexes, (), dropped, [])
+
+    def _set_each(self, starts: list[int], sizes: list[int], values: list[int]) -> None:
+        """Ranges one by one through ``_set``; if one fails (ENOMEM) the ones before it are
+        undone from a snapshot taken first: the table references of every 1 GiB slot touched,
+        a copy of each existing table a range only partly covers (``_set`` writes those in
+        place), and the split entries."""
+        from vhostmem.memmap import _batch
+
+        try:
+            saved = _batch.snapshot(self._l1, self._default_table, starts, sizes, _copied)
+            old_split = self._split.copy()
+        except MemoryError as exc:
+            raise MemMapError(errno.ENOMEM, "out of memory allocating a memory-map table") from exc
+        try:
+            for start, size, value in zip(starts, sizes, values, strict=True):
+                self._set(start, start + size, value)
+        except MemMapError:
+            self._restore(saved, old_split)
+            raise
+
+    def _restore(self, saved: dict[int, list[int]], old_split: dict[int, list[int]]) -> None:
+        """Put back a snapshot of ``_set_each``. Every marker a lock-free reader can see keeps
+        its sub-table: first the union of both split dicts, then the tables, then the old
+        dict."""
+        # Without memory for the union a reader may retry a lookup until the tables are back.
+        with contextlib.suppress(MemoryError):
+            self._split = {**self._split, **old_split}
+        for index, table in saved.items():
+            self._l1[index] = table
+        self._split = old_split
+        self._mirror = None  # rebuilt from the restored tables by the next translate_many
 
     def _prepare_tables(self, first: int, last: int, f_first: int, f_stop: int,
                         value: int) -> tuple[Any, list[list[int]], tuple[_Store, ...]]:

@@ -19,12 +19,17 @@ import threading
 import weakref
 from bisect import bisect_right
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vhostmem.memmap._common import MapOps, MemMapError, NotifyAction, check_range
 from vhostmem.memmap._map import MemMap
 
-_Step = tuple[MemMap, NotifyAction, int, int]
+if TYPE_CHECKING:  # numpy is imported by the batch calls only
+    import numpy as np
+
+# (map, action, vaddr, length); vaddr and length are numpy arrays for a notify_many step.
+_Step = tuple[MemMap, NotifyAction, Any, Any]
+_BATCH = -1  # in _run_batch's record: the map heard the batch in one notify_many call
 _INVERSE = {NotifyAction.REGISTER: NotifyAction.UNREGISTER,
             NotifyAction.UNREGISTER: NotifyAction.REGISTER}
 
@@ -146,25 +151,74 @@ class MemRegistry:
                 ends[first:first] = [end for _, end in chunks]
                 raise
 
+    def register_many(self, ranges: Any) -> None:
+        """Register ``(vaddr, length)`` ranges, each as its own chunk, as one ``register`` call
+        per range in the given order would, but all or nothing: every range is checked first
+        (EINVAL, or EBUSY if one overlaps registered memory or another range of the batch),
+        and if a callback raises, every notification already made is undone and no range
+        stays registered. Zero-length ranges are skipped, as ``register`` skips them.
+
+        ``ranges``: a sequence of pairs or an ``(N, 2)`` integer numpy array. Each map hears
+        what it would hear from the ``register`` calls, in the same order; maps are notified
+        one after the other in allocation order (map 0 hears the whole batch before map 1
+        hears any of it). A map whose ``MapOps.notify_many`` is set hears the whole batch in
+        one call.
+        """
+        from vhostmem.memmap import _batch
+
+        vaddrs, lengths = _batch.check_pairs("register_many", ranges)
+        if not lengths.all():
+            keep = lengths > 0
+            vaddrs, lengths = vaddrs[keep], lengths[keep]
+        if not vaddrs.size:
+            return
+        with self._lock:
+            self._enter()
+            old = self._starts, self._ends
+            self._starts, self._ends = _batch.add_chunks(*old, vaddrs, lengths)
+            try:
+                self._run_batch(self._maps, NotifyAction.REGISTER, vaddrs, lengths)
+            except BaseException:
+                self._starts, self._ends = old
+                raise
+
+    def unregister_many(self, ranges: Any) -> None:
+        """Unregister ``(vaddr, length)`` ranges, each checked as ``unregister`` checks it
+        (EINVAL, ERANGE), all or nothing. EINVAL too if two ranges of the batch cover the same
+        chunk. Maps are notified one after the other in reverse allocation order, each about
+        every chunk in the order the ``unregister`` calls would report them (one
+        ``notify_many`` call for a map that has one); a callback that raises undoes them all.
+        """
+        import numpy as np
+
+        from vhostmem.memmap import _batch
+
+        vaddrs, lengths = _batch.check_pairs("unregister_many", ranges)
+        if not lengths.all():
+            keep = lengths > 0
+            vaddrs, lengths = vaddrs[keep], lengths[keep]
+        if not vaddrs.size:
+            return
+        with self._lock:
+            self._enter()
+            starts = np.array(self._starts, dtype=np.int64)
+            ends = np.array(self._ends, dtype=np.int64)
+            covered = _batch.covered_chunks(self._starts, self._ends, starts, ends, vaddrs,
+                                            lengths, whole_chunks)
+            keep = np.ones(starts.size, dtype=bool)
+            keep[covered] = False
+            old = self._starts, self._ends
+            self._starts, self._ends = starts[keep].tolist(), ends[keep].tolist()
+            try:
+                self._run_batch(self._maps[::-1], NotifyAction.UNREGISTER, starts[covered],
+                                ends[covered] - starts[covered])
+            except BaseException:
+                self._starts, self._ends = old
+                raise
+
     def _whole_chunks(self, vaddr: int, end: int) -> tuple[int, int]:
         """Indexes ``first, stop`` of the chunks that tile ``[vaddr, end)`` exactly."""
-        starts, ends = self._starts, self._ends
-        first = bisect_right(starts, vaddr) - 1
-        if first >= 0 and starts[first] < vaddr < ends[first]:
-            raise MemMapError(errno.ERANGE, f"unregister: {vaddr:#x} is inside a registration "
-                              f"that starts at {starts[first]:#x}")
-        if first < 0 or starts[first] != vaddr:
-            raise MemMapError(errno.EINVAL, f"unregister: {vaddr:#x} is not registered")
-        stop, pos = first, vaddr
-        while pos < end:
-            if stop == len(starts) or starts[stop] != pos:
-                raise MemMapError(errno.EINVAL, f"unregister: {pos:#x} is not registered")
-            pos = ends[stop]
-            stop += 1
-        if pos > end:
-            raise MemMapError(errno.ERANGE, f"unregister: {end:#x} is inside a registration "
-                              f"that ends at {pos:#x}")
-        return first, stop
+        return whole_chunks(self._starts, self._ends, vaddr, end)
 
     def reserve(self, vaddr: int, length: int) -> None:
         """Reserve ``[vaddr, vaddr+length)``: the 1 GiB tables covering it are allocated now in
@@ -230,13 +284,84 @@ class MemRegistry:
             self._undo(done, exc)
             raise
 
+    def _run_batch(self, maps: list[MemMap], action: NotifyAction, vaddrs: np.ndarray,
+                   lengths: np.ndarray) -> None:
+        """Tell each map in turn about every range, in order: one ``notify_many`` call, or one
+        ``notify`` per range. If a callback raises, everything already heard is undone
+        backwards with the opposite action (a batch as one ``notify_many`` call on the ranges
+        reversed), as ``_run`` undoes single steps, and the exception propagates."""
+        arrays = _read_only(vaddrs), _read_only(lengths)
+        lists: tuple[list[int], list[int]] | None = None
+        done: list[tuple[MemMap, int]] = []  # (map, how many ranges it heard, or _BATCH)
+        try:
+            for mem_map in maps:
+                notify_many = mem_map.ops.notify_many
+                if notify_many is not None:
+                    self._call(notify_many, mem_map, action, *arrays)
+                    done.append((mem_map, _BATCH))
+                    continue
+                if lists is None:
+                    lists = vaddrs.tolist(), lengths.tolist()
+                call, notify, heard = self._call, mem_map.ops.notify, 0
+                try:
+                    for vaddr, length in zip(*lists, strict=True):
+                        call(notify, mem_map, action, vaddr, length)
+                        heard += 1
+                finally:
+                    done.append((mem_map, heard))
+        except BaseException as exc:
+            steps: list[_Step] = []  # in the order they were heard; _undo walks back
+            for mem_map, heard in done:
+                if heard == _BATCH:  # undone in one call, its ranges in reverse order
+                    steps.append((mem_map, action, arrays[0][::-1], arrays[1][::-1]))
+                else:
+                    assert lists is not None
+                    steps.extend((mem_map, action, lists[0][i], lists[1][i])
+                                 for i in range(heard))
+            self._undo(steps, exc)
+            raise
+
     def _undo(self, done: list[_Step], exc: BaseException) -> None:
         for mem_map, action, vaddr, length in reversed(done):
+            batch = not isinstance(vaddr, int)  # a notify_many step holds arrays
+            notify = mem_map.ops.notify_many if batch else mem_map.ops.notify
             try:
-                self._call(mem_map.ops.notify, mem_map, _INVERSE[action], vaddr, length)
+                self._call(notify, mem_map, _INVERSE[action], vaddr, length)
             except Exception as undo_exc:
-                exc.add_note(f"rollback: {_INVERSE[action].name} {vaddr:#x}+{length:#x} "
-                             f"failed too: {undo_exc!r}")
+                what = f"{vaddr.size} ranges" if batch else f"{vaddr:#x}+{length:#x}"
+                exc.add_note(f"rollback: {_INVERSE[action].name} {what} failed too: "
+                             f"{undo_exc!r}")
+
+
+def whole_chunks(starts: list[int], ends: list[int], vaddr: int, end: int) -> tuple[int, int]:
+    """Indexes ``first, stop`` of the chunks in ``starts``/``ends`` that tile ``[vaddr, end)``
+    exactly. SPDK's unregister checks: ERANGE if it starts or ends inside a chunk, EINVAL if a
+    page in it is not registered."""
+    first = bisect_right(starts, vaddr) - 1
+    if first >= 0 and starts[first] < vaddr < ends[first]:
+        raise MemMapError(errno.ERANGE, f"unregister: {vaddr:#x} is inside a registration "
+                          f"that starts at {starts[first]:#x}")
+    if first < 0 or starts[first] != vaddr:
+        raise MemMapError(errno.EINVAL, f"unregister: {vaddr:#x} is not registered")
+    stop, pos = first, vaddr
+    while pos < end:
+        if stop == len(starts) or starts[stop] != pos:
+            raise MemMapError(errno.EINVAL, f"unregister: {pos:#x} is not registered")
+        pos = ends[stop]
+        stop += 1
+    if pos > end:
+        raise MemMapError(errno.ERANGE, f"unregister: {end:#x} is inside a registration "
+                          f"that ends at {pos:#x}")
+    return first, stop
+
+
+def _read_only(values: np.ndarray) -> np.ndarray:
+    """A uint64 copy callbacks can read but not change (the registry's undo reuses it)."""
+    import numpy as np
+
+    out = values.astype(np.uint64)
+    out.flags.writeable = False
+    return out
 
 
 def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
