@@ -228,7 +228,7 @@ class Transmission:
                 raise NbdProtocolError(f"OFFSET_HOLE of 0 bytes for cookie {self._cookie}")
             self._claim_range(req, offset, size, "OFFSET_HOLE")
             assert req.into is not None
-            for view in _slice(req.into, offset - req.offset, size):
+            for view in slice_views(req.into, offset - req.offset, size):
                 view[:] = bytes(len(view))
             self._chunk_done(done)
             return
@@ -303,7 +303,7 @@ class Transmission:
     def _start_data(self, req: _Pending, cookie: int, start: int, size: int) -> None:
         assert req.into is not None
         self._req, self._cookie = req, cookie
-        self._data = _slice(req.into, start, size)
+        self._data = slice_views(req.into, start, size)
         self._data_left = size
         self._state = _DATA
 
@@ -351,7 +351,7 @@ class Transmission:
         self._expect(SIMPLE_REPLY.size, _HEADER)
 
 
-def _slice(views: list[memoryview], start: int, size: int) -> list[memoryview]:
+def slice_views(views: list[memoryview], start: int, size: int) -> list[memoryview]:
     """The views covering bytes [start, start + size) of ``views``."""
     out: list[memoryview] = []
     for view in views:

@@ -351,6 +351,20 @@ class Virtqueue(SplitRing, QueueStats):
                 if not self.inflight:
                     self._idle.notify_all()
 
+    def complete_many(self, done: list[tuple[int, int]]) -> None:
+        """:meth:`complete` for a batch of held chains, (head, written_len) each, with one
+        signal for the batch (an asynchronous backend's replies read in one wake-up)."""
+        with self._idle:
+            try:
+                for head, written_len in done:
+                    self.push_used(head, written_len)
+                if not self.queued:
+                    self.notify()
+            finally:
+                self.inflight -= len(done)
+                if not self.inflight:
+                    self._idle.notify_all()
+
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until no request is in flight; False on timeout."""
         with self._idle:
