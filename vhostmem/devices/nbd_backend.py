@@ -357,8 +357,13 @@ class NbdBackend(BlkBackend):
         self.closed = True
         if self._watch is not None:
             self._watch.cancel()
-        if self._reconnect is not None:
-            self._reconnect.cancel()
+        task, loop = self._reconnect, self._loop
+        if task is not None and not task.done():
+            task.cancel()
+            if loop is not None and not loop.is_running() and not loop.is_closed():
+                # Closed after the loop stopped (shutdown): let the task see its cancellation.
+                with contextlib.suppress(asyncio.CancelledError):
+                    loop.run_until_complete(task)
         for op in [*self._ops.values(), *self._waiting]:
             op.done(False)
         self._ops.clear()
