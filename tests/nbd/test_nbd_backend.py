@@ -4,6 +4,7 @@ file plugins)."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
@@ -21,6 +22,7 @@ from tests.nbd.servers import (
     stop,
     unix_uri,
     vhostmem_on,
+    wait_for_path,
 )
 from vhostmem.frontend import VhostUserBlk
 from vhostmem.frontend.queue import BlkError
@@ -213,3 +215,35 @@ def test_unknown_export_is_refused_by_name(tmp_path: Path) -> None:
         stop(server)
     assert run.returncode == 1
     assert "NBD_REP_ERR_UNKNOWN" in run.stderr, run.stderr
+
+
+@needs_nbdkit
+def test_device_add_nbd_and_list_it(tmp_path: Path) -> None:
+    nbd_sock, rpc_sock, vsock = tmp_path / "nbd.sock", tmp_path / "r.sock", tmp_path / "v.sock"
+    server = start_nbdkit(nbd_sock, "memory", "4M")
+    cli = [sys.executable, "-m", "vhostmem.cli"]
+    serve = subprocess.Popen([*cli, "serve", "--rpc-socket", str(rpc_sock)],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        wait_for_path(rpc_sock, serve, "vhostmem serve")
+
+        def rpc(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([*cli, "rpc", "--socket", str(rpc_sock), *args],
+                                  capture_output=True, text=True, timeout=30)
+
+        uri = unix_uri(nbd_sock)
+        assert rpc("device_add", f"socket={vsock}", f"nbd={uri}", "nbd_timeout=5").returncode == 0
+        listed = json.loads(rpc("device_list").stdout)
+        assert (listed[0]["nbd"], listed[0]["ram"], listed[0]["size"]) == (uri, None, 4 << 20)
+        with VhostUserBlk.open(str(vsock), ram_size=GUEST_RAM) as dev:
+            q = dev.start_queue(0, size=64)
+            q.write(0, b"r" * 4096)
+            assert q.read(0, 4096) == b"r" * 4096
+        bad = rpc("device_add", f"socket={tmp_path / 'w.sock'}",
+                  f"nbd={unix_uri(tmp_path / 'missing.sock')}")
+        assert bad.returncode != 0 and "cannot connect to the NBD server" in bad.stderr
+        assert not (tmp_path / "w.sock").exists()
+    finally:
+        stop(serve)
+        stop(server)
