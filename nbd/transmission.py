@@ -10,6 +10,11 @@ memoryviews the request was registered with, at the offset the reply names, and 
 offset and length were checked against the request: nothing a server sends can make it write
 outside them. A bad reply raises :class:`NbdProtocolError` naming what was wrong, and the
 connection is unusable from then on (:attr:`Transmission.broken`).
+
+Reply headers are read into a small buffer of the parser's own, with read-ahead only as far as
+no data can be (``AHEAD_STRUCTURED``), so that one ``recvmsg_into`` takes a READ's data and the
+next reply's header: one system call per reply in the steady state. Should bytes of payload
+ever be in that buffer anyway, they are copied to where they belong, checked like the rest.
 """
 
 from __future__ import annotations
@@ -45,6 +50,12 @@ COOKIE_MASK = (1 << 64) - 1
 # MAX_STRING bytes ("NBD_REPLY_TYPE_ERROR"), and the offset of NBD_REPLY_TYPE_ERROR_OFFSET.
 MAX_ERROR_CHUNK = ERROR_CHUNK.size + MAX_STRING + OFFSET_FIELD.size
 STAGE_BYTES = STRUCTURED_REPLY.size + MAX_ERROR_CHUNK
+# Read-ahead while a READ may be answered next: a structured reply header and the 8 bytes after
+# it, which are never data (an OFFSET_DATA's offset, a hole or error chunk's fixed part, or the
+# next reply: a simple reply carries no data once structured replies are agreed); a simple
+# reply header alone otherwise. With no READ in flight nothing can be data: read all that fits.
+AHEAD_STRUCTURED = STRUCTURED_REPLY.size + OFFSET_FIELD.size
+AHEAD_SIMPLE = SIMPLE_REPLY.size
 # Reader states.
 _HEADER, _STRUCT_HEADER, _CHUNK, _DATA = range(4)
 
@@ -86,6 +97,7 @@ class Transmission:
         self.max_payload = max_payload
         self.broken: NbdProtocolError | None = None
         self._pending: dict[int, _Pending] = {}
+        self._reads = 0  # READs in flight: while there are none, no reply byte can be data
         self._next = 1
         self._stage = bytearray(STAGE_BYTES)
         self._sview = memoryview(self._stage)
@@ -122,6 +134,8 @@ class Transmission:
             cookie = (cookie + 1) & COOKIE_MASK or 1
         self._next = (cookie + 1) & COOKIE_MASK or 1
         self._pending[cookie] = _Pending(command, offset, length, into)
+        if command == NBD_CMD_READ:
+            self._reads += 1
         return cookie, encode_request(command, cookie, offset, length, flags)
 
     def forget_all(self) -> list[int]:
@@ -129,8 +143,10 @@ class Transmission:
         returns their cookies."""
         cookies = list(self._pending)
         self._pending.clear()
+        self._reads = 0
         self._data = []
         self._req = None
+        self._state, self._have, self._need = _HEADER, 0, SIMPLE_REPLY.size
         return cookies
 
     # ------------------------------------------------------------------ replies
@@ -138,8 +154,21 @@ class Transmission:
     def buffers(self) -> list[memoryview]:
         """Where the next bytes read from the server must go, in order."""
         if self._state == _DATA:
-            return self._data
-        return [self._sview[self._have : self._need]]
+            return [*self._data, self._sview[: self._data_ahead()]]
+        return [self._sview[self._have : self._stage_limit()]]
+
+    def _stage_limit(self) -> int:
+        if not self._reads:
+            return len(self._stage)
+        if self._state == _CHUNK:
+            return self._need
+        return max(self._need, AHEAD_STRUCTURED if self.structured else AHEAD_SIMPLE)
+
+    def _data_ahead(self) -> int:
+        last = not self.structured or self._chunk[0] & NBD_REPLY_FLAG_DONE
+        if last and self._reads == 1:
+            return len(self._stage)
+        return AHEAD_STRUCTURED if self.structured else AHEAD_SIMPLE
 
     def advance(self, n: int) -> list[Completed]:
         """``n`` bytes were read into :meth:`buffers`; the requests this completed."""
@@ -148,33 +177,48 @@ class Transmission:
         done: list[Completed] = []
         try:
             if self._state == _DATA:
-                self._consume_data(n, done)
+                data = min(n, self._data_left)
+                if n - data > self._data_ahead():
+                    raise ValueError(f"advance({n}) beyond the bytes asked for")
+                self._have = n - data  # read-ahead past the data (the stage was empty)
+                self._consume_data(data, done)
             else:
-                if n > self._need - self._have:
-                    raise ValueError(f"advance({n}) beyond the {self._need - self._have} "
-                                     "bytes asked for")
+                if self._have + n > self._stage_limit():
+                    raise ValueError(f"advance({n}) beyond the bytes asked for")
                 self._have += n
-                while self._state != _DATA and self._have == self._need:
-                    self._parse(done)
+            while self._state != _DATA and self._have >= self._need:
+                self._parse(done)
         except NbdProtocolError as exc:
             self.broken = exc
             raise
         return done
 
     def feed(self, data: bytes) -> list[Completed]:
-        """Copy ``data`` through :meth:`buffers` (tests, captured sessions)."""
+        """Copy ``data`` through :meth:`buffers`, as ``recvmsg_into`` would (tests,
+        captured sessions)."""
         done: list[Completed] = []
         view = memoryview(data)
         while view:
-            target = self.buffers()[0]
-            n = min(len(target), len(view))
-            target[:n] = view[:n]
+            n = 0
+            for target in self.buffers():
+                k = min(len(target), len(view) - n)
+                target[:k] = view[n : n + k]
+                n += k
+                if n == len(view):
+                    break
             view = view[n:]
             done += self.advance(n)
         return done
 
     def _expect(self, need: int, state: int) -> None:
-        self._state, self._have, self._need = state, 0, need
+        self._state, self._need = state, need
+
+    def _take(self, k: int) -> None:
+        """The first ``k`` stage bytes were parsed: move the rest to the front."""
+        rest = self._have - k
+        if rest:
+            self._stage[:rest] = self._stage[k : self._have]
+        self._have = rest
 
     def _parse(self, done: list[Completed]) -> None:
         stage = self._stage
@@ -186,6 +230,9 @@ class Transmission:
                                            "were not negotiated")
                 self._need = STRUCTURED_REPLY.size
                 self._state = _STRUCT_HEADER
+                if self._have < STRUCTURED_REPLY.size:
+                    return
+                self._parse(done)  # the whole header is here (the usual case)
                 return
             if magic != NBD_SIMPLE_REPLY_MAGIC:
                 raise NbdProtocolError(f"reply magic {magic:#010x} is neither the simple "
@@ -193,17 +240,19 @@ class Transmission:
                                        f"({NBD_STRUCTURED_REPLY_MAGIC:#x}) one")
             _, error, cookie = SIMPLE_REPLY.unpack_from(stage)
             req = self._lookup(cookie, "simple reply")
+            self._take(SIMPLE_REPLY.size)
             if req.command == NBD_CMD_READ and not error:
                 if self.structured:
                     raise NbdProtocolError(f"simple reply with data to READ cookie {cookie} "
                                            "although structured replies were negotiated")
-                self._start_data(req, cookie, 0, req.length)
+                self._start_data(req, cookie, 0, req.length, done)
                 return
             self._finish(cookie, req, error, "", done)
             return
         if self._state == _STRUCT_HEADER:
             _, flags, ctype, cookie, length = STRUCTURED_REPLY.unpack_from(stage)
             req = self._lookup(cookie, "structured reply chunk")
+            self._take(STRUCTURED_REPLY.size)
             self._req, self._cookie, self._chunk = req, cookie, (flags, ctype, length)
             self._check_chunk(req, cookie, flags, ctype, length)
             if ctype == NBD_REPLY_TYPE_NONE:
@@ -211,6 +260,8 @@ class Transmission:
                 return
             need = OFFSET_FIELD.size if ctype == NBD_REPLY_TYPE_OFFSET_DATA else length
             self._expect(need, _CHUNK)
+            if self._have >= need:
+                self._parse(done)  # read ahead with the header (the usual case)
             return
         # _CHUNK: the chunk's fixed part (or all of it) is in the stage.
         req = self._req
@@ -218,12 +269,14 @@ class Transmission:
         flags, ctype, length = self._chunk
         if ctype == NBD_REPLY_TYPE_OFFSET_DATA:
             (offset,) = OFFSET_FIELD.unpack_from(stage)
+            self._take(OFFSET_FIELD.size)
             size = length - OFFSET_FIELD.size
             self._claim_range(req, offset, size, "OFFSET_DATA")
-            self._start_data(req, self._cookie, offset - req.offset, size)
+            self._start_data(req, self._cookie, offset - req.offset, size, done)
             return
         if ctype == NBD_REPLY_TYPE_OFFSET_HOLE:
             offset, size = HOLE_CHUNK.unpack_from(stage)
+            self._take(HOLE_CHUNK.size)
             if not size:
                 raise NbdProtocolError(f"OFFSET_HOLE of 0 bytes for cookie {self._cookie}")
             self._claim_range(req, offset, size, "OFFSET_HOLE")
@@ -233,6 +286,7 @@ class Transmission:
             self._chunk_done(done)
             return
         self._error_chunk(req, ctype, length)
+        self._take(length)
         self._chunk_done(done)
 
     def _lookup(self, cookie: int, what: str) -> _Pending:
@@ -300,16 +354,27 @@ class Transmission:
         if not req.error:
             req.error, req.message = error, message
 
-    def _start_data(self, req: _Pending, cookie: int, start: int, size: int) -> None:
+    def _start_data(self, req: _Pending, cookie: int, start: int, size: int,
+                    done: list[Completed]) -> None:
         assert req.into is not None
         self._req, self._cookie = req, cookie
         self._data = slice_views(req.into, start, size)
         self._data_left = size
         self._state = _DATA
+        if self._have or not size:  # payload in the stage (the read-ahead never takes
+            # any, but be sure), or nothing to read at all
+            k = min(self._have, size)
+            at = 0
+            for view in self._data:
+                m = min(len(view), k - at)
+                view[:m] = self._sview[at : at + m]
+                at += m
+                if at == k:
+                    break
+            self._take(k)
+            self._consume_data(k, done)
 
     def _consume_data(self, n: int, done: list[Completed]) -> None:
-        if n > self._data_left:
-            raise ValueError(f"advance({n}) beyond the {self._data_left} data bytes asked for")
         self._data_left -= n
         data = self._data
         while n:
@@ -345,6 +410,8 @@ class Transmission:
     def _finish(self, cookie: int, req: _Pending, error: int, message: str,
                 done: list[Completed]) -> None:
         del self._pending[cookie]
+        if req.command == NBD_CMD_READ:
+            self._reads -= 1
         done.append(Completed(cookie, req.command, error, message))
         self._req = None
         self._data = []

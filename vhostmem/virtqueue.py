@@ -325,12 +325,14 @@ class Virtqueue(SplitRing, QueueStats):
 
     # ------------------------------------------------------- requests in flight
 
-    def hold(self) -> None:
-        """A popped chain is handed to another thread: :meth:`begin` when a worker takes it
-        up, :meth:`complete` when it is done."""
+    def hold(self, count: int = 1, *, waiting: bool = True) -> None:
+        """``count`` popped chains are handed to another thread: :meth:`begin` when a worker
+        takes one up, :meth:`complete` when it is done. ``waiting=False``: they are in service
+        already (an asynchronous backend's requests), no :meth:`begin` follows."""
         with self._idle:
-            self.inflight += 1
-            self.queued += 1
+            self.inflight += count
+            if waiting:
+                self.queued += count
 
     def begin(self) -> None:
         """A worker started serving a held chain."""

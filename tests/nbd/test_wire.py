@@ -243,3 +243,36 @@ def test_read_needs_buffers_of_its_length() -> None:
     t = Transmission(structured=True)
     with pytest.raises(ValueError, match="exactly its length"):
         t.request(NBD_CMD_READ, 0, 8, into=[memoryview(bytearray(4))])
+
+
+def test_read_ahead_takes_the_next_header_with_the_data_and_never_more() -> None:
+    """While a READ may still be answered, buffers() ends where data could begin; the bytes
+    read ahead are parsed as the next reply."""
+    t = Transmission(structured=True)
+    a, b = bytearray(8), bytearray(8)
+    ca, _ = t.request(NBD_CMD_READ, 0, 8, into=[memoryview(a)])
+    cb, _ = t.request(NBD_CMD_READ, 8, 8, into=[memoryview(b)])
+    assert [len(v) for v in t.buffers()] == [28]  # header + offset, not a data byte
+    stream = (chunk(ca, NBD_REPLY_TYPE_OFFSET_DATA, struct.pack(">Q", 0) + b"AAAAAAAA")
+              + chunk(cb, NBD_REPLY_TYPE_OFFSET_DATA, struct.pack(">Q", 8) + b"BBBBBBBB"))
+    assert t.feed(stream[:28]) == []
+    bufs = t.buffers()
+    assert [len(v) for v in bufs] == [8, 28]  # a's data, then b's header and offset
+    assert [c.cookie for c in t.feed(stream[28:64])] == [ca]
+    assert [len(v) for v in t.buffers()] == [8, 4130]  # b is the last READ: read all
+    assert [c.cookie for c in t.feed(stream[64:])] == [cb]
+    assert (a, b) == (b"A" * 8, b"B" * 8)
+
+
+def test_replies_without_reads_are_read_in_one_go() -> None:
+    t = Transmission(structured=True)
+    cookies = [t.request(NBD_CMD_WRITE, i * 512, 512)[0] for i in range(20)]
+    assert len(t.buffers()[0]) > 20 * 16
+    done = t.feed(b"".join(simple(c) for c in reversed(cookies)))
+    assert [d.cookie for d in done] == cookies[::-1]
+
+
+def test_zero_length_read_completes() -> None:
+    t = Transmission(structured=False)
+    c, _ = t.request(NBD_CMD_READ, 0, 0, into=[])
+    assert [d.cookie for d in t.feed(simple(c))] == [c]

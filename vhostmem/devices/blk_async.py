@@ -68,8 +68,9 @@ class _Request:
         self.left = -1
         self.status[0] = status
         data_in = self.read_bytes if status == VIRTIO_BLK_S_OK else 0
-        self.vq.account_request(data_in, self.write_bytes, status != VIRTIO_BLK_S_OK,
-                                self.started)
+        # On the event loop, like inline mode: no worker thread shares these counters.
+        self.vq.account_turn(1, data_in, self.write_bytes, int(status != VIRTIO_BLK_S_OK),
+                             self.started)
         self.done_list.add(self.vq, self.head, data_in + 1)
 
 
@@ -103,10 +104,16 @@ def handle_queue_async(dev: BlkDevice, vq: Virtqueue) -> None:
         done_list = _Completions()
         dev._async_completions = done_list  # type: ignore[attr-defined]
     started = monotonic_ns()
-    while (chain := vq.pop()) is not None:
-        vq.hold()
-        vq.begin()  # nothing waits for a worker: each completion may signal
-        _start(dev, vq, chain, started, done_list)
+    popped = 0
+    try:
+        while (chain := vq.pop()) is not None:
+            popped += 1
+            _start(dev, vq, chain, started, done_list)
+    finally:
+        # Held before any of them is published (completions wait for the end of the loop
+        # turn); in service at once, so whichever batch completes last signals.
+        if popped:
+            vq.hold(popped, waiting=False)
 
 
 def _start(dev: BlkDevice, vq: Virtqueue, chain: DescChain, started: int,
@@ -114,7 +121,7 @@ def _start(dev: BlkDevice, vq: Virtqueue, chain: DescChain, started: int,
     writable = chain.writable
     if chain.writable_len == 0:
         log.warning("blk request %d has no status byte: completed empty", chain.head)
-        vq.account_request(0, 0, True, started)
+        vq.account_turn(1, 0, 0, 1, started)
         done_list.add(vq, chain.head, 0)
         return
     last = writable[-1]

@@ -154,6 +154,9 @@ class NbdBackend(BlkBackend):
     def _split(self, command: int, views: list[memoryview], offset: int, length: int,
                flags: int, done: Done) -> None:
         """One NBD request per ``max_payload`` bytes at most ("Block size constraints")."""
+        if not length:
+            done(True)  # nothing to move: no zero-length request goes on the wire
+            return
         limit = self.info.max_payload
         if length <= limit:
             self._issue(command, offset, length, flags, views, done)
