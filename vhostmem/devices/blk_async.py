@@ -77,15 +77,19 @@ class _Request:
 class _Completions:
     """Completions gathered during one event-loop turn, published at its end."""
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
         self.by_queue: dict[Virtqueue, list[tuple[int, int]]] = {}
         self.scheduled = False
 
     def add(self, vq: Virtqueue, head: int, used: int) -> None:
         self.by_queue.setdefault(vq, []).append((head, used))
         if not self.scheduled:
+            if self.loop.is_closed() or not self.loop.is_running():
+                self.publish()  # the backend fails what is left as it closes: publish now
+                return
             self.scheduled = True
-            asyncio.get_running_loop().call_soon(self.publish)
+            self.loop.call_soon(self.publish)
 
     def publish(self) -> None:
         self.scheduled = False
@@ -101,7 +105,7 @@ class _Completions:
 def handle_queue_async(dev: BlkDevice, vq: Virtqueue) -> None:
     done_list: _Completions | None = getattr(dev, "_async_completions", None)
     if done_list is None:
-        done_list = _Completions()
+        done_list = _Completions(asyncio.get_running_loop())
         dev._async_completions = done_list  # type: ignore[attr-defined]
     started = monotonic_ns()
     popped = 0

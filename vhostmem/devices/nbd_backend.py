@@ -42,7 +42,12 @@ from nbd.constants import (
 )
 from nbd.transmission import COMMAND_NAMES, encode_request, slice_views
 from vhostmem.devices.blk_backend import BlkBackend
-from vhostmem.devices.nbd_conn import CONNECT_TIMEOUT, connect_async, connect_blocking
+from vhostmem.devices.nbd_conn import (
+    CONNECT_TIMEOUT,
+    NbdConnectError,
+    connect_async,
+    connect_blocking,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +61,7 @@ IOV_MAX = 1024  # most buffers one sendmsg / recvmsg_into takes (Linux UIO_MAXIO
 ZERO_CHUNK = 1 << 20  # writes of zeroes when the server has no WRITE_ZEROES
 _ZEROES = memoryview(bytes(ZERO_CHUNK))
 CLOSE_TIMEOUT = 5.0
+MIN_REQUEST = 512  # a virtio-blk sector: the smallest request a guest makes
 
 
 @dataclass(eq=False)
@@ -78,6 +84,10 @@ class NbdBackend(BlkBackend):
                  connect_timeout: float = CONNECT_TIMEOUT) -> None:
         self.address = parse_nbd_uri(uri)
         sock, info = connect_blocking(self.address, connect_timeout)
+        if info.max_payload < MIN_REQUEST:
+            sock.close()
+            raise NbdConnectError(f"NBD export {uri}: maximum block size {info.max_payload} "
+                                  f"is below the {MIN_REQUEST} bytes of one sector")
         super().__init__(-1, info.size, readonly or info.has(NBD_FLAG_READ_ONLY), uri)
         self.info = info
         self.timeout = timeout
@@ -96,6 +106,10 @@ class NbdBackend(BlkBackend):
         self.connected = True
         self.closed = False
         self.reconnects = 0
+        # Reconnect backoff, kept across losses until a connection answers a request: a
+        # server that accepts and then breaks every connection (a protocol error each time)
+        # is not redialled ten times a second.
+        self._delay = RECONNECT_FIRST
         log.info("%s: export of %d bytes, flags %#x, %s replies, block sizes %d/%d/%d",
                  uri, info.size, info.flags, "structured" if info.structured else "simple",
                  info.min_block, info.preferred_block, info.max_payload)
@@ -250,6 +264,8 @@ class NbdBackend(BlkBackend):
             except NbdProtocolError as exc:
                 self._lost(f"protocol error: {exc.reason}")
                 return
+            if completed:
+                self._delay = RECONNECT_FIRST  # this connection works
             for c in completed:
                 op = self._ops.pop(c.cookie)
                 if c.error:
@@ -318,10 +334,10 @@ class NbdBackend(BlkBackend):
             self._reconnect = self._loop.create_task(self._reconnect_loop())
 
     async def _reconnect_loop(self) -> None:
-        delay = RECONNECT_FIRST
         while not self.closed:
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, RECONNECT_MAX)
+            await asyncio.sleep(self._delay)
+            # Several attempts within the timeout, so that a short outage costs no request.
+            self._delay = min(self._delay * 2, RECONNECT_MAX, self.timeout / 4)
             try:
                 sock, info = await connect_async(self.address, self.connect_timeout)
             except (OSError, NbdError, TimeoutError) as exc:
