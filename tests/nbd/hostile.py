@@ -1,6 +1,8 @@
 """A scripted NBD server for tests: an honest handshake, then each READ answered the way the
 scenario says (a wrong magic, an unknown cookie, a reply cut short, an oversized chunk, a chunk
-outside the request). Everything else it answers honestly; it counts connections."""
+outside the request), or honestly (``honest``). Everything else it answers honestly; it counts
+connections and records every request (command, flags, offset, length). It offers only
+NBD_FLAG_SEND_FLUSH: no FUA, TRIM or WRITE_ZEROES."""
 
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ from nbd.constants import (
 
 SCENARIOS = ("wrong-magic", "unknown-cookie", "short-then-close", "oversized-chunk",
              "chunk-outside")
+HONEST = "honest"
 
 
 def _recv_exact(conn: socket.socket, n: int) -> bytes:
@@ -56,11 +59,12 @@ def _chunk(cookie: int, ctype: int, payload: bytes, flags: int = NBD_REPLY_FLAG_
 
 class HostileServer:
     def __init__(self, path: Path, scenario: str, size: int = 1 << 20) -> None:
-        assert scenario in SCENARIOS
+        assert scenario in (*SCENARIOS, HONEST)
         self.path, self.scenario, self.size = path, scenario, size
         self.disk = bytearray(size)
         self.connections = 0
         self.bad_replies = 0
+        self.requests: list[tuple[int, int, int, int]] = []  # command, flags, offset, length
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(str(path))
         self._listener.listen(8)
@@ -94,8 +98,9 @@ class HostileServer:
         try:
             self._handshake(conn)
             while True:
-                _, _flags, cmd, cookie, offset, length = REQUEST.unpack(
+                _, flags, cmd, cookie, offset, length = REQUEST.unpack(
                     _recv_exact(conn, REQUEST.size))
+                self.requests.append((cmd, flags, offset, length))
                 if cmd == NBD_CMD_DISC:
                     return
                 if cmd == NBD_CMD_WRITE:
@@ -103,7 +108,7 @@ class HostileServer:
                 if cmd != NBD_CMD_READ:
                     conn.sendall(struct.pack(">IIQ", NBD_SIMPLE_REPLY_MAGIC, 0, cookie))
                     continue
-                self.bad_replies += 1
+                self.bad_replies += self.scenario != HONEST
                 if self._bad_read(conn, cookie, offset, length):
                     return
         except (OSError, ConnectionError):
@@ -135,7 +140,9 @@ class HostileServer:
         data = bytes(self.disk[offset : offset + length])
         at = struct.pack(">Q", offset)
         kind = self.scenario
-        if kind == "wrong-magic":
+        if kind == HONEST:
+            conn.sendall(_chunk(cookie, NBD_REPLY_TYPE_OFFSET_DATA, at + data))
+        elif kind == "wrong-magic":
             conn.sendall(struct.pack(">IIQ", 0xDEADBEEF, 0, cookie) + data)
         elif kind == "unknown-cookie":
             conn.sendall(_chunk(cookie ^ 0x5A5A, NBD_REPLY_TYPE_OFFSET_DATA, at + data))

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from nbd.constants import NBD_CMD_FLUSH, NBD_CMD_TRIM, NBD_CMD_WRITE
+from tests.nbd.hostile import HONEST, HostileServer
 from tests.nbd.servers import (
     GUEST_RAM,
     needs_nbdkit,
@@ -247,3 +249,78 @@ def test_device_add_nbd_and_list_it(tmp_path: Path) -> None:
     finally:
         stop(serve)
         stop(server)
+
+
+@needs_nbdkit
+def test_server_without_write_zeroes_gets_written_zeroes(tmp_path: Path) -> None:
+    """nbdkit's nozero filter hides WRITE_ZEROES: write-zeroes become writes of zeroes (the
+    log filter, outermost, shows what vhostmem sent)."""
+    nbd_sock, vsock, log = tmp_path / "nbd.sock", tmp_path / "v.sock", tmp_path / "nbd.log"
+    server = start_nbdkit(nbd_sock, "memory", "16M", f"logfile={log}",
+                          filters=("log", "nozero"))
+    try:
+        with vhostmem_on(f"socket={vsock},nbd={unix_uri(nbd_sock)}", log=tmp_path / "v.log",
+                         sockets=(vsock,)), \
+                VhostUserBlk.open(str(vsock), ram_size=GUEST_RAM) as dev:
+            q = dev.start_queue(0, size=64)
+            q.write(0, b"z" * 8192)
+            q.write_zeroes(0, 8)
+            assert q.read(0, 8192) == bytes(4096) + b"z" * 4096
+    finally:
+        stop(server)
+    lines = [line for line in log.read_text().splitlines() if " id=" in line]
+    assert not [line for line in lines if " Zero " in line]
+    zero_writes = [line for line in lines if " Write " in line and "count=0x1000 " in line
+                   and "offset=0x0 " in line]
+    assert zero_writes, lines
+
+
+def test_server_without_fua_or_trim(tmp_path: Path) -> None:
+    """A server offering only FLUSH (the scripted one, honest): a write-through write is
+    followed by a FLUSH before it completes, a discard sends nothing, no FUA is ever sent."""
+    nbd_sock, vsock = tmp_path / "h.sock", tmp_path / "v.sock"
+    server = HostileServer(nbd_sock, HONEST)
+    try:
+        with vhostmem_on(f"socket={vsock},nbd={unix_uri(nbd_sock)}", log=tmp_path / "v.log",
+                         sockets=(vsock,)), \
+                VhostUserBlk.open(str(vsock), ram_size=GUEST_RAM) as dev:
+            q = dev.start_queue(0, size=64)
+            q.write(0, b"a" * 4096)
+            dev.client.set_config(CFG_WRITEBACK, b"\0")
+            q.write(8, b"b" * 4096)
+            q.discard(16, 8)
+            assert q.read(0, 8192) == b"a" * 4096 + b"b" * 4096
+    finally:
+        server.close()
+    commands = [(cmd, flags, offset) for cmd, flags, offset, _ in server.requests]
+    assert commands[:3] == [(NBD_CMD_WRITE, 0, 0), (NBD_CMD_WRITE, 0, 4096),
+                            (NBD_CMD_FLUSH, 0, 0)]
+    assert NBD_CMD_TRIM not in [c for c, _, _ in commands]
+    assert server.disk[:8192] == b"a" * 4096 + b"b" * 4096
+
+
+@needs_nbdkit
+def test_error_replies_fail_the_request_not_the_connection(tmp_path: Path) -> None:
+    """nbdkit's error filter answers READs with EIO while a trigger file exists: the guest
+    gets IOERR for those, the connection stays up, and reads work again after."""
+    nbd_sock, vsock, vlog = tmp_path / "nbd.sock", tmp_path / "v.sock", tmp_path / "v.log"
+    trigger = tmp_path / "fail-reads"
+    server = start_nbdkit(nbd_sock, "memory", "16M", "error-pread=EIO",
+                          "error-pread-rate=100%", f"error-pread-file={trigger}",
+                          filters=("error",))
+    try:
+        with vhostmem_on(f"socket={vsock},nbd={unix_uri(nbd_sock)}", log=vlog,
+                         sockets=(vsock,)), \
+                VhostUserBlk.open(str(vsock), ram_size=GUEST_RAM) as dev:
+            q = dev.start_queue(0, size=64)
+            q.write(0, b"e" * 4096)
+            trigger.touch()
+            status, _ = q.run(0, 0, in_len=4096)
+            assert status == STATUS_IOERR
+            trigger.unlink()
+            assert q.read(0, 4096) == b"e" * 4096
+    finally:
+        stop(server)
+    text = vlog.read_text()
+    assert "READ of 4096 bytes at 0 failed: NBD error 5" in text, text
+    assert "connection lost" not in text
