@@ -482,4 +482,3 @@ def _copy_into(views: list[memoryview], data: bytes) -> int:
         v[:n] = data[done : done + n]
         done += n
     return done
-
