@@ -149,3 +149,28 @@ def test_no_fd_left_after_a_hostile_episode(tmp_path: Path) -> None:
             assert len(os.listdir(fds)) <= first
     finally:
         server.close()
+
+
+@needs_qemu_nbd
+def test_reconnect_to_a_changed_export_is_refused(tmp_path: Path) -> None:
+    """The server comes back with another disk (another size): vhostmem does not use it, the
+    guest gets IOERR, and the other image is left untouched."""
+    image, other = tmp_path / "d.raw", tmp_path / "other.raw"
+    image.write_bytes(bytes(4 << 20))
+    other.write_bytes(b"X" * (8 << 20))
+    nbd_sock, vsock, log = tmp_path / "nbd.sock", tmp_path / "v.sock", tmp_path / "v.log"
+    server = start_qemu_nbd(image, nbd_sock, fmt="raw")
+    try:
+        with vhostmem_on(f"socket={vsock},nbd={unix_uri(nbd_sock, 'disk')},"
+                         f"nbd-timeout={TIMEOUT}", log=log, sockets=(vsock,)), \
+                VhostUserBlk.open(str(vsock), ram_size=GUEST_RAM) as dev:
+            q = dev.start_queue(0, size=64, depth=4)
+            q.write(0, b"A" * PAGE)
+            stop(server, sig_kill=True)
+            server = start_qemu_nbd(other, nbd_sock, fmt="raw")
+            status, _ = q.run(1, 8, data=b"B" * PAGE, timeout=4 * TIMEOUT + 5)
+            assert status == STATUS_IOERR
+    finally:
+        stop(server)
+    assert "the export changed (size 8388608" in log.read_text()
+    assert other.read_bytes() == b"X" * (8 << 20)

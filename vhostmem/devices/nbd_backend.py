@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from nbd import NbdError, NbdProtocolError, Transmission, parse_nbd_uri
+from nbd import ExportInfo, NbdError, NbdProtocolError, Transmission, parse_nbd_uri
 from nbd.constants import (
     NBD_CMD_DISC,
     NBD_CMD_FLAG_FUA,
@@ -343,9 +343,14 @@ class NbdBackend(BlkBackend):
             except (OSError, NbdError, TimeoutError) as exc:
                 log.warning("%s: reconnect failed: %s", self.name, exc or type(exc).__name__)
                 continue
-            if info.size != self.size or (info.has(NBD_FLAG_READ_ONLY) and not self.readonly):
-                log.error("%s: the export changed (size %d, flags %#x); not using it",
-                          self.name, info.size, info.flags)
+            if (info.size != self.size or (info.has(NBD_FLAG_READ_ONLY) and not self.readonly)
+                    or info.max_payload < self.info.max_payload
+                    or info.min_block > self.min_block):
+                # The disk the guest knows (size, writability, block sizes its requests were
+                # made and split for) must not change under it.
+                log.error("%s: the export changed (size %d, flags %#x, block sizes %d..%d); "
+                          "not using it", self.name, info.size, info.flags, info.min_block,
+                          info.max_payload)
                 sock.close()
                 continue
             if self.closed:
@@ -354,10 +359,12 @@ class NbdBackend(BlkBackend):
             self._resume(sock, info)
             return
 
-    def _resume(self, sock: socket.socket, info: object) -> None:
+    def _resume(self, sock: socket.socket, info: ExportInfo) -> None:
         assert self._loop is not None
         self._sock = sock
-        self._tx = Transmission(self.info.structured, self.info.max_payload)
+        self.info = ExportInfo(info.name, info.size, info.flags, info.structured,
+                               self.min_block, info.preferred_block, self.info.max_payload)
+        self._tx = Transmission(info.structured, self.info.max_payload)
         self.connected = True
         self.reconnects += 1
         self._loop.add_reader(sock.fileno(), self._on_readable)
