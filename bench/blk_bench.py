@@ -1,6 +1,10 @@
 """vhostmem vs qemu-storage-daemon, same image, same load generator, same run.
 
     python bench/blk_bench.py [--quick] [--table]
+    python bench/blk_bench.py --backends vhostmem-nbd,qsd-nbd --storage shm --table
+
+``vhostmem-nbd`` / ``qsd-nbd``: the same two backends over NBD, on one qemu-nbd serving the
+image on a Unix socket (vhostmem ``nbd=URI``; qemu-storage-daemon an ``nbd`` blockdev).
 
 For every case (storage: a /dev/shm file or a file on disk; 4 KiB random read or write; queue
 depth 1/32/128 per queue; 1 or 2 queues) both backends are started fresh on the same image and
@@ -33,7 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.peers import BACKENDS, cpu_seconds, running
+from bench.peers import BACKENDS, NBD_BACKENDS, cpu_seconds, running
 from bench.ringdriver import FastQueue, drive, ram_bytes_for, sector_table
 from vhostmem.frontend import VhostUserBlk
 
@@ -139,13 +143,15 @@ def _run_variants(images: dict[str, str], storage: str, rw: str, qd: int, queues
                             "queues": queues}
     for b in backends:
         case[b] = summarize(runs[b])
-    if set(BACKENDS) <= set(backends):
-        v, q = case["vhostmem"], case["qsd"]
-        case["ratio"] = {
-            "iops": round(v["iops"] / q["iops"], 3),
-            "cpu_per_io": round(v["backend_cpu_us_per_io"] / q["backend_cpu_us_per_io"], 3),
-            "p99": round(v["p99_us"] / q["p99_us"], 3),
-        }
+    for pair, key in ((BACKENDS, "ratio"), (NBD_BACKENDS, "ratio_nbd")):
+        if set(pair) <= set(backends):
+            v, q = case[pair[0]], case[pair[1]]
+            case[key] = {
+                "iops": round(v["iops"] / q["iops"], 3),
+                "cpu_per_io": round(v["backend_cpu_us_per_io"] / q["backend_cpu_us_per_io"],
+                                    3),
+                "p99": round(v["p99_us"] / q["p99_us"], 3),
+            }
     return case
 
 
@@ -160,12 +166,14 @@ def machine() -> dict[str, Any]:
             "python": platform.python_version()}
 
 
-def table(cases: list[dict[str, Any]]) -> str:
-    rows = ["| storage | rw | qd | queues | vhostmem IOPS | qsd IOPS | IOPS ratio | vhostmem "
-            "CPU us/IO | qsd CPU us/IO | CPU/IO ratio | vhostmem p50/p99 us | qsd p50/p99 us "
-            "| loadgen CPU (v/q) |", "|" + "---|" * 13]
+def table(cases: list[dict[str, Any]], pair: tuple[str, str] = BACKENDS,
+          key: str = "ratio") -> str:
+    a, b = pair
+    rows = [f"| storage | rw | qd | queues | {a} IOPS | {b} IOPS | IOPS ratio | {a} "
+            f"CPU us/IO | {b} CPU us/IO | CPU/IO ratio | {a} p50/p99 us | {b} p50/p99 us "
+            "| loadgen CPU (a/b) |", "|" + "---|" * 13]
     for c in cases:
-        v, q, r = c["vhostmem"], c["qsd"], c["ratio"]
+        v, q, r = c[a], c[b], c[key]
         rows.append(
             f"| {c['storage']} | {c['rw']} | {c['qd']} | {c['queues']} | {v['iops']} | "
             f"{q['iops']} | {r['iops']} | {v['backend_cpu_us_per_io']} | "
@@ -239,8 +247,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
            "image_mib": args.image_mib, "seconds_per_run": p["seconds"],
            "rounds": p["rounds"], "warmup_s": WARMUP_S, "cases": cases,
            "wall_s": round(time.monotonic() - t0, 1)}
-    if args.table and set(BACKENDS) <= set(backends):
-        print(table(cases), file=sys.stderr)
+    for pair, key in ((BACKENDS, "ratio"), (NBD_BACKENDS, "ratio_nbd")):
+        if args.table and set(pair) <= set(backends):
+            print(table(cases, pair, key), file=sys.stderr)
     if args.table and args.log_all:
         print(log_table(cases, backends), file=sys.stderr)
     return out

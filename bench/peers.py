@@ -24,13 +24,29 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 # /proc/PID/stat fields after the ")" that ends comm: utime is field 14, stime 15 (1-based).
 UTIME_AFTER_COMM = 11
 BACKENDS = ("vhostmem", "qsd")
+# The same two over NBD: one qemu-nbd serves the image on a Unix socket, vhostmem (nbd=URI) or
+# qemu-storage-daemon (an nbd blockdev) serves it as vhost-user-blk. The CPU measured is the
+# backend's; qemu-nbd's is the same work for both.
+NBD_BACKENDS = ("vhostmem-nbd", "qsd-nbd")
+NBD_EXPORT = "disk"
 
 
 class PeerStartError(RuntimeError):
     """A backend did not come up."""
 
 
-def backend_argv(name: str, socket: str, image: str, num_queues: int) -> list[str]:
+def backend_argv(name: str, socket: str, image: str, num_queues: int,
+                 nbd_socket: str = "") -> list[str]:
+    if name == "vhostmem-nbd":
+        return [sys.executable, "-m", "vhostmem.cli", "serve", "--blk",
+                f"socket={socket},nbd=nbd+unix:///{NBD_EXPORT}?socket={nbd_socket},"
+                f"num-queues={num_queues}", "--log-level", "WARNING"]
+    if name == "qsd-nbd":
+        return [QSD,
+                "--blockdev", f"driver=nbd,node-name=d,server.type=unix,"
+                f"server.path={nbd_socket},export={NBD_EXPORT}",
+                "--export", "type=vhost-user-blk,id=e,node-name=d,addr.type=unix,"
+                f"addr.path={socket},writable=on,num-queues={num_queues}"]
     if name == "vhostmem":
         return [sys.executable, "-m", "vhostmem.cli", "serve", "--socket", socket,
                 "--disk", image, "--num-queues", str(num_queues), "--log-level", "WARNING"]
@@ -40,7 +56,7 @@ def backend_argv(name: str, socket: str, image: str, num_queues: int) -> list[st
                 "--blockdev", "driver=raw,node-name=d,file=f",
                 "--export", "type=vhost-user-blk,id=e,node-name=d,addr.type=unix,"
                 f"addr.path={socket},writable=on,num-queues={num_queues}"]
-    raise ValueError(f"unknown backend {name!r} (choose from {BACKENDS})")
+    raise ValueError(f"unknown backend {name!r} (choose from {BACKENDS + NBD_BACKENDS})")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -58,14 +74,28 @@ def running(name: str, image: str, num_queues: int) -> Iterator[tuple[subprocess
         sock = os.path.join(tmp, "blk.sock")
         log_path = os.path.join(tmp, "backend.log")
         env = dict(os.environ, PYTHONPATH=str(ROOT))
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(backend_argv(name, sock, image, num_queues), stdout=log,
-                                    stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        nbd_sock = os.path.join(tmp, "nbd.sock")
+        server = None
+        if name in NBD_BACKENDS:
+            server = subprocess.Popen(
+                ["qemu-nbd", "-t", "-f", "raw", "-x", NBD_EXPORT, "-k", nbd_sock,
+                 "--cache=writeback", image], stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            _wait_socket(proc, sock, log_path, name)
-            yield proc, sock
+            if server is not None:
+                _wait_socket(server, nbd_sock, os.devnull, "qemu-nbd")
+            with open(log_path, "wb") as log:
+                proc = subprocess.Popen(backend_argv(name, sock, image, num_queues, nbd_sock),
+                                        stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                        env=env)
+            try:
+                _wait_socket(proc, sock, log_path, name)
+                yield proc, sock
+            finally:
+                _stop(proc)
         finally:
-            _stop(proc)
+            if server is not None:
+                _stop(server)
 
 
 def _wait_socket(proc: subprocess.Popen[bytes], sock: str, log_path: str, name: str) -> None:

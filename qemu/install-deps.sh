@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs the Debian packages the QEMU and qemu-storage-daemon tests need, when missing.
+# Installs the Debian packages the QEMU, qemu-storage-daemon and NBD tests need, when missing.
 # --dry-run: only print the packages that would be installed (one line, maybe empty).
 # $BUSYBOX (default /bin/busybox): the busybox to check, for tests of this script.
 # $LIBVIRTD (default /usr/sbin/libvirtd): the libvirtd to check, for tests of this script.
@@ -12,6 +12,10 @@ need=()
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v qemu-storage-daemon >/dev/null || need+=(qemu-system-common)
 command -v qemu-img >/dev/null || need+=(qemu-utils)
+# The NBD backend's tests (tests/nbd/) start real NBD servers: qemu-nbd (qemu-utils, above)
+# and nbdkit with its memory and file plugins (both in Debian's nbdkit package).
+command -v qemu-nbd >/dev/null || need+=(qemu-utils)
+command -v nbdkit >/dev/null || need+=(nbdkit)
 # The initramfs needs a static busybox with blkdiscard (Debian's plain busybox package is
 # dynamically linked): the ELF test qemu/assets.py applies (no PT_INTERP), with python3 alone.
 busybox_is_static() {

@@ -11,8 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from nbd import NbdUriError, parse_nbd_uri
 from vhostmem.devices.blk import BlkDevice
 from vhostmem.devices.blk_backend import BlkBackend, open_image, ram_disk
+from vhostmem.devices.nbd_backend import DEFAULT_TIMEOUT as DEFAULT_NBD_TIMEOUT
+from vhostmem.devices.nbd_backend import NbdBackend
 
 DEFAULT_SOCKET = "vhostmem.sock"
 DEFAULT_RAM_SIZE = 1 << 30
@@ -22,7 +25,11 @@ TRUE_WORDS = {"on", "yes", "true", "1"}
 FALSE_WORDS = {"off", "no", "false", "0"}
 SOCKET_MODE_BITS = 0o777
 BLK_KEYS = {"socket", "client", "disk", "ram", "readonly", "num-queues", "serial", "io-mode",
-            "share", "fd", "fdname"}
+            "share", "fd", "fdname", "nbd", "nbd-timeout"}
+# nbd-timeout bounds: a request must fail before a departing frontend's drain gives up
+# (server.DRAIN_TIMEOUT_SECONDS, 30 s), so the guest sees an error, not a dropped connection.
+NBD_TIMEOUT_MIN = 0.1
+NBD_TIMEOUT_MAX = 25.0
 # inline: requests are served on the event loop (fastest on RAM and page cache);
 # thread: file I/O runs on a thread pool so a slow disk cannot stall the control plane.
 IO_MODES = ("inline", "thread")
@@ -38,6 +45,8 @@ class BlkSpec:
     client: str | None = None
     disk: str | None = None
     ram: int | None = None
+    nbd: str | None = None  # an NBD URI: the disk is that export (devices/nbd_backend.py)
+    nbd_timeout: float = DEFAULT_NBD_TIMEOUT
     readonly: bool = False
     num_queues: int = 1
     serial: str = "vhostmem"
@@ -115,6 +124,25 @@ def parse_num_queues(text: str) -> int:
     return int(text)
 
 
+def parse_nbd_uri_setting(text: str) -> str:
+    try:
+        parse_nbd_uri(text)
+    except NbdUriError as exc:
+        raise UsageError(f"nbd={text!r}: {exc}") from None
+    return text
+
+
+def parse_nbd_timeout(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not NBD_TIMEOUT_MIN <= value <= NBD_TIMEOUT_MAX:
+        raise UsageError(f"nbd-timeout={text!r}: expected seconds in "
+                         f"{NBD_TIMEOUT_MIN:g}..{NBD_TIMEOUT_MAX:g}")
+    return value
+
+
 def parse_fd(text: str, option: str) -> int:
     if not text.isdigit():
         raise UsageError(f"{option} {text!r}: expected a file descriptor number")
@@ -138,6 +166,10 @@ def parse_blk_spec(text: str) -> BlkSpec:
             spec.readonly = parse_bool(key, value)
         elif key == "io-mode":
             spec.io_mode = parse_io_mode(value)
+        elif key == "nbd":
+            spec.nbd = parse_nbd_uri_setting(value)
+        elif key == "nbd-timeout":
+            spec.nbd_timeout = parse_nbd_timeout(value)
         else:
             spec.num_queues = parse_num_queues(value)
     return check_spec(spec, f"--blk {text!r}")
@@ -153,7 +185,14 @@ def check_spec(spec: BlkSpec, where: str) -> BlkSpec:
                          f"{' and '.join(given)}")
     if spec.disk and spec.ram:
         raise UsageError(f"{where}: give disk or ram, not both")
-    if spec.ram is None and spec.disk is None and spec.share is None:
+    if spec.nbd is not None:
+        other = [k for k in ("disk", "ram") if getattr(spec, k) is not None]
+        if other:
+            raise UsageError(f"{where}: give nbd or {other[0]}, not both")
+        if spec.io_mode != "inline":
+            raise UsageError(f"{where}: io-mode does not apply to nbd (NBD requests are "
+                             "always asynchronous on the event loop)")
+    if spec.ram is None and spec.disk is None and spec.share is None and spec.nbd is None:
         spec.ram = DEFAULT_RAM_SIZE
     if len(spec.serial.encode()) > 20:
         raise UsageError(f"{where}: serial {spec.serial!r} is longer than 20 bytes")
@@ -164,7 +203,7 @@ def make_device(spec: BlkSpec, shared: dict[str, tuple[BlkSpec, BlkBackend]] | N
                 ) -> BlkDevice:
     """A device for ``spec``; specs with the same ``share`` or disk file get one backend
     (``shared`` remembers them across calls)."""
-    options = {
+    options: dict[str, Any] = {
         "num_queues": spec.num_queues,
         "serial": spec.serial,
         "io_mode": spec.io_mode,
@@ -174,7 +213,12 @@ def make_device(spec: BlkSpec, shared: dict[str, tuple[BlkSpec, BlkBackend]] | N
         first, backend = shared[key]
         check_same_disk(first, spec)
         return BlkDevice(backend, **options)
-    if spec.disk is not None:
+    if spec.nbd is not None:
+        backend = NbdBackend(spec.nbd, readonly=spec.readonly, timeout=spec.nbd_timeout)
+        # The export's minimum block size is the guest's logical block size (NBD "Block size
+        # constraints": smaller requests could be refused).
+        options["blk_size"] = max(512, backend.min_block)
+    elif spec.disk is not None:
         backend = open_image(spec.disk, readonly=spec.readonly)
     elif spec.ram is not None:
         backend = ram_disk(spec.ram, readonly=spec.readonly)
@@ -195,6 +239,8 @@ def share_key(spec: BlkSpec) -> str | None:
         return f"share:{spec.share}"
     if spec.disk is not None:
         return f"disk:{os.path.realpath(spec.disk)}"
+    if spec.nbd is not None:
+        return f"nbd:{parse_nbd_uri(spec.nbd)}"
     return None
 
 
@@ -203,7 +249,7 @@ def check_same_disk(first: BlkSpec, spec: BlkSpec) -> None:
     where = f"{spec.path} shares the disk of {first.path}"
     if spec.readonly != first.readonly:
         raise UsageError(f"{where}: readonly must be the same on both")
-    for key in ("disk", "ram"):
+    for key in ("disk", "ram", "nbd"):
         mine, theirs = getattr(spec, key), getattr(first, key)
         if mine is not None and theirs is not None and mine != theirs:
             raise UsageError(f"{where}: {key}={mine} differs from {key}={theirs}")
@@ -216,7 +262,8 @@ T = TypeVar("T")
 PARAM_KEYS = {
     "socket": "socket", "client": "client", "fd": "fd", "disk": "disk", "ram": "ram",
     "readonly": "readonly", "num_queues": "num-queues", "serial": "serial",
-    "io_mode": "io-mode", "share": "share", "name": "name",
+    "io_mode": "io-mode", "share": "share", "name": "name", "nbd": "nbd",
+    "nbd_timeout": "nbd-timeout",
 }
 MAX_NAME_BYTES = 64
 
@@ -252,6 +299,13 @@ def spec_from_params(params: dict[str, Any]) -> BlkSpec:
                                  str(_integer(params, "num_queues")))
     if "io_mode" in params:
         spec.io_mode = _named("io_mode", parse_io_mode, _string(params, "io_mode"))
+    if "nbd" in params:
+        spec.nbd = _named("nbd", parse_nbd_uri_setting, _string(params, "nbd"))
+    if "nbd_timeout" in params:
+        value = params["nbd_timeout"]
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise UsageError(f"nbd_timeout: expected seconds, got {value!r}")
+        spec.nbd_timeout = _named("nbd_timeout", parse_nbd_timeout, str(value))
     if "fd" in params:
         spec.fd = _integer(params, "fd")
         spec.fd_option = f"fd {spec.fd}"

@@ -325,12 +325,14 @@ class Virtqueue(SplitRing, QueueStats):
 
     # ------------------------------------------------------- requests in flight
 
-    def hold(self) -> None:
-        """A popped chain is handed to another thread: :meth:`begin` when a worker takes it
-        up, :meth:`complete` when it is done."""
+    def hold(self, count: int = 1, *, waiting: bool = True) -> None:
+        """``count`` popped chains are handed to another thread: :meth:`begin` when a worker
+        takes one up, :meth:`complete` when it is done. ``waiting=False``: they are in service
+        already (an asynchronous backend's requests), no :meth:`begin` follows."""
         with self._idle:
-            self.inflight += 1
-            self.queued += 1
+            self.inflight += count
+            if waiting:
+                self.queued += count
 
     def begin(self) -> None:
         """A worker started serving a held chain."""
@@ -348,6 +350,20 @@ class Virtqueue(SplitRing, QueueStats):
                     self.notify()
             finally:
                 self.inflight -= 1
+                if not self.inflight:
+                    self._idle.notify_all()
+
+    def complete_many(self, done: list[tuple[int, int]]) -> None:
+        """:meth:`complete` for a batch of held chains, (head, written_len) each, with one
+        signal for the batch (an asynchronous backend's replies read in one wake-up)."""
+        with self._idle:
+            try:
+                for head, written_len in done:
+                    self.push_used(head, written_len)
+                if not self.queued:
+                    self.notify()
+            finally:
+                self.inflight -= len(done)
                 if not self.inflight:
                     self._idle.notify_all()
 

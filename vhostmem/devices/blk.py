@@ -284,6 +284,10 @@ class BlkDevice(VhostUserDevice):
     # ------------------------------------------------------------ requests
 
     def handle_queue(self, vq: Virtqueue) -> None:
+        if self.backend.asynchronous:  # e.g. NBD: requests complete later (blk_async.py)
+            from vhostmem.devices.blk_async import handle_queue_async  # imports this module
+            handle_queue_async(self, vq)
+            return
         if self._pool is not None:
             self._dispatch(vq, self._pool)
             return

@@ -44,7 +44,12 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 
 
 class BlkBackend:
-    """An open disk: ``fd`` (owned), ``size`` in bytes, ``readonly``."""
+    """An open disk: ``fd`` (owned), ``size`` in bytes, ``readonly``. The device calls its
+    ``readv``/``writev``/``flush``/``discard``/``write_zeroes`` and gets the result on return;
+    an ``asynchronous`` backend (NbdBackend) instead takes ``submit_*`` operations that call
+    ``done(ok)`` later, on the event loop (devices/blk_async.py)."""
+
+    asynchronous = False
 
     def __init__(self, fd: int, size: int, readonly: bool, name: str) -> None:
         self.fd = fd

@@ -1,0 +1,38 @@
+"""`--blk ...,nbd=URI` and device_add's ``nbd``: parsed and checked by devspec."""
+
+from __future__ import annotations
+
+import pytest
+
+from vhostmem.devspec import UsageError, parse_blk_spec, spec_from_params
+
+
+def test_blk_spec_takes_an_nbd_uri_and_timeout() -> None:
+    spec = parse_blk_spec("socket=a.sock,nbd=nbd+unix:///d?socket=/run/n.sock,nbd-timeout=2.5")
+    assert spec.nbd == "nbd+unix:///d?socket=/run/n.sock"
+    assert spec.nbd_timeout == 2.5
+    assert spec.ram is None and spec.disk is None  # no default RAM disk beside it
+
+
+@pytest.mark.parametrize(("text", "match"), [
+    ("socket=a,nbd=http://x/y", "nbd='http://x/y': .*scheme 'http'"),
+    ("socket=a,nbd=nbd+unix:///d", "needs \\?socket=PATH"),
+    ("socket=a,nbd=nbd://h/d,disk=x.img", "give nbd or disk, not both"),
+    ("socket=a,nbd=nbd://h/d,ram=1M", "give nbd or ram, not both"),
+    ("socket=a,nbd=nbd://h/d,io-mode=thread", "io-mode does not apply to nbd"),
+    ("socket=a,nbd=nbd://h/d,nbd-timeout=0", "nbd-timeout='0': expected seconds"),
+    ("socket=a,nbd=nbd://h/d,nbd-timeout=60", "nbd-timeout='60'"),
+    ("socket=a,nbd=nbd://h/d,nbd-timeout=soon", "nbd-timeout='soon'"),
+])
+def test_blk_spec_errors_name_the_setting(text: str, match: str) -> None:
+    with pytest.raises(UsageError, match=match):
+        parse_blk_spec(text)
+
+
+def test_device_add_params() -> None:
+    spec = spec_from_params({"socket": "a.sock", "nbd": "nbd://h:1/e", "nbd_timeout": 3})
+    assert (spec.nbd, spec.nbd_timeout) == ("nbd://h:1/e", 3.0)
+    with pytest.raises(UsageError, match=r"^nbd: "):
+        spec_from_params({"socket": "a.sock", "nbd": "nbds://h/e"})
+    with pytest.raises(UsageError, match=r"^nbd_timeout: "):
+        spec_from_params({"socket": "a.sock", "nbd": "nbd://h/e", "nbd_timeout": True})
