@@ -4,12 +4,13 @@ cases also on packed rings (`ring_peer`: vhostmem only, qemu-storage-daemon has 
 
 from __future__ import annotations
 
+import fcntl
 import os
 import random
 
 import pytest
 
-from protocol import VirtioFeature
+from protocol import FrontendRequest, ProtocolFeature, VirtioFeature
 from tests.conformance.profiles import MIB, SECTOR, image, initial, profile
 from vhostmem.frontend.blk import (
     INDIRECT,
@@ -20,7 +21,8 @@ from vhostmem.frontend.blk import (
     Layout,
     discard_segment,
 )
-from vhostmem.frontend.device import VhostUserBlk
+from vhostmem.frontend.client import VhostUserError
+from vhostmem.frontend.device import SUPPORTED_PROTOCOL_FEATURES, VhostUserBlk
 from vhostmem.frontend.packed import RING_EVENT_FLAGS_DESC, RING_EVENT_FLAGS_ENABLE
 
 pytestmark = pytest.mark.qsd
@@ -222,3 +224,27 @@ def test_packed_event_suppression(vhostmem_peer, event_idx: bool) -> None:
         else:
             assert flags == RING_EVENT_FLAGS_ENABLE and q.kicks == 5
         assert dev.stop_queue(0) == q.ring.base()  # GET_VRING_BASE: positions and wraps
+
+
+def test_packed_rings_refuse_inflight_tracking(vhostmem_peer) -> None:
+    """vhostmem only. INFLIGHT_SHMFD has no packed layout here yet: with VIRTIO_F_RING_PACKED
+    negotiated GET_INFLIGHT_FD answers the protocol's error form (an empty region, no fd: QEMU
+    goes on without one) and SET_INFLIGHT_FD is refused; the rings still serve."""
+    peer = vhostmem_peer()
+    protocol = SUPPORTED_PROTOCOL_FEATURES | 1 << ProtocolFeature.INFLIGHT_SHMFD
+    with VhostUserBlk.open(peer.socket_path, packed=True, protocol_features=protocol) as dev:
+        assert dev.client.has_protocol(ProtocolFeature.INFLIGHT_SHMFD)
+        shape = {"mmap_size": 0, "mmap_offset": 0, "num_queues": 1, "queue_size": 128}
+        reply = dev.client.call(FrontendRequest.GET_INFLIGHT_FD, shape)
+        assert reply is not None and reply.payload.mmap_size == 0 and not reply.fds
+        region = os.memfd_create("inflight", os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(region, 4096)
+            fcntl.fcntl(region, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+            with pytest.raises(VhostUserError, match="SET_INFLIGHT_FD"):
+                dev.client.call(FrontendRequest.SET_INFLIGHT_FD, dict(shape, mmap_size=4096),
+                                [region])
+        finally:
+            os.close(region)
+        q = dev.start_queue(0)
+        assert q.read(0, SECTOR) == initial(peer, 0, SECTOR)
