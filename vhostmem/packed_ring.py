@@ -2,35 +2,22 @@
 
 :class:`PackedRing` is the other layout of :class:`~vhostmem.virtqueue.Virtqueue` (next to
 :class:`~vhostmem.split_ring.SplitRing`): the same ``pop`` / ``push_used`` / ``notify`` over one
-descriptor ring and two event suppression structures. SET_VRING_ADDR names the descriptor ring
-(``desc``), the driver event suppression area (``avail``) and the device event suppression area
-(``used``).
+descriptor ring (SET_VRING_ADDR ``desc``) and the driver (``avail``) and device (``used``)
+event suppression areas. A descriptor is available when AVAIL equals the avail wrap counter and
+USED does not (2.8.1); a chain runs by NEXT, its buffer id in its last descriptor (2.8.6); an
+INDIRECT descriptor ends it (2.8.8). Completions come in any order: one used descriptor each
+(id, len, AVAIL = USED = used wrap counter, WRITE when bytes were written) at the used position,
+which moves on by the descriptors that buffer took (2.8.7).
 
-* A descriptor at the device's avail position is available when its AVAIL flag equals the
-  device's avail wrap counter and its USED flag does not (2.8.1). A chain is the run of
-  descriptors linked by NEXT from there; its buffer id is in its last descriptor (2.8.6); an
-  INDIRECT descriptor ends it, its table holds packed descriptors of which only WRITE counts
-  (2.8.8).
-* Completions may come in any order: each writes one used descriptor (id, len, flags with AVAIL
-  and USED equal to the used wrap counter, WRITE when bytes were written) at the used position,
-  which then moves on by the number of ring descriptors that buffer took (2.8.7): the driver
-  frees them by id.
-* Event suppression (2.8.10): the driver's area says when to interrupt it (ENABLE, DISABLE, or
-  DESC: at the used descriptor ``off_wrap`` names, with EVENT_IDX); ours tells it when to kick.
+**Read once, in order** (docs/packed.md): the head's flags word is loaded once and availability
+decided from it; only then is each descriptor of the chain copied (one 16-byte unpack) and
+everything else decided from the copies. The flags load precedes the copies in program order and
+x86-64 (TSO) never reorders loads with loads, so the copies are at least as new as the flags the
+driver stored last: an acquire without a fence. Completions store id and len, then the flags.
 
-**Read once, in order.** The driver writes a descriptor's addr, len and id, then (after a write
-barrier) its flags; for a chain, the head's flags last. The device reads the head's flags word
-once (one 16-bit load) and decides availability from that copy; only then does it copy each
-descriptor of the chain (one ``struct`` unpack of 16 bytes into a tuple) and decide everything
-else from those copies. The load of the flags precedes the loads of the copies in program order,
-and x86-64 (TSO, the host this runs on) never reorders loads with loads, so the copies are at
-least as new as the flags that made them available: an acquire, with no fence needed. Nothing
-is read twice: a guest rewriting descriptors meanwhile changes only what a later copy sees.
-
-Hostile rings (docs/hostile.md): a buffer id out of range or already in flight, a chain that
-does not end within the ring size, more descriptors in flight than the ring holds, a bad
-indirect table, or a ring or event area outside guest memory break the queue; a buffer outside
-guest memory fails that request only. Nothing raises out of ``pop``.
+Hostile rings (docs/hostile.md): an id out of range or in flight, a chain without end within the
+ring, more descriptors in flight than the ring holds, a bad indirect table: the queue breaks; a
+buffer outside guest memory fails that request only. Nothing raises out of ``pop``.
 """
 
 from __future__ import annotations
@@ -292,7 +279,9 @@ class PackedRing(ChainWalker):
 
     def _walk_packed(self, pos: int) -> tuple[DescChain, int]:
         """The chain starting at ring position ``pos`` and how many ring descriptors it
-        takes. Each descriptor is copied once (one unpack) and decided on from the copy."""
+        takes. Each descriptor is copied once (one unpack) and decided on from the copy. The
+        direct case is inline (the hot path, as in ChainWalker._walk); tables and buffers
+        outside the cached region go through :meth:`_add_buffer`."""
         ring = self._ring
         num = self.num
         readable: list[memoryview] = []
@@ -300,6 +289,7 @@ class PackedRing(ChainWalker):
         lens = [0, 0]  # readable, writable bytes
         bad: list[str] = []
         gpas: list[tuple[int, int]] | None = None if self.dirty is None else []
+        lo, hi, rview, rbase = self._region_cache
         count = 0
         while True:
             count += 1
@@ -310,8 +300,19 @@ class PackedRing(ChainWalker):
             if flags & VRING_DESC_F_INDIRECT:
                 last = self._walk_table(addr, length, flags, readable, writable, lens, bad, gpas)
                 break
-            self._add_buffer(addr, length, flags, readable, writable, lens, bad, gpas)
             last = (addr, length, flags)
+            if (length and lo <= addr and addr + length <= hi and gpas is None and not bad
+                    and (flags & VRING_DESC_F_WRITE or not lens[1])):
+                off = addr - rbase
+                if flags & VRING_DESC_F_WRITE:
+                    lens[1] += length
+                    writable.append(rview[off: off + length])  # type: ignore[index]
+                else:
+                    lens[0] += length
+                    readable.append(rview[off: off + length])  # type: ignore[index]
+            else:
+                self._add_buffer(addr, length, flags, readable, writable, lens, bad, gpas)
+                lo, hi, rview, rbase = self._region_cache
             if not flags & VRING_DESC_F_NEXT:
                 break
         if bad:
