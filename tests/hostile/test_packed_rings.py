@@ -335,3 +335,16 @@ def test_completions_from_threads_out_of_order(env: Env) -> None:
     assert [(i, n) for i, n, _ in env.drv.take_used()] == [(3, 7), (2, 7), (1, 7), (0, 7)]
     assert os.eventfd_read(env.call) >= 1
     assert vq.get_base() == 12 | 1 << 15 | (12 | 1 << 15) << 16
+
+
+def test_vring_base_beyond_the_ring_is_refused(env: Env) -> None:
+    """SET_VRING_BASE positions are 15 bits; one at or past the ring size cannot start."""
+    vq = env.vq
+    vq.stop()
+    vq.set_base(NUM | 1 << 15 | (0 | 1 << 15) << 16)
+    with pytest.raises(VirtqueueError, match="beyond the ring"):
+        vq.start()
+    assert not vq.started
+    vq.set_base(3 | 0 << 15 | (3 | 0 << 15) << 16)  # a valid base: position 3, wrap 0
+    vq.start()
+    assert vq.get_base() == 3 | 3 << 16
