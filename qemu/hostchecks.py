@@ -26,6 +26,8 @@ RW_ROUND_CHECKS = ("ioctl-geometry", "pattern-write", "flush", "pattern-read", "
                    "discard", "write-zeroes", "flush-final", "read-past-end", "write-past-end")
 RO_ROUND_CHECKS = ("ioctl-geometry", "readonly-reject", "pattern-read", "read-past-end")
 HOTPLUG_GUEST_CHECKS = ("hotplug-online", "r2.hotplug-buffer", "hotunplug-offline")
+# The guest's virtio device has VIRTIO_F_RING_PACKED (bit 34 of sysfs features) when asked.
+PACKED_CHECK = "boot.ring-packed"
 FINAL_CHECKS = ("queues-used",)  # after the rounds: every hardware queue carried I/O
 RAM_FSTYPES = ("tmpfs", "ramfs")
 
@@ -33,6 +35,8 @@ RAM_FSTYPES = ("tmpfs", "ramfs")
 def expected_check_names(config: GuestConfig) -> list[str]:
     per_round = RO_ROUND_CHECKS if config.readonly else RW_ROUND_CHECKS
     names = list(BOOT_CHECKS)
+    if config.packed:
+        names.append(PACKED_CHECK)
     for r in range(1, config.round_count + 1):
         names += [f"r{r}.{name}" for name in per_round]
     if config.hotplug:

@@ -88,6 +88,8 @@ class GuestConfig:
     # for this many seconds in ``bench_jobs`` processes and reports VHOSTMEM-INFO bench lines.
     bench_seconds: int = 0
     bench_jobs: int = 1
+    # vhost-user-blk-pci packed=on: the guest negotiates packed virtqueues (virtio 1.2 2.8).
+    packed: bool = False
 
     @property
     def round_count(self) -> int:
@@ -161,6 +163,8 @@ def kernel_cmdline(config: GuestConfig, layout: DiskLayout, backend: Backend) ->
         "zeroout": layout.zeroout.arg(),
         "hotplug": int(config.hotplug),
     }
+    if config.packed:
+        settings["packed"] = 1
     if config.queue_io_cpus is not None:
         settings["queue_cpus"] = ",".join(str(c) for c in config.queue_io_cpus)
     if config.bench_seconds:
@@ -196,7 +200,8 @@ def qemu_command(
         "-smp", str(config.smp), "-m", memory,
         "-object", f"memory-backend-memfd,id=mem,size={config.memory_mib}M,share=on",
         "-chardev", chardev,
-        "-device", f"vhost-user-blk-pci,chardev=blk0,num-queues={config.num_queues}",
+        "-device", f"vhost-user-blk-pci,chardev=blk0,num-queues={config.num_queues}"
+        + (",packed=on" if config.packed else ""),
         "-kernel", str(assets.kernel), "-initrd", str(assets.initrd), "-append", append,
         "-nographic", "-no-reboot", "-nodefaults",
         # mon:stdio lets an interactive user leave with Ctrl-A X.

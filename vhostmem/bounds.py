@@ -6,9 +6,10 @@ ring is checked against the regions of its :class:`GuestMemory` before it is use
 * ``GuestMemory.translate`` / ``GuestMemory.view``: each view must be exactly the host bytes of
   the guest range asked for, inside one region's guest bytes (not the slack a mapping has below
   ``mmap_offset``), and the views together cover the request;
-* ``Virtqueue._walk``: every buffer of a chain, including those its fast path slices straight
-  from a cached region view, must lie inside one region's guest bytes. The production fast path
-  runs unchanged in this mode; only its result is checked.
+* ``Virtqueue._walk`` and ``PackedRing._walk_packed``: every buffer of a chain, including
+  those its fast path slices straight from a cached region view, must lie
+  inside one region's guest bytes. The production fast path runs unchanged in this mode; only
+  its result is checked.
 
 A violation is recorded in :data:`violations`, logged as critical and raised as AssertionError.
 ``VHOSTMEM_DEBUG_BOUNDS=1`` in the environment enables the mode when ``vhostmem.virtqueue`` is
@@ -114,14 +115,26 @@ def _checked_walk(method: Callable[..., Any]) -> Callable[..., Any]:
     return checked
 
 
+def _checked_packed_walk(method: Callable[..., Any]) -> Callable[..., Any]:
+    def checked(self: Virtqueue, pos: int) -> tuple[DescChain, int]:
+        chain, count = method(self, pos)
+        check_chain(self, chain)
+        return chain, count
+
+    checked.__wrapped__ = method  # type: ignore[attr-defined]
+    return checked
+
+
 def _targets() -> list[tuple[type, str, Callable[..., Any]]]:
     from vhostmem.guest_memory import GuestMemory
+    from vhostmem.packed_ring import PackedRing
     from vhostmem.virtqueue import Virtqueue
 
     return [
         (GuestMemory, "translate", _checked_views),
         (GuestMemory, "view", _checked_views),
         (Virtqueue, "_walk", _checked_walk),
+        (PackedRing, "_walk_packed", _checked_packed_walk),
     ]
 
 

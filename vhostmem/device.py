@@ -28,6 +28,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 
 from vhostmem.virtqueue import (
+    VIRTIO_F_RING_PACKED,
     VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
     Virtqueue,
@@ -44,6 +45,7 @@ RING_FEATURES = (
     (1 << VIRTIO_F_VERSION_1)
     | (1 << VIRTIO_RING_F_INDIRECT_DESC)
     | (1 << VIRTIO_RING_F_EVENT_IDX)
+    | (1 << VIRTIO_F_RING_PACKED)  # packed layout (virtio 1.2 section 2.8, packed_ring.py)
 )
 
 

@@ -40,7 +40,7 @@ from vhostmem.session_base import (
 )
 from vhostmem.session_log import LOG_ALL_BIT, LogRequests
 from vhostmem.session_memory import MemoryRequests
-from vhostmem.virtqueue import Virtqueue
+from vhostmem.virtqueue import VIRTIO_F_RING_PACKED, Virtqueue
 
 __all__ = [
     "BASE_PROTOCOL_FEATURES",
@@ -351,7 +351,8 @@ class Session(MemoryRequests, LogRequests):
         i = self._ring_index(msg.request, msg.payload.index)
         if self.queues[i].started:
             raise SessionError(f"SET_VRING_BASE: ring {i} is started")
-        self.queues[i].set_base(msg.payload.num & 0xFFFF)
+        # The ring reads its own bits: split the low 16, packed both halves (vhost-user.rst).
+        self.queues[i].set_base(msg.payload.num)
 
     def _get_vring_base(self, msg: Message) -> dict[str, int] | Deferred:
         i = self._ring_index(msg.request, msg.payload.index)
@@ -499,9 +500,15 @@ class Session(MemoryRequests, LogRequests):
 
     # ---------------------------------------------------------------- inflight
 
+    def _packed(self) -> bool:
+        return bool(self.state.features >> VIRTIO_F_RING_PACKED & 1)
+
     def _get_inflight_fd(self, msg: Message) -> FdReply:
         p = msg.payload
         try:
+            if self._packed():
+                raise InflightError("inflight tracking of packed rings is not supported "
+                                    "(VIRTIO_F_RING_PACKED is negotiated)")
             payload, fd = self.inflight.offer(p.num_queues, p.queue_size, len(self.queues))
         except (InflightError, OSError) as exc:
             # The reply's error form: mmap_size 0 and no fd (the frontend runs without it).
@@ -516,6 +523,9 @@ class Session(MemoryRequests, LogRequests):
         started = [vq.index for vq in self.queues if vq.started]
         if started:
             raise SessionError(f"SET_INFLIGHT_FD: rings {started} are started")
+        if self._packed():
+            raise SessionError("SET_INFLIGHT_FD: inflight tracking of packed rings is not "
+                               "supported (VIRTIO_F_RING_PACKED is negotiated)")
         self.inflight.attach(take_fds(msg)[0], msg.payload, self.queues)
         self._restore_guest_state()
 

@@ -17,7 +17,13 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from vhostmem.descriptors import ChainError, ChainWalker, DescChain, OutsideMemoryError
+from vhostmem.descriptors import (
+    DESC_SIZE,
+    ChainError,
+    ChainWalker,
+    DescChain,
+    OutsideMemoryError,
+)
 from vhostmem.eventfd import signal_eventfd
 
 if TYPE_CHECKING:
@@ -72,7 +78,15 @@ _FENCE_LOCK = threading.Lock()
 
 
 class SplitRing(ChainWalker):
-    """Avail -> used on a split ring; mixed into Virtqueue, which owns the state below."""
+    """The split layout of a Virtqueue: ring views, base, start, and avail -> used. Mixed into
+    :class:`~vhostmem.virtqueue.Virtqueue` (it comes first in the MRO, so the hot path calls
+    these methods directly: no per-request indirection), which owns the common state below.
+    :class:`~vhostmem.packed_ring.PackedRing` is the other layout, with the same methods."""
+
+    # (what, alignment) of the three SET_VRING_ADDR addresses: desc, avail, used (2.7).
+    RING_PARTS = (("descriptor table", DESC_ALIGN), ("avail ring", AVAIL_ALIGN),
+                  ("used ring", USED_ALIGN))
+    packed = False
 
     index: int
     mem: GuestMemory
@@ -104,11 +118,84 @@ class SplitRing(ChainWalker):
     stat_interrupts: int  # QueueStats (queue_stats.py), mixed in after this class
     account_failed: Callable[[], None]
 
+    _desc: memoryview | None
+    _written: dict[int, list[tuple[int, int]]]
+
     def _map(self) -> None:
         raise NotImplementedError
 
     def mark_broken(self, reason: str) -> None:
         raise NotImplementedError
+
+    def _fail_request(self, head: int, exc: OutsideMemoryError) -> None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------- layout state
+
+    def _layout_reset(self) -> None:
+        """Positions and views of a fresh split ring (no views: :meth:`_set_views` sets them)."""
+        self._last_avail = 0
+        self._avail_seen = 0  # avail idx last read; chains up to it need no re-read
+        self._used_idx = 0
+        self._desc = None
+        self._avail = None
+        self._used_hdr = None
+        self._used_ring = None
+        self._avail_event = None
+
+    def ring_sizes(self) -> tuple[int, int, int]:
+        """Bytes of the descriptor table, the avail ring and the used ring (with event idx)."""
+        n = self.num
+        return (
+            n * DESC_SIZE,
+            RING_HEADER_SIZE + 2 * n + EVENT_FIELD_SIZE,
+            RING_HEADER_SIZE + USED_ELEM_SIZE * n + EVENT_FIELD_SIZE,
+        )
+
+    def _set_views(self, desc: memoryview, avail: memoryview, used: memoryview) -> None:
+        """Take the resolved views (under the completion lock, old views released)."""
+        ring_end = RING_HEADER_SIZE + USED_ELEM_SIZE * self.num
+        self._desc = desc
+        self._avail = avail.cast("H")
+        self._used_hdr = used[:RING_HEADER_SIZE].cast("H")
+        self._used_ring = used[RING_HEADER_SIZE:ring_end].cast("I")
+        self._avail_event = used[ring_end:].cast("H")
+        avail.release()
+        used.release()
+
+    def _release_views(self) -> None:
+        for name in ("_desc", "_avail", "_used_hdr", "_used_ring", "_avail_event"):
+            view = getattr(self, name)
+            if view is not None:
+                view.release()
+                setattr(self, name, None)
+
+    def set_base(self, base: int) -> None:
+        """SET_VRING_BASE: bits 0-15 are the next avail index (vhost-user.rst)."""
+        self._last_avail = self._avail_seen = base & IDX_MASK
+
+    def get_base(self) -> int:
+        if self._inflight is not None:
+            return self._inflight.base(self._last_avail)
+        return self._last_avail
+
+    def _start_layout(self) -> None:
+        """Pick up the used index the driver sees; recover the inflight region if attached."""
+        assert self._used_hdr is not None
+        self._used_idx = self._used_hdr[IDX]
+        self._avail_seen = self._last_avail
+        self._no_notify = False
+        if self._inflight is not None:
+            self._recover_inflight()
+
+    def _recover_inflight(self) -> None:
+        """Repair the inflight region after a crash and queue its heads for resubmission."""
+        assert self._inflight is not None and self._used_ring is not None
+        base = self._inflight.recover(self._used_ring, self._used_idx, self.num)
+        if base is not None:
+            self.set_base(base)
+        # The previous backend may have published completions without signalling them.
+        signal_eventfd(self.call_fd)
 
     # -------------------------------------------------------------- hot path
 
@@ -179,20 +266,6 @@ class SplitRing(ChainWalker):
             f"avail entry {last} made available with all {self.num} descriptors in flight"
         )
         return True
-
-    def _fail_request(self, head: int, exc: OutsideMemoryError) -> None:
-        """Complete a chain whose buffer is outside guest memory with the failure status."""
-        if not self._bad_buffer_logged:
-            self._bad_buffer_logged = True
-            # str: a record holding the exception would pin its views via the traceback
-            log.error("virtqueue %d: request %d failed: %s", self.index, head, str(exc))
-        written = self._write_failure_status(exc.last)
-        # Under the completion lock (pool threads may be completing other chains) and
-        # signalled now: a caller that hands chains to threads never notifies itself.
-        with self._idle:
-            self.push_used(head, written)
-            self.account_failed()  # under the lock: I/O threads may be counting too
-            self.notify()
 
     def _fetch_avail(self, last: int) -> bool:
         """Read avail idx (once) into ``_avail_seen``; False when nothing new is available

@@ -42,28 +42,21 @@ from typing import TYPE_CHECKING
 
 from vhostmem import bounds
 from vhostmem.descriptors import (
-    DESC_SIZE,
     NO_REGION,
     VRING_DESC_F_INDIRECT,
     VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
     DescChain,
+    OutsideMemoryError,
 )
 from vhostmem.eventfd import KickReader, signal_eventfd
 from vhostmem.guest_memory import GuestMemory, GuestMemoryError
+from vhostmem.packed_ring import VIRTIO_F_RING_PACKED, PackedRing
 from vhostmem.queue_stats import QueueStats
 from vhostmem.split_ring import (
-    AVAIL_ALIGN,
-    DESC_ALIGN,
-    EVENT_FIELD_SIZE,
-    IDX,
-    IDX_MASK,
     MAX_QUEUE_SIZE,
-    RING_HEADER_SIZE,
     TURN_BUDGET,
     U32_MAX,
-    USED_ALIGN,
-    USED_ELEM_SIZE,
     VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
     VRING_AVAIL_F_NO_INTERRUPT,
@@ -80,6 +73,7 @@ __all__ = [
     "MAX_QUEUE_SIZE",
     "TURN_BUDGET",
     "U32_MAX",
+    "VIRTIO_F_RING_PACKED",
     "VIRTIO_RING_F_EVENT_IDX",
     "VIRTIO_RING_F_INDIRECT_DESC",
     "VRING_AVAIL_F_NO_INTERRUPT",
@@ -88,6 +82,7 @@ __all__ = [
     "VRING_DESC_F_WRITE",
     "VRING_USED_F_NO_NOTIFY",
     "DescChain",
+    "PackedVirtqueue",
     "Virtqueue",
     "VirtqueueError",
 ]
@@ -101,7 +96,13 @@ VHOST_VRING_F_LOG = 1
 
 
 class Virtqueue(SplitRing, QueueStats):
-    """Device side of one split virtqueue. Rings start stopped and disabled."""
+    """Device side of one virtqueue. Rings start stopped and disabled.
+
+    What every layout shares lives here; the layout's own code (ring views, base, start, the
+    hot path ``pop`` / ``push_used`` / ``notify``) is a mixin placed first in the MRO: this
+    class is a split ring (:class:`SplitRing`), :class:`PackedVirtqueue` a packed one. The
+    negotiated features choose (:meth:`set_features` swaps the class of a stopped queue), so a
+    device calls the same methods on either and the split hot path pays no indirection."""
 
     def __init__(
         self,
@@ -143,10 +144,7 @@ class Virtqueue(SplitRing, QueueStats):
         self.log_used_gpa: int | None = None
         self._written: dict[int, list[tuple[int, int]]] = {}
         self.paused = False  # no new chain is taken (logging being switched on)
-        self._last_avail = 0
-        self._avail_seen = 0  # avail idx last read; chains up to it need no re-read
         self._region_cache = NO_REGION
-        self._used_idx = 0
         self._inflight: InflightQueue | None = None  # INFLIGHT_SHMFD tracking, if attached
         self._signalled_used = 0
         self._signalled_valid = False
@@ -154,11 +152,7 @@ class Virtqueue(SplitRing, QueueStats):
         self._no_notify = False
         self._bad_buffer_logged = False
         self._mem_gen = -1
-        self._desc: memoryview | None = None
-        self._avail: memoryview | None = None
-        self._used_hdr: memoryview | None = None
-        self._used_ring: memoryview | None = None
-        self._avail_event: memoryview | None = None
+        self._layout_reset()  # the layout's positions and (no) ring views
         # Requests handed to other threads (io_mode="thread"); stop() waits for them. ``queued``
         # of them were not picked up by a worker yet.
         self.inflight = 0
@@ -187,11 +181,8 @@ class Virtqueue(SplitRing, QueueStats):
         before anything is stored, so a refused address leaves a running ring as it was.
         ``frontend_addr`` is the request as the frontend sent it (kept for re-resolving).
         """
-        for what, gpa, align in (
-            ("descriptor table", desc_gpa, DESC_ALIGN),
-            ("avail ring", avail_gpa, AVAIL_ALIGN),
-            ("used ring", used_gpa, USED_ALIGN),
-        ):
+        for (what, align), gpa in zip(self.RING_PARTS, (desc_gpa, avail_gpa, used_gpa),
+                                      strict=True):
             if gpa % align:
                 raise VirtqueueError(
                     f"queue {self.index}: {what} address {gpa:#x} is not {align}-byte aligned"
@@ -223,14 +214,6 @@ class Virtqueue(SplitRing, QueueStats):
                 f"queue {self.index}: log_guest_addr {gpa:#x} (VHOST_VRING_F_LOG) is not in "
                 f"guest memory: {exc}") from None
 
-    def set_base(self, base: int) -> None:
-        self._last_avail = self._avail_seen = base & IDX_MASK
-
-    def get_base(self) -> int:
-        if self._inflight is not None:
-            return self._inflight.base(self._last_avail)
-        return self._last_avail
-
     def set_inflight(self, tracker: InflightQueue | None) -> None:
         """Track fetched heads in a shared inflight region (vhostmem/inflight.py); the next
         :meth:`start` recovers from it. None stops tracking."""
@@ -251,6 +234,20 @@ class Virtqueue(SplitRing, QueueStats):
     def set_features(self, acked: int) -> None:
         self.event_idx = bool(acked >> VIRTIO_RING_F_EVENT_IDX & 1)
         self.indirect = bool(acked >> VIRTIO_RING_F_INDIRECT_DESC & 1)
+        self._set_layout(bool(acked >> VIRTIO_F_RING_PACKED & 1))
+
+    def _set_layout(self, packed: bool) -> None:
+        """Make this queue a packed or a split one (its class: the layout's methods come
+        first in the MRO). Only while stopped: the frontend sends SET_FEATURES before it
+        configures the rings; a started ring whose layout changes is broken."""
+        if self.packed == packed:
+            return
+        if self.started:
+            self.mark_broken("VIRTIO_F_RING_PACKED changed while the ring runs")
+            return
+        self.unmap()  # the old layout's views
+        self.__class__ = PackedVirtqueue if packed else Virtqueue
+        self._layout_reset()
 
     def set_kick_fd(self, fd: int) -> None:
         """Take ownership of the kick eventfd (-1 for none); it is made non-blocking."""
@@ -292,23 +289,9 @@ class Virtqueue(SplitRing, QueueStats):
         if not self.ready_to_start():
             raise VirtqueueError(f"queue {self.index}: start without size or addresses")
         self._map()
-        assert self._used_hdr is not None
-        self._used_idx = self._used_hdr[IDX]
-        self._avail_seen = self._last_avail
         self._signalled_valid = False
-        self._no_notify = False
-        if self._inflight is not None:
-            self._recover_inflight()
+        self._start_layout()
         self.started = True
-
-    def _recover_inflight(self) -> None:
-        """Repair the inflight region after a crash and queue its heads for resubmission."""
-        assert self._inflight is not None and self._used_ring is not None
-        base = self._inflight.recover(self._used_ring, self._used_idx, self.num)
-        if base is not None:
-            self.set_base(base)
-        # The previous backend may have published completions without signalling them.
-        signal_eventfd(self.call_fd)
 
     def stop(self) -> bool:
         """Stop processing (nothing more is popped); whether no request is in flight on other
@@ -399,13 +382,13 @@ class Virtqueue(SplitRing, QueueStats):
         self.log_used_gpa = None
         self.paused = False
         self.set_dirty_log(None)
-        self._last_avail = self._avail_seen = 0
-        self._used_idx = 0
         self._inflight = None
         self._signalled_valid = False
         self._bad_buffer_logged = False
         self.event_idx = self.indirect = False
         self.unmap()
+        self._set_layout(False)
+        self._layout_reset()
         self.set_kick_fd(-1)
         self.set_call_fd(-1)
         self.set_err_fd(-1)
@@ -414,15 +397,6 @@ class Virtqueue(SplitRing, QueueStats):
         self.reset()
 
     # ------------------------------------------------------------------ rings
-
-    def ring_sizes(self) -> tuple[int, int, int]:
-        """Bytes of the descriptor table, the avail ring and the used ring (with event idx)."""
-        n = self.num
-        return (
-            n * DESC_SIZE,
-            RING_HEADER_SIZE + 2 * n + EVENT_FIELD_SIZE,
-            RING_HEADER_SIZE + USED_ELEM_SIZE * n + EVENT_FIELD_SIZE,
-        )
 
     def _map(self) -> None:
         """(Re)resolve the ring views at the stored addresses; on failure the old views are
@@ -453,35 +427,37 @@ class Virtqueue(SplitRing, QueueStats):
         """Make ``views`` the ring views. Under the completion lock: a worker thread completing
         a request meanwhile writes its used entry through the old views or the new ones, never
         through released ones (both map the same guest memory)."""
-        desc, avail, used = views
-        ring_end = RING_HEADER_SIZE + USED_ELEM_SIZE * self.num
         with self._idle:
-            self._release_views()
-            self._desc = desc
-            self._avail = avail.cast("H")
-            self._used_hdr = used[:RING_HEADER_SIZE].cast("H")
-            self._used_ring = used[RING_HEADER_SIZE:ring_end].cast("I")
-            self._avail_event = used[ring_end:].cast("H")
+            self._drop_views()
+            self._set_views(*views)  # the layout keeps the views it needs, releases the rest
             self._mem_gen = self.mem.generation
-        avail.release()
-        used.release()
         self.mem.reap()
 
     def unmap(self) -> None:
         """Release the ring views so that replaced guest memory can be unmapped; a started
         ring resolves them again on its next pop, a stopped one when it starts."""
         with self._idle:
-            self._release_views()
+            self._drop_views()
         self.mem.reap()
 
-    def _release_views(self) -> None:
-        for name in ("_desc", "_avail", "_used_hdr", "_used_ring", "_avail_event"):
-            view = getattr(self, name)
-            if view is not None:
-                view.release()
-                setattr(self, name, None)
+    def _drop_views(self) -> None:
+        self._release_views()  # the layout's
         self._mem_gen = -1
         self._region_cache = NO_REGION
+
+    def _fail_request(self, head: int, exc: OutsideMemoryError) -> None:
+        """Complete a chain whose buffer is outside guest memory with the failure status."""
+        if not self._bad_buffer_logged:
+            self._bad_buffer_logged = True
+            # str: a record holding the exception would pin its views via the traceback
+            log.error("virtqueue %d: request %d failed: %s", self.index, head, str(exc))
+        written = self._write_failure_status(exc.last)
+        # Under the completion lock (pool threads may be completing other chains) and
+        # signalled now: a caller that hands chains to threads never notifies itself.
+        with self._idle:
+            self.push_used(head, written)
+            self.account_failed()  # under the lock: I/O threads may be counting too
+            self.notify()
 
     def mark_broken(self, reason: str) -> None:
         """Stop processing this queue: log the reason once and signal the err eventfd."""
@@ -496,6 +472,10 @@ def _close(fd: int) -> None:
     if fd >= 0:
         with contextlib.suppress(OSError):
             os.close(fd)
+
+
+class PackedVirtqueue(PackedRing, Virtqueue):
+    """A virtqueue with the packed layout (virtio 1.2 section 2.8); see packed_ring.py."""
 
 
 if bounds.ENV_ON:

@@ -6,6 +6,7 @@
 #   migrate_jobs=J
 #   size=BYTES  lbs=BYTES  queues=N  ro=0|1  seed=S  rounds=N
 #   discard=OFF:LEN  discard_zeroes=0|1  zeroout=OFF:LEN  hotplug=0|1  queue_cpus=CPU,CPU (default: every CPU)
+#   packed=1 (check that the device negotiated VIRTIO_F_RING_PACKED)
 # Output protocol, one line each, parsed by qemu/guestlog.py:
 #   VHOSTMEM-TEST <name> PASS|FAIL <detail>     a check
 #   VHOSTMEM-DIGEST <round> <md5>               md5 of the whole disk read through the page cache
@@ -86,6 +87,8 @@ check_sysfs() {
     expect_equal boot.sysfs-lbs "$(cat $SYSDISK/queue/logical_block_size)" "$LBS"
     expect_equal boot.sysfs-ro "$(cat $SYSDISK/ro)" "$RO"
     expect_equal boot.queues "$(ls $SYSDISK/mq | wc -l)" "$QUEUES"
+    # sysfs features: one character per feature bit; bit 34 is VIRTIO_F_RING_PACKED.
+    [ -n "$PACKED" ] && expect_equal boot.ring-packed "$(cut -c35 $SYSDISK/device/features)" "$PACKED"
     echo "VHOSTMEM-INFO discard_max_bytes=$(cat $SYSDISK/queue/discard_max_bytes)" \
         "write_zeroes_max_bytes=$(cat $SYSDISK/queue/write_zeroes_max_bytes)"
 }
@@ -247,6 +250,7 @@ DISCARD=$(param discard 0:0)
 DISCARD_ZEROES=$(param discard_zeroes 1)
 ZEROOUT=$(param zeroout 0:0)
 HOTPLUG=$(param hotplug 0)
+PACKED=$(param packed "")
 QUEUE_CPUS=$(param queue_cpus "$(all_cpus)")
 
 load_modules

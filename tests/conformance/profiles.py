@@ -107,8 +107,9 @@ class Profile:
 
 VHOSTMEM = Profile(
     name="vhostmem",
-    # LOG_ALL: dirty logging for live migration (vhostmem/dirty_log.py).
-    features=COMMON_FEATURES | mask(VirtioFeature.LOG_ALL),
+    # LOG_ALL: dirty logging for live migration (vhostmem/dirty_log.py); RING_PACKED: the
+    # packed layout (vhostmem/packed_ring.py).
+    features=COMMON_FEATURES | mask(VirtioFeature.LOG_ALL, VirtioFeature.RING_PACKED),
     # The server's own protocol bits (they grow with the server) plus the blk device's.
     protocol_features=BASE_PROTOCOL_FEATURES | COMMON_PROTOCOL,
     max_mem_slots=509,

@@ -1,14 +1,16 @@
 """Every virtio-blk request type and status, every descriptor layout, EVENT_IDX on and off,
-byte-for-byte against the image file, read-only exports; against every peer."""
+byte-for-byte against the image file, read-only exports; against every peer, and the request
+cases also on packed rings (`ring_peer`: vhostmem only, qemu-storage-daemon has none)."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import random
 
 import pytest
 
-from protocol import VirtioFeature
+from protocol import FrontendRequest, ProtocolFeature, VirtioFeature
 from tests.conformance.profiles import MIB, SECTOR, image, initial, profile
 from vhostmem.frontend.blk import (
     INDIRECT,
@@ -19,7 +21,9 @@ from vhostmem.frontend.blk import (
     Layout,
     discard_segment,
 )
-from vhostmem.frontend.device import VhostUserBlk
+from vhostmem.frontend.client import VhostUserError
+from vhostmem.frontend.device import SUPPORTED_PROTOCOL_FEATURES, VhostUserBlk
+from vhostmem.frontend.packed import RING_EVENT_FLAGS_DESC, RING_EVENT_FLAGS_ENABLE
 
 pytestmark = pytest.mark.qsd
 
@@ -43,10 +47,12 @@ def _last_queue(dev: VhostUserBlk, num_queues: int):
 
 
 @pytest.mark.parametrize("mem", ["table", "slots"])
-def test_read_write_byte_for_byte(blk_peer, num_queues: int, mem: str) -> None:
+def test_read_write_byte_for_byte(ring_peer, num_queues: int, mem: str) -> None:
+    blk_peer, packed = ring_peer
     peer = blk_peer(num_queues=num_queues)
     rng = random.Random(7)
-    with VhostUserBlk.open(peer.socket_path, mem=mem) as dev:
+    with VhostUserBlk.open(peer.socket_path, mem=mem, packed=packed) as dev:
+        assert dev.packed is packed
         q = _last_queue(dev, num_queues)
         for _ in range(8):
             sector, length = rng.randrange(0, 30000), SECTOR * rng.randrange(1, 64)
@@ -59,9 +65,11 @@ def test_read_write_byte_for_byte(blk_peer, num_queues: int, mem: str) -> None:
         assert q.read(100, len(data)) == data
 
 
-def test_flush_and_get_id(blk_peer, num_queues: int) -> None:
+def test_flush_and_get_id(ring_peer, num_queues: int) -> None:
+    blk_peer, packed = ring_peer
     peer = blk_peer(num_queues=num_queues)
-    with VhostUserBlk.open(peer.socket_path) as dev:
+    with VhostUserBlk.open(peer.socket_path, packed=packed) as dev:
+        assert dev.packed is packed
         q = _last_queue(dev, num_queues)
         q.flush()
         assert q.get_id() == profile(peer).serial
@@ -70,9 +78,11 @@ def test_flush_and_get_id(blk_peer, num_queues: int) -> None:
         assert status == BlkStatus.OK and raw == profile(peer).serial[:8]
 
 
-def test_write_zeroes_with_and_without_unmap(blk_peer) -> None:
+def test_write_zeroes_with_and_without_unmap(ring_peer) -> None:
+    blk_peer, packed = ring_peer
     peer = blk_peer()
-    with VhostUserBlk.open(peer.socket_path) as dev:
+    with VhostUserBlk.open(peer.socket_path, packed=packed) as dev:
+        assert dev.packed is packed
         q = dev.start_queue(0, depth=4, max_data=MIB)
         q.write_zeroes(64, 8)
         assert image(peer, 64 * SECTOR, 8 * SECTOR) == bytes(8 * SECTOR)
@@ -84,10 +94,12 @@ def test_write_zeroes_with_and_without_unmap(blk_peer) -> None:
         assert image(peer, 4096 * SECTOR, SECTOR) == initial(peer, 4096, SECTOR)
 
 
-def test_discard_reads_back_zeroes(blk_peer) -> None:
+def test_discard_reads_back_zeroes(ring_peer) -> None:
     """Both peers punch a hole for an aligned discard, so the image reads zeroes."""
+    blk_peer, packed = ring_peer
     peer = blk_peer()
-    with VhostUserBlk.open(peer.socket_path) as dev:
+    with VhostUserBlk.open(peer.socket_path, packed=packed) as dev:
+        assert dev.packed is packed
         q = dev.start_queue(0)
         q.discard(1024, 2048)
         assert image(peer, 1024 * SECTOR, MIB) == bytes(MIB)
@@ -96,19 +108,23 @@ def test_discard_reads_back_zeroes(blk_peer) -> None:
 
 
 @pytest.mark.parametrize("type_", [UNKNOWN_TYPE, BlkType.GET_LIFETIME])
-def test_unsupported_type_is_unsupp(blk_peer, type_: int) -> None:
+def test_unsupported_type_is_unsupp(ring_peer, type_: int) -> None:
+    blk_peer, packed = ring_peer
     peer = blk_peer()
-    with VhostUserBlk.open(peer.socket_path) as dev:
+    with VhostUserBlk.open(peer.socket_path, packed=packed) as dev:
+        assert dev.packed is packed
         q = dev.start_queue(0)
         status, _ = q.run(type_, 0, in_len=SECTOR)
         assert status == BlkStatus.UNSUPP
         assert q.read(0, SECTOR) == initial(peer, 0, SECTOR)  # the queue still works
 
 
-def test_io_past_the_end_is_ioerr(blk_peer) -> None:
+def test_io_past_the_end_is_ioerr(ring_peer) -> None:
+    blk_peer, packed = ring_peer
     peer = blk_peer(size=MIB)
     last = MIB // SECTOR
-    with VhostUserBlk.open(peer.socket_path) as dev:
+    with VhostUserBlk.open(peer.socket_path, packed=packed) as dev:
+        assert dev.packed is packed
         q = dev.start_queue(0)
         assert q.run(BlkType.IN, last, in_len=SECTOR)[0] == BlkStatus.IOERR
         assert q.run(BlkType.IN, last - 1, in_len=2 * SECTOR)[0] == BlkStatus.IOERR
@@ -119,9 +135,11 @@ def test_io_past_the_end_is_ioerr(blk_peer) -> None:
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_every_descriptor_layout(blk_peer, name: str) -> None:
+def test_every_descriptor_layout(ring_peer, name: str) -> None:
+    blk_peer, packed = ring_peer
     peer, layout = blk_peer(), LAYOUTS[name]
-    with VhostUserBlk.open(peer.socket_path) as dev:
+    with VhostUserBlk.open(peer.socket_path, packed=packed) as dev:
+        assert dev.packed is packed
         q = dev.start_queue(0)
         assert q.read(8, 4096, layout) == initial(peer, 8, 4096)
         data = os.urandom(8192)
@@ -182,3 +200,51 @@ def test_read_only_export(blk_peer) -> None:
             assert status == BlkStatus.IOERR, type_.name
         q.flush()
         assert image(peer, 0, 8192) == initial(peer, 0, 8192)
+
+
+@pytest.mark.parametrize("event_idx", [True, False], ids=["event-idx", "no-event-idx"])
+def test_packed_event_suppression(vhostmem_peer, event_idx: bool) -> None:
+    """vhostmem only (qemu-storage-daemon has no packed rings): batches wrap a 32-entry packed
+    ring five times; with EVENT_IDX the device's area asks for a kick at the next position
+    (DESC, off_wrap), without it the idle device has kicks enabled and got one per batch."""
+    peer = vhostmem_peer()
+    with VhostUserBlk.open(peer.socket_path, event_idx=event_idx, packed=True) as dev:
+        assert dev.packed and dev.has_feature(VirtioFeature.EVENT_IDX) is event_idx
+        q = dev.start_queue(0, size=32)
+        for _ in range(5):  # 10 requests of 3 descriptors each
+            reqs = [q.prepare(BlkType.IN, 8 * k, in_len=4096) for k in range(10)]
+            q.notify()
+            for k, req in enumerate(reqs):
+                q.wait_for(req)
+                assert req.status == BlkStatus.OK
+                assert dev.ram.read(req.in_gpa, 4096) == initial(peer, 8 * k, 4096)
+        off_wrap, flags = q.ring.device_event
+        if event_idx:
+            assert (off_wrap, flags) == (q.ring.published, RING_EVENT_FLAGS_DESC)
+        else:
+            assert flags == RING_EVENT_FLAGS_ENABLE and q.kicks == 5
+        assert dev.stop_queue(0) == q.ring.base()  # GET_VRING_BASE: positions and wraps
+
+
+def test_packed_rings_refuse_inflight_tracking(vhostmem_peer) -> None:
+    """vhostmem only. INFLIGHT_SHMFD has no packed layout here yet: with VIRTIO_F_RING_PACKED
+    negotiated GET_INFLIGHT_FD answers the protocol's error form (an empty region, no fd: QEMU
+    goes on without one) and SET_INFLIGHT_FD is refused; the rings still serve."""
+    peer = vhostmem_peer()
+    protocol = SUPPORTED_PROTOCOL_FEATURES | 1 << ProtocolFeature.INFLIGHT_SHMFD
+    with VhostUserBlk.open(peer.socket_path, packed=True, protocol_features=protocol) as dev:
+        assert dev.client.has_protocol(ProtocolFeature.INFLIGHT_SHMFD)
+        shape = {"mmap_size": 0, "mmap_offset": 0, "num_queues": 1, "queue_size": 128}
+        reply = dev.client.call(FrontendRequest.GET_INFLIGHT_FD, shape)
+        assert reply is not None and reply.payload.mmap_size == 0 and not reply.fds
+        region = os.memfd_create("inflight", os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(region, 4096)
+            fcntl.fcntl(region, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+            with pytest.raises(VhostUserError, match="SET_INFLIGHT_FD"):
+                dev.client.call(FrontendRequest.SET_INFLIGHT_FD, dict(shape, mmap_size=4096),
+                                [region])
+        finally:
+            os.close(region)
+        q = dev.start_queue(0)
+        assert q.read(0, SECTOR) == initial(peer, 0, SECTOR)

@@ -28,7 +28,8 @@ every input, a registration left in the MemRegistry, an mmap still pending, a fd
 start, a guest memfd still mapped (every MAPS_EVERY runs).
 
 Without corpus arguments a seed corpus is written to a temporary directory and used: a full
-valid session doing one read; the same with the ring full, under a random mutator program;
+valid session doing one read (also on a packed ring, direct and indirect, and under a random
+mutator program); the same with the ring full, under a random mutator program;
 an indirect chain whose table entries the mutator rewrites every way it knows; and
 "double-fetch": a request whose data buffer is outside guest memory, with a program that keeps
 the ring full and links the chain's last descriptor to itself. A backend that walks the chain a
@@ -170,13 +171,41 @@ def seed_image(data_gpa: int = DATA_GPA, requests: int = 1, indirect: bool = Fal
     return bytes(img)
 
 
-def seed_session(image: bytes | None = None, program: bytes | None = None) -> bytes:
+# Packed rings (virtio 1.2 section 2.8): the ring at DESC_GPA, the driver event area at
+# AVAIL_GPA, the device's at USED_GPA; descriptors are addr, len, id, flags.
+RING_PACKED = 34
+DESC_F_AVAIL = 1 << 7
+PACKED_FRESH_BASE = 0x8000_8000  # both wrap counters 1, positions 0
+
+
+def seed_packed_image(indirect: bool = False) -> bytes:
+    """One read chain (header, data, status), buffer id 0, available at ring position 0 (or an
+    indirect table of those three)."""
+    img = bytearray(STATUS_GPA + 1)
+    desc = struct.Struct("<QIHH")
+    if indirect:
+        desc.pack_into(img, INDIRECT_GPA, HEADER_GPA, 16, 0, 0)
+        desc.pack_into(img, INDIRECT_GPA + 16, DATA_GPA, 512, 0, 2)
+        desc.pack_into(img, INDIRECT_GPA + 32, STATUS_GPA, 1, 0, 2)
+        desc.pack_into(img, DESC_GPA, INDIRECT_GPA, 3 * 16, 0, 4 | DESC_F_AVAIL)
+    else:
+        desc.pack_into(img, DESC_GPA, HEADER_GPA, 16, 0, 1 | DESC_F_AVAIL)
+        desc.pack_into(img, DESC_GPA + 16, DATA_GPA, 512, 0, 3 | DESC_F_AVAIL)
+        desc.pack_into(img, DESC_GPA + 32, STATUS_GPA, 1, 0, 2 | DESC_F_AVAIL)
+    struct.pack_into("<IIQ", img, HEADER_GPA, 0, 0, 0)  # read sector 0
+    img[STATUS_GPA] = 0xFF
+    return bytes(img)
+
+
+def seed_session(image: bytes | None = None, program: bytes | None = None,
+                 packed: bool = False) -> bytes:
     """A full session starting ring 0 over ``image``; ``program`` (a mutator program) comes
-    just before the SET_VRING_ENABLE that runs the ring."""
+    just before the SET_VRING_ENABLE that runs the ring. ``packed``: VIRTIO_F_RING_PACKED and
+    the fresh packed vring base."""
     from protocol import FrontendRequest as R
     from protocol import encode_request
 
-    features = (1 << 32) | (1 << 30) | (1 << 28) | (1 << 29)
+    features = (1 << 32) | (1 << 30) | (1 << 28) | (1 << 29) | (packed << RING_PACKED)
     region = {"guest_phys_addr": 0, "memory_size": MEMFD_SIZE, "userspace_addr": U,
               "mmap_offset": 0}
     msgs: list[tuple[bytes, int, int]] = [  # bytes, fd count, control extra bits
@@ -186,6 +215,8 @@ def seed_session(image: bytes | None = None, program: bytes | None = None) -> by
         (encode_request(R.SET_MEM_TABLE, {"regions": [region]}, need_reply=True, fds_count=1),
          1, MEMFD_BIT),
         (encode_request(R.SET_VRING_NUM, {"index": 0, "num": NUM}, need_reply=True), 0, 0),
+        (encode_request(R.SET_VRING_BASE, {"index": 0, "num": PACKED_FRESH_BASE if packed
+                                           else 0}, need_reply=True), 0, 0),
         (encode_request(R.SET_VRING_ADDR, {"index": 0, "flags": 0, "desc_user_addr": U,
                                            "used_user_addr": U + USED_GPA,
                                            "avail_user_addr": U + AVAIL_GPA,
@@ -228,6 +259,11 @@ def seed_corpus() -> str:
     image = seed_image(requests=NUM, indirect=True)
     Path(path, "concurrent-indirect").write_bytes(seed_session(image, program))
     Path(path, "double-fetch").write_bytes(seed_double_fetch())
+    Path(path, "packed").write_bytes(seed_session(seed_packed_image(), packed=True))
+    Path(path, "packed-indirect").write_bytes(
+        seed_session(seed_packed_image(indirect=True), packed=True))
+    Path(path, "packed-concurrent").write_bytes(
+        seed_session(seed_packed_image(), random_program, packed=True))
     return path
 
 

@@ -59,11 +59,22 @@ class Guest:
 def guest(server: ServerThread, request: pytest.FixtureRequest) -> Iterator[Guest]:
     """A frontend with queues 0 (the victim) and 1 (must keep serving) on device A (requests
     served on the loop) or device T (requests served by a thread pool)."""
+    yield from _guest(server, request.param, packed=False)
+
+
+@pytest.fixture(params=["inline", "thread"])
+def packed_guest(server: ServerThread, request: pytest.FixtureRequest) -> Iterator[Guest]:
+    """``guest`` on packed rings (VIRTIO_F_RING_PACKED negotiated)."""
+    yield from _guest(server, request.param, packed=True)
+
+
+def _guest(server: ServerThread, mode: str, packed: bool) -> Iterator[Guest]:
     bounds.violations.clear()
-    endpoint, image = (server.a, server.images["a"]) if request.param == "inline" else \
+    endpoint, image = (server.a, server.images["a"]) if mode == "inline" else \
         (server.t, server.images["t"])
     ram = guarded_ram()
-    dev = open_guest(server.path(endpoint), ram, queues=2)
+    dev = open_guest(server.path(endpoint), ram, queues=2, packed=packed)
+    assert dev.packed is packed
     g = Guest(server, ram, dev, endpoint, image)
     yield g
     try:

@@ -138,9 +138,11 @@ def guarded_ram(sealed: bool = True) -> GuardedRam:
     return ram
 
 
-def open_guest(path: str, ram: GuardedRam, queues: int = 1) -> VhostUserBlk:
-    """A negotiated frontend on the socket at ``path`` with ``queues`` queues started."""
-    dev = VhostUserBlk.open(path, ram=ram, mem="table")
+def open_guest(path: str, ram: GuardedRam, queues: int = 1,
+               packed: bool = False) -> VhostUserBlk:
+    """A negotiated frontend on the socket at ``path`` with ``queues`` queues started (packed
+    rings with ``packed``)."""
+    dev = VhostUserBlk.open(path, ram=ram, mem="table", packed=packed)
     for i in range(queues):
         dev.start_queue(i, size=QUEUE_SIZE, depth=QUEUE_DEPTH, max_data=SLOT_DATA)
     return dev

@@ -61,6 +61,7 @@ SEALED_LOG = Fds(["sealed-memfd"], memfd_size=4096)  # a log for 128 MiB of gues
 VRING_F_LOG = 1  # SET_VRING_ADDR flags: log used ring writes at log_guest_addr
 # VERSION_1 | PROTOCOL_FEATURES | VHOST_F_LOG_ALL (virtio bit 26)
 LOG_ALL_FEATURES = 1 << 32 | PROTOCOL_FEATURES_BIT | 1 << 26
+RING_PACKED_BIT = 1 << 34  # VIRTIO_F_RING_PACKED (virtio 1.2 section 6)
 NACK = "nack"
 HANGUP = "hangup"
 EMPTY = "empty reply"
@@ -72,7 +73,8 @@ def negotiate(conn: RawConnection) -> None:
     conn.send(message(R.GET_FEATURES, flags=VERSION))
     features = conn.reply()
     assert features is not None
-    conn.send(u64(R.SET_FEATURES, features, flags=VERSION))
+    # Split rings: the ring cases here (sizes, log_guest_addr ranges) are split-ring ones.
+    conn.send(u64(R.SET_FEATURES, features & ~RING_PACKED_BIT, flags=VERSION))
     conn.send(message(R.GET_PROTOCOL_FEATURES, flags=VERSION))
     protocol = conn.reply()
     assert protocol is not None and protocol & REPLY_ACK_BIT

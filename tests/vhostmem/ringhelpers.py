@@ -7,6 +7,13 @@ import os
 import struct
 
 from vhostmem.guest_memory import GuestMemory
+from vhostmem.packed_ring import (
+    BASE_USED_SHIFT,
+    VIRTIO_F_RING_PACKED,
+    VIRTQ_DESC_F_AVAIL,
+    VIRTQ_DESC_F_USED,
+    WRAP_SHIFT,
+)
 from vhostmem.virtqueue import (
     VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
@@ -171,3 +178,100 @@ def eventfd_count(fd: int) -> int:
         return os.eventfd_read(fd)
     except BlockingIOError:
         return 0
+
+
+# Packed rings (virtio 1.2 section 2.8): the features, and the vring base of a fresh ring (both
+# wrap counters 1, positions 0).
+PACKED_FEATURES = ALL_RING_FEATURES | 1 << VIRTIO_F_RING_PACKED
+FRESH_BASE = 1 << WRAP_SHIFT | 1 << WRAP_SHIFT << BASE_USED_SHIFT
+PDESC = struct.Struct("<QIHH")  # addr, len, id, flags
+
+
+class PackedDriver:
+    """The driver side of a packed ring in test RAM: raw descriptor writes and a chain adder
+    that tracks the avail position and wrap counter."""
+
+    def __init__(self, ram: GuestRam, num: int) -> None:
+        self.ram, self.num = ram, num
+        self.ring = ram.alloc(16 * num, 16)
+        self.driver = ram.alloc(4, 4)
+        self.device = ram.alloc(4, 4)
+        self.pos, self.wrap = 0, 1
+        self.used_pos, self.used_wrap = 0, 1
+
+    def attach(self, vq: Virtqueue, features: int = PACKED_FEATURES,
+               num: int | None = None) -> None:
+        vq.set_features(features)
+        vq.set_num(num or self.num)
+        vq.set_addr(self.ring, self.device, self.driver)
+        vq.set_base(FRESH_BASE)
+        vq.start()
+        vq.enable(True)
+
+    def avail_flags(self) -> int:
+        return VIRTQ_DESC_F_AVAIL if self.wrap else VIRTQ_DESC_F_USED
+
+    def write(self, i: int, addr: int, length: int, buffer_id: int, flags: int) -> None:
+        self.ram.write(self.ring + 16 * i, PDESC.pack(addr, length, buffer_id, flags))
+
+    def read(self, i: int) -> tuple[int, int, int, int]:
+        return PDESC.unpack(self.ram.read(self.ring + 16 * i, 16))
+
+    def add(self, buffer_id: int, bufs: list[tuple[int, int, bool]], *,
+            last_next: bool = False) -> int:
+        """Write a chain at the avail position (the head's flags last); returns its head."""
+        head, head_desc = self.pos, None
+        for n, (gpa, length, w) in enumerate(bufs):
+            more = n + 1 < len(bufs) or last_next
+            flags = ((VRING_DESC_F_WRITE if w else 0) | (VRING_DESC_F_NEXT if more else 0)
+                     | self.avail_flags())
+            if n == 0:
+                head_desc = (gpa, length, buffer_id, flags)
+            else:
+                self.write(self.pos, gpa, length, buffer_id, flags)
+            self.pos += 1
+            if self.pos == self.num:
+                self.pos, self.wrap = 0, self.wrap ^ 1
+        assert head_desc is not None
+        self.write(head, *head_desc)
+        return head
+
+    def add_indirect(self, buffer_id: int, bufs: list[tuple[int, int, bool]],
+                     table_len: int | None = None) -> int:
+        table = self.ram.alloc(16 * max(len(bufs), 1), 16)
+        for n, (gpa, length, w) in enumerate(bufs):
+            self.ram.write(table + 16 * n,
+                           PDESC.pack(gpa, length, 0, VRING_DESC_F_WRITE if w else 0))
+        length = 16 * len(bufs) if table_len is None else table_len
+        return self.add_raw(buffer_id, table, length, VRING_DESC_F_INDIRECT)
+
+    def add_raw(self, buffer_id: int, addr: int, length: int, flags: int) -> int:
+        head = self.pos
+        self.write(head, addr, length, buffer_id, flags | self.avail_flags())
+        self.pos += 1
+        if self.pos == self.num:
+            self.pos, self.wrap = 0, self.wrap ^ 1
+        return head
+
+    def take_used(self) -> list[tuple[int, int, int]]:
+        """(id, len, flags) of the used descriptors written since the last call; positions
+        advance by what each id took, as a driver does (told by ``counts``)."""
+        out = []
+        while True:
+            _, length, buffer_id, flags = self.read(self.used_pos)
+            used = bool(flags & VIRTQ_DESC_F_USED)
+            if used != bool(self.used_wrap) or bool(flags & VIRTQ_DESC_F_AVAIL) != used:
+                return out
+            out.append((buffer_id, length, flags))
+            self.used_pos += self.counts.pop(buffer_id)
+            if self.used_pos >= self.num:
+                self.used_pos, self.used_wrap = self.used_pos - self.num, self.used_wrap ^ 1
+
+    counts: dict[int, int]
+
+    def set_driver_event(self, off_wrap: int, flags: int) -> None:
+        self.ram.write(self.driver, U16.pack(off_wrap) + U16.pack(flags))
+
+    def device_event(self) -> tuple[int, int]:
+        raw = self.ram.read(self.device, 4)
+        return U16.unpack(raw[:2])[0], U16.unpack(raw[2:])[0]

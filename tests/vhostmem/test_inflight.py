@@ -38,7 +38,7 @@ from vhostmem.inflight import (
 )
 from vhostmem.memmap import MemRegistry
 from vhostmem.session import BASE_PROTOCOL_FEATURES, Session, SessionError
-from vhostmem.virtqueue import DescChain, Virtqueue
+from vhostmem.virtqueue import VIRTIO_F_RING_PACKED, DescChain, Virtqueue
 
 NUM = 16
 SECTOR = 512
@@ -483,7 +483,8 @@ def connect(g: Guest, region_fd: int, region_size: int) -> tuple[Session, Holdin
         "mmap_size": region_size, "mmap_offset": 0,
         "num_queues": region_size // queue_region_size(NUM), "queue_size": NUM},
         [os.dup(region_fd)])
-    send(s, FrontendRequest.SET_FEATURES, RING_FEATURES | (1 << 30))
+    send(s, FrontendRequest.SET_FEATURES,
+         RING_FEATURES & ~(1 << VIRTIO_F_RING_PACKED) | (1 << 30))  # split rings
     send(s, FrontendRequest.SET_MEM_TABLE, {"regions": [{
         "guest_phys_addr": g.ram.gpa, "memory_size": g.ram.size,
         "userspace_addr": g.ram.uaddr, "mmap_offset": 0}]}, [os.dup(g.ram.fd)])

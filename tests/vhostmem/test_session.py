@@ -42,7 +42,7 @@ def bits(*numbers: int) -> int:
 
 EXPECTED_FEATURES = bits(
     VirtioFeature.VERSION_1, VirtioFeature.VHOST_USER_F_PROTOCOL_FEATURES,
-    VirtioFeature.INDIRECT_DESC, VirtioFeature.EVENT_IDX,
+    VirtioFeature.INDIRECT_DESC, VirtioFeature.EVENT_IDX, VirtioFeature.RING_PACKED,
     BlkFeature.SIZE_MAX, BlkFeature.SEG_MAX, BlkFeature.BLK_SIZE, BlkFeature.FLUSH,
     BlkFeature.CONFIG_WCE, BlkFeature.MQ, BlkFeature.DISCARD, BlkFeature.WRITE_ZEROES,
     VirtioFeature.LOG_ALL,

@@ -18,12 +18,12 @@ from vhostmem.memmap import MemRegistry
 from vhostmem.session import BASE_PROTOCOL_FEATURES, Session, SessionError
 from vhostmem.session_base import ACK_OK, Deferred
 from vhostmem.session_log import LOG_ALL_BIT
-from vhostmem.virtqueue import VHOST_VRING_F_LOG, DescChain, Virtqueue
+from vhostmem.virtqueue import VHOST_VRING_F_LOG, VIRTIO_F_RING_PACKED, DescChain, Virtqueue
 
 NUM = 16
 PAGE = 4096
 PROTOCOL_BIT = 1 << 30
-FEATURES = RING_FEATURES | PROTOCOL_BIT
+FEATURES = RING_FEATURES & ~(1 << VIRTIO_F_RING_PACKED) | PROTOCOL_BIT  # split rings here
 LOG_SIZE = 64 << 10  # covers guest addresses below 2 GiB
 
 

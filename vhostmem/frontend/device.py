@@ -15,6 +15,7 @@ from vhostmem.frontend.blk import CONFIG_SIZE, parse_blk_config
 from vhostmem.frontend.client import DEFAULT_TIMEOUT, VhostUserClient, VhostUserError
 from vhostmem.frontend.dirty import DirtyBitmap
 from vhostmem.frontend.memory import GuestRam, GuestRegion
+from vhostmem.frontend.packed import FRESH_BASE, PackedBlkQueue, PackedRing
 from vhostmem.frontend.queue import DEFAULT_MAX_DATA, BlkQueue
 from vhostmem.frontend.ring import EventFd, SplitRing
 
@@ -42,7 +43,7 @@ def _mask(*bits: int) -> int:
 # What this driver can handle; anything else a backend offers is left unacked.
 SUPPORTED_FEATURES = _mask(
     VirtioFeature.VERSION_1, VirtioFeature.VHOST_USER_F_PROTOCOL_FEATURES,
-    VirtioFeature.INDIRECT_DESC, VirtioFeature.EVENT_IDX,
+    VirtioFeature.INDIRECT_DESC, VirtioFeature.EVENT_IDX, VirtioFeature.RING_PACKED,
     BlkFeature.SIZE_MAX, BlkFeature.SEG_MAX, BlkFeature.GEOMETRY, BlkFeature.RO,
     BlkFeature.BLK_SIZE, BlkFeature.FLUSH, BlkFeature.TOPOLOGY, BlkFeature.CONFIG_WCE,
     BlkFeature.MQ, BlkFeature.DISCARD, BlkFeature.WRITE_ZEROES)
@@ -58,7 +59,7 @@ MemMode = Literal["table", "slots"]
 
 @dataclass
 class QueueState:
-    ring: SplitRing
+    ring: SplitRing | PackedRing
     kick: EventFd
     call: EventFd
     err: EventFd
@@ -89,7 +90,7 @@ class VhostUserBlk:
     @classmethod
     def open(cls, socket_path: str, *, ram: GuestRam | None = None,
              ram_size: int = DEFAULT_RAM_SIZE, features: int | None = None,
-             event_idx: bool = True, indirect: bool = True,
+             event_idx: bool = True, indirect: bool = True, packed: bool = False,
              protocol_features: int | None = None, mem: MemMode = "table",
              timeout: float = DEFAULT_TIMEOUT) -> VhostUserBlk:
         """Connect, negotiate and send the memory table; queues are started separately."""
@@ -104,7 +105,8 @@ class VhostUserBlk:
                 ram.close()
             raise
         try:
-            dev.negotiate(features, protocol_features, event_idx=event_idx, indirect=indirect)
+            dev.negotiate(features, protocol_features, event_idx=event_idx, indirect=indirect,
+                          packed=packed)
             dev.send_memory(mem)
         except BaseException:
             dev.close()
@@ -113,7 +115,7 @@ class VhostUserBlk:
 
     # -- negotiation -------------------------------------------------------------------------
     def negotiate(self, features: int | None = None, protocol_features: int | None = None, *,
-                  event_idx: bool = True, indirect: bool = True) -> int:
+                  event_idx: bool = True, indirect: bool = True, packed: bool = False) -> int:
         """SET_OWNER, GET_FEATURES, protocol features, GET_QUEUE_NUM, GET_MAX_MEM_SLOTS,
         SET_FEATURES. `features=None` acks everything offered that the driver supports."""
         c, o = self.client, self.offer
@@ -133,8 +135,15 @@ class VhostUserBlk:
                 features &= ~(1 << VirtioFeature.EVENT_IDX)
             if not indirect:
                 features &= ~(1 << VirtioFeature.INDIRECT_DESC)
+            if not packed:
+                features &= ~(1 << VirtioFeature.RING_PACKED)
         c.set_features(features)
         return features
+
+    @property
+    def packed(self) -> bool:
+        """VIRTIO_F_RING_PACKED is negotiated: queues use the packed layout."""
+        return self.has_feature(VirtioFeature.RING_PACKED)
 
     def has_feature(self, bit: int) -> bool:
         return bool(self.client.features >> bit & 1)
@@ -164,11 +173,16 @@ class VhostUserBlk:
         """Lay out a split ring in guest RAM and hand it to the backend."""
         if index in self.queues:
             raise VhostUserError(f"queue {index} is already set up")
-        ring = SplitRing(self.ram, size, event_idx=self.has_feature(VirtioFeature.EVENT_IDX))
-        state = QueueState(ring, EventFd(), EventFd(), EventFd())
+        event_idx = self.has_feature(VirtioFeature.EVENT_IDX)
+        state = QueueState(SplitRing(self.ram, size, event_idx=event_idx) if not self.packed
+                           else PackedRing(self.ram, size, event_idx=event_idx),
+                           EventFd(), EventFd(), EventFd())
         self.queues[index] = state
-        state.queue = BlkQueue(self.ram, ring, state.kick, state.call, depth=depth,
-                               max_data=max_data)
+        queue_class = PackedBlkQueue if self.packed else BlkQueue
+        state.queue = queue_class(self.ram, state.ring, state.kick, state.call,  # type: ignore[arg-type]
+                                  depth=depth, max_data=max_data)
+        if self.packed and base == 0:
+            base = FRESH_BASE  # both wrap counters start at 1 (virtio 1.2 2.8.1)
         self._program_ring(index, state, base)
         return state.queue
 
@@ -176,7 +190,7 @@ class VhostUserBlk:
         c, ring = self.client, st.ring
         c.set_vring_num(index, ring.num)
         c.set_vring_base(index, base)
-        ring.next_avail = ring.published = ring.kicked_upto = ring.last_used = base
+        ring.set_base(base)
         self._send_ring_addr(index, ring)
         c.set_vring_call(index, st.call.fd)
         c.set_vring_err(index, st.err.fd)
@@ -185,7 +199,7 @@ class VhostUserBlk:
             c.set_vring_enable(index, True)
         st.started = True
 
-    def _send_ring_addr(self, index: int, ring: SplitRing) -> None:
+    def _send_ring_addr(self, index: int, ring: SplitRing | PackedRing) -> None:
         """SET_VRING_ADDR as QEMU sends it (vhost_virtqueue_set_addr): log_guest_addr is always
         the used ring's guest-physical address, VHOST_VRING_F_LOG is set while logging."""
         host = self.ram.host_address

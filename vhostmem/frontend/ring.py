@@ -166,6 +166,12 @@ class SplitRing:
         self.published = 0  # avail.idx value last stored
         self.kicked_upto = 0  # avail.idx of the last publish that asked for a kick
 
+    packed = False
+
+    def set_base(self, base: int) -> None:
+        """Driver indices from a vring base (SET_VRING_BASE / GET_VRING_BASE)."""
+        self.next_avail = self.published = self.kicked_upto = self.last_used = base
+
     # -- raw descriptor access -------------------------------------------------------------
     def write_desc(self, i: int, addr: int, length: int, flags: int = 0, next_: int = 0) -> None:
         _DESC.pack_into(self._mm, self._desc + DESC_SIZE * self._index(i), addr, length, flags,

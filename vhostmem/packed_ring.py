@@ -1,0 +1,464 @@
+"""The packed virtqueue layout (virtio 1.2 section 2.8), device side.
+
+:class:`PackedRing` is the other layout of :class:`~vhostmem.virtqueue.Virtqueue` (next to
+:class:`~vhostmem.split_ring.SplitRing`): the same ``pop`` / ``push_used`` / ``notify`` over one
+descriptor ring (SET_VRING_ADDR ``desc``) and the driver (``avail``) and device (``used``)
+event suppression areas. A descriptor is available when AVAIL equals the avail wrap counter and
+USED does not (2.8.1); a chain runs by NEXT, its buffer id in its last descriptor (2.8.6); an
+INDIRECT descriptor ends it (2.8.8). Completions come in any order: one used descriptor each
+(id, len, AVAIL = USED = used wrap counter, WRITE when bytes were written) at the used position,
+which moves on by the descriptors that buffer took (2.8.7).
+
+**Read once, in order** (docs/packed.md): the head's flags word is loaded once and availability
+decided from it; only then is each descriptor of the chain copied (one 16-byte unpack) and
+everything else decided from the copies. The flags load precedes the copies in program order and
+x86-64 (TSO) never reorders loads with loads, so the copies are at least as new as the flags the
+driver stored last: an acquire without a fence. Completions store id and len, then the flags.
+
+Hostile rings (docs/hostile.md): an id out of range or in flight, a chain without end within the
+ring, more descriptors in flight than the ring holds, a bad indirect table: the queue breaks; a
+buffer outside guest memory fails that request only. Nothing raises out of ``pop``.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from typing import TYPE_CHECKING
+
+from vhostmem.descriptors import (
+    DESC_SIZE,
+    VRING_DESC_F_INDIRECT,
+    VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE,
+    ChainError,
+    ChainWalker,
+    DescChain,
+    OutsideMemoryError,
+)
+from vhostmem.eventfd import signal_eventfd
+from vhostmem.guest_memory import GuestMemoryError
+from vhostmem.split_ring import (
+    TURN_BUDGET,
+    TURN_BYTES_SHIFT,
+    U32_MAX,
+    VirtqueueError,
+    _fence,
+    log,
+)
+
+if TYPE_CHECKING:
+    from vhostmem.dirty_log import DirtyLog
+
+# Feature bit (virtio 1.2 section 6): the packed layout.
+VIRTIO_F_RING_PACKED = 34
+# Descriptor flags of the packed layout (2.8.1): bit 7 AVAIL, bit 15 USED.
+VIRTQ_DESC_F_AVAIL = 1 << 7
+VIRTQ_DESC_F_USED = 1 << 15
+# Event suppression structure (2.8.10): le16 off_wrap (bits 0-14 descriptor offset, bit 15 wrap
+# counter), le16 flags (bits 0-1).
+EVENT_AREA_SIZE = 4
+EVENT_OFF_WRAP = 0  # u16 index of the fields in the structure
+EVENT_FLAGS = 1
+RING_EVENT_FLAGS_ENABLE = 0
+RING_EVENT_FLAGS_DISABLE = 1
+RING_EVENT_FLAGS_DESC = 2  # only with VIRTIO_RING_F_EVENT_IDX
+RING_EVENT_FLAGS_MASK = 3
+WRAP_SHIFT = 15  # the wrap counter bit of off_wrap and of the vring base halves
+POS_MASK = (1 << WRAP_SHIFT) - 1
+# SET/GET_VRING_BASE of a packed ring (vhost-user.rst): bits 0-14 the avail position, bit 15
+# the avail wrap counter, bits 16-30 the used position, bit 31 the used wrap counter.
+BASE_USED_SHIFT = 16
+# Alignment of the three areas (2.8.10.1 / 4.1.4.3.2): ring 16, event structures 4.
+RING_ALIGN = 16
+EVENT_ALIGN = 4
+# A descriptor in u16 / u32 units: id at byte 12, flags at byte 14, len at byte 8.
+DESC_U16S = DESC_SIZE // 2
+ID_U16 = 6
+FLAGS_U16 = 7
+LEN_U32 = 2
+DESC_U32S = DESC_SIZE // 4
+_PDESC = struct.Struct("<QIHH")  # addr, len, id, flags
+U16_MASK = 0xFFFF
+
+
+class PackedOutsideMemoryError(OutsideMemoryError):
+    """A buffer of a packed chain is outside guest memory; the chain was read to its end, so
+    its buffer id and descriptor count are known (the request can be completed)."""
+
+    def __init__(self, reason: str, last: tuple[int, int, int], buffer_id: int,
+                 count: int) -> None:
+        super().__init__(reason, last)
+        self.buffer_id = buffer_id
+        self.count = count
+
+
+def _need_event(event: int, new: int, old: int) -> bool:
+    """The EVENT_IDX rule: moving from ``old`` to ``new`` passed ``event`` (u16 arithmetic)."""
+    return (new - event - 1) & U16_MASK < (new - old) & U16_MASK
+
+
+class PackedRing(ChainWalker):
+    """The packed layout of a Virtqueue (first in PackedVirtqueue's MRO). The common state
+    (num, mem, flags, locks, fds) is the Virtqueue's; what is below is this layout's."""
+
+    RING_PARTS = (("descriptor ring", RING_ALIGN), ("driver event suppression area",
+                                                     EVENT_ALIGN),
+                  ("device event suppression area", EVENT_ALIGN))
+    packed = True
+
+    index: int
+    started: bool
+    enabled: bool
+    broken: bool
+    event_idx: bool
+    call_fd: int
+    yielded: bool
+    log_used_gpa: int | None
+    stat_interrupts: int
+    _turn_left: int
+    _mem_gen: int
+    _addr: tuple[int, int, int] | None
+    _idle: threading.Condition
+    _unsignalled: bool
+    _signalled_valid: bool
+
+    # ------------------------------------------------------- layout state
+
+    def _layout_reset(self) -> None:
+        # Wrap counters start at 1 (2.8.1); positions at 0.
+        self._avail_pos = 0
+        self._avail_wrap = 1
+        self._used_pos = 0
+        self._used_wrap = 1
+        self._signalled_pos = 0  # used position and wrap at the last interrupt
+        self._signalled_wrap = 1
+        self._kicks_off = False  # our area says DISABLE
+        # Descriptors each buffer id in flight took (0: not in flight); counters of descriptors
+        # taken (pop) and returned (push_used): their difference is what is in flight.
+        self._id_descs: list[int] = []
+        self._taken = 0
+        self._returned = 0
+        self._desc = None  # ChainWalker's table: unused by the packed walk
+        self._ring: memoryview | None = None
+        self._ring16: memoryview | None = None
+        self._ring32: memoryview | None = None
+        self._driver_area: memoryview | None = None
+        self._device_area: memoryview | None = None
+
+    def ring_sizes(self) -> tuple[int, int, int]:
+        """Bytes of the descriptor ring and of the driver and device event areas."""
+        return self.num * DESC_SIZE, EVENT_AREA_SIZE, EVENT_AREA_SIZE
+
+    def _set_views(self, ring: memoryview, driver: memoryview, device: memoryview) -> None:
+        self._ring = ring
+        self._ring16 = ring.cast("H")
+        self._ring32 = ring.cast("I")
+        self._driver_area = driver.cast("H")
+        self._device_area = device.cast("H")
+        driver.release()
+        device.release()
+        if len(self._id_descs) != self.num:
+            self._id_descs = [0] * self.num
+
+    def _release_views(self) -> None:
+        for name in ("_ring16", "_ring32", "_ring", "_driver_area", "_device_area"):
+            view = getattr(self, name)
+            if view is not None:
+                view.release()
+                setattr(self, name, None)
+
+    def set_base(self, base: int) -> None:
+        """SET_VRING_BASE of a packed ring: avail position and wrap in the low half, used
+        position and wrap in the high half (vhost-user.rst)."""
+        self._avail_pos = base & POS_MASK
+        self._avail_wrap = base >> WRAP_SHIFT & 1
+        used = base >> BASE_USED_SHIFT
+        self._used_pos = used & POS_MASK
+        self._used_wrap = used >> WRAP_SHIFT & 1
+
+    def get_base(self) -> int:
+        avail = self._avail_pos | self._avail_wrap << WRAP_SHIFT
+        used = self._used_pos | self._used_wrap << WRAP_SHIFT
+        return avail | used << BASE_USED_SHIFT
+
+    def _start_layout(self) -> None:
+        num = self.num
+        if self._avail_pos >= num or self._used_pos >= num:
+            raise VirtqueueError(
+                f"queue {self.index}: vring base {self.get_base():#x} has a position beyond "
+                f"the ring of {num}")
+        self._id_descs = [0] * num  # nothing in flight at start (no inflight region)
+        self._taken = self._returned = 0
+        self._kicks_off = False
+        self._signalled_pos, self._signalled_wrap = self._used_pos, self._used_wrap
+
+    # -------------------------------------------------------------- hot path
+
+    def new_turn(self) -> None:
+        self._turn_left = TURN_BUDGET
+        self.yielded = False
+
+    def pop(self) -> DescChain | None:
+        """The next available chain (its ``head`` is its buffer id), or None: nothing
+        available, the queue cannot run, or the turn's budget is used up (``yielded``)."""
+        if not (self.started and self.enabled) or self.broken:
+            return None
+        if self._turn_left <= 0:
+            self.yielded = True
+            return None
+        if self._mem_gen != self.mem.generation:
+            try:
+                self._map()
+            except VirtqueueError as exc:
+                self.mark_broken(str(exc))
+                return None
+        ring16 = self._ring16
+        assert ring16 is not None
+        while True:
+            pos = self._avail_pos
+            wrap = self._avail_wrap
+            flags = ring16[pos * DESC_U16S + FLAGS_U16]  # read once: availability
+            if not self._available(flags, wrap):
+                flags = self._rearm(pos, wrap)
+                if not self._available(flags, wrap):
+                    return None
+            elif not self.event_idx and not self._kicks_off:
+                self._set_device_event(RING_EVENT_FLAGS_DISABLE, 0)
+            try:
+                chain, count = self._walk_packed(pos)
+            except ChainError as exc:
+                self.mark_broken(f"chain at descriptor {pos}: {exc}")
+                return None
+            except PackedOutsideMemoryError as exc:
+                if not self._take(exc.buffer_id, exc.count, pos):
+                    return None
+                self._fail_request(exc.buffer_id, exc)
+                self._turn_left -= 1
+                if self._turn_left <= 0:
+                    self.yielded = True
+                    return None
+                continue
+            if not self._take(chain.head, count, pos):
+                return None
+            self._turn_left -= 1 + ((chain.readable_len + chain.writable_len) >> TURN_BYTES_SHIFT)
+            return chain
+
+    @staticmethod
+    def _available(flags: int, wrap: int) -> bool:
+        """AVAIL equals the wrap counter and USED does not (2.8.1)."""
+        return bool(flags & VIRTQ_DESC_F_AVAIL) == bool(wrap) and bool(
+            flags & VIRTQ_DESC_F_USED) != bool(wrap)
+
+    def _take(self, buffer_id: int, count: int, pos: int) -> bool:
+        """Record a popped buffer and move the avail position past its descriptors; False
+        (the queue broke) for an id out of range or in flight, or more descriptors in flight
+        than the ring holds."""
+        num = self.num
+        if buffer_id >= num:
+            self.mark_broken(f"descriptor {pos}: buffer id {buffer_id} >= size {num}")
+            return False
+        if self._id_descs[buffer_id]:
+            self.mark_broken(f"descriptor {pos}: buffer id {buffer_id} is already in flight")
+            return False
+        if self._taken - self._returned + count > num:
+            with self._idle:  # completions on I/O threads count under the lock
+                over = self._taken - self._returned + count > num
+            if over:
+                self.mark_broken(f"descriptor {pos}: {count} more descriptors made available "
+                                 f"with {self._taken - self._returned} of {num} in flight")
+                return False
+        self._id_descs[buffer_id] = count
+        self._taken += count
+        pos += count
+        if pos >= num:
+            pos -= num
+            self._avail_wrap ^= 1
+        self._avail_pos = pos
+        return True
+
+    def _walk_packed(self, pos: int) -> tuple[DescChain, int]:
+        """The chain starting at ring position ``pos`` and how many ring descriptors it
+        takes. Each descriptor is copied once (one unpack) and decided on from the copy. The
+        direct case is inline (the hot path, as in ChainWalker._walk); tables and buffers
+        outside the cached region go through :meth:`_add_buffer`."""
+        ring = self._ring
+        num = self.num
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        lens = [0, 0]  # readable, writable bytes
+        bad: list[str] = []
+        gpas: list[tuple[int, int]] | None = None if self.dirty is None else []
+        lo, hi, rview, rbase = self._region_cache
+        count = 0
+        while True:
+            count += 1
+            if count > num:
+                raise ChainError(f"no descriptor without NEXT within the ring of {num}")
+            addr, length, buffer_id, flags = _PDESC.unpack_from(ring, pos * DESC_SIZE)  # type: ignore[arg-type]
+            pos = pos + 1 if pos + 1 < num else 0
+            if flags & VRING_DESC_F_INDIRECT:
+                last = self._walk_table(addr, length, flags, readable, writable, lens, bad, gpas)
+                break
+            last = (addr, length, flags)
+            if (length and lo <= addr and addr + length <= hi and gpas is None and not bad
+                    and (flags & VRING_DESC_F_WRITE or not lens[1])):
+                off = addr - rbase
+                if flags & VRING_DESC_F_WRITE:
+                    lens[1] += length
+                    writable.append(rview[off: off + length])  # type: ignore[index]
+                else:
+                    lens[0] += length
+                    readable.append(rview[off: off + length])  # type: ignore[index]
+            else:
+                self._add_buffer(addr, length, flags, readable, writable, lens, bad, gpas)
+                lo, hi, rview, rbase = self._region_cache
+            if not flags & VRING_DESC_F_NEXT:
+                break
+        if bad:
+            raise PackedOutsideMemoryError(bad[0], last, buffer_id, count)
+        if gpas is not None:
+            self._written[buffer_id] = gpas
+        return DescChain(buffer_id, readable, lens[0], writable, lens[1]), count
+
+    def _walk_table(self, addr: int, length: int, flags: int, readable: list[memoryview],
+                    writable: list[memoryview], lens: list[int], bad: list[str],
+                    gpas: list[tuple[int, int]] | None) -> tuple[int, int, int]:
+        """The buffers of an indirect table (2.8.8): consecutive packed descriptors, WRITE the
+        only flag that counts. Returns the last entry (addr, len, flags)."""
+        table = self._indirect_table(addr, length, flags, False)
+        last = (0, 0, 0)
+        try:
+            for k in range(length // DESC_SIZE):
+                a, n, _, f = _PDESC.unpack_from(table, k * DESC_SIZE)
+                f &= VRING_DESC_F_WRITE
+                self._add_buffer(a, n, f, readable, writable, lens, bad, gpas)
+                last = (a, n, f)
+        finally:
+            table.release()
+        return last
+
+    def _add_buffer(self, addr: int, length: int, flags: int, readable: list[memoryview],
+                    writable: list[memoryview], lens: list[int], bad: list[str],
+                    gpas: list[tuple[int, int]] | None) -> None:
+        if flags & VRING_DESC_F_WRITE:
+            lens[1] += length
+            target = writable
+            if gpas is not None:
+                gpas.append((addr, length))
+        else:
+            if lens[1]:
+                raise ChainError("a device-readable descriptor follows a writable one")
+            lens[0] += length
+            target = readable
+        if not length or bad:
+            return
+        lo, hi, rview, rbase = self._region_cache
+        if lo <= addr and addr + length <= hi:
+            off = addr - rbase
+            target.append(rview[off: off + length])  # type: ignore[index]
+            return
+        try:
+            target += self.mem.translate(addr, length)
+        except GuestMemoryError as exc:
+            bad.append(str(exc))  # keep walking: a chain without end still breaks the queue
+        else:
+            self._cache_region(addr)
+
+    def _rearm(self, pos: int, wrap: int) -> int:
+        """Ask for a kick at ``pos`` again, then read its flags once more: the driver may have
+        made it available meanwhile. Returns that flags word (the one value decided on)."""
+        if self.event_idx:
+            self._set_device_event(RING_EVENT_FLAGS_DESC, pos | wrap << WRAP_SHIFT)
+        elif self._kicks_off:
+            self._set_device_event(RING_EVENT_FLAGS_ENABLE, 0)
+        _fence()  # the area store before the flags load (store -> load)
+        assert self._ring16 is not None
+        return self._ring16[pos * DESC_U16S + FLAGS_U16]
+
+    def _set_device_event(self, flags: int, off_wrap: int) -> None:
+        area = self._device_area
+        assert area is not None
+        area[EVENT_OFF_WRAP] = off_wrap  # before flags: a driver reading DESC sees its offset
+        area[EVENT_FLAGS] = flags
+        self._kicks_off = flags == RING_EVENT_FLAGS_DISABLE
+        dirty = self.dirty
+        if dirty is not None and self.log_used_gpa is not None and self._addr is not None:
+            self._mark(dirty, [(self._addr[2], EVENT_AREA_SIZE)])
+
+    def push_used(self, head: int, written_len: int) -> None:
+        """Return buffer ``head`` (its id) with the bytes written into it: one used
+        descriptor at the used position, which moves on by the descriptors it took."""
+        ring16 = self._ring16
+        ring32 = self._ring32
+        if ring16 is None or ring32 is None:
+            return  # rings were unmapped (reset): nothing may be written
+        count = self._id_descs[head] if 0 <= head < len(self._id_descs) else 0
+        if not count:
+            log.error("virtqueue %d: completion of buffer id %d, which is not in flight",
+                      self.index, head)
+            return
+        if written_len > U32_MAX:
+            log.error("virtqueue %d: used length %d of request %d exceeds u32; reported as %d",
+                      self.index, written_len, head, U32_MAX)
+            written_len = U32_MAX
+        pos = self._used_pos
+        ring32[pos * DESC_U32S + LEN_U32] = written_len
+        ring16[pos * DESC_U16S + ID_U16] = head
+        flags = VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED if self._used_wrap else 0
+        if written_len:
+            flags |= VRING_DESC_F_WRITE
+        # The id may be reused once the driver sees the flags: free it first.
+        self._id_descs[head] = 0
+        self._returned += count
+        dirty = self.dirty
+        if dirty is not None:  # migrating: the buffers and this descriptor, before its flags
+            ranges = self._written.pop(head, [])
+            if self.log_used_gpa is not None and self._addr is not None:
+                ranges.append((self._addr[0] + pos * DESC_SIZE, DESC_SIZE))
+            self._mark(dirty, ranges)
+        # Stores become visible in program order (x86 TSO): id and len before the flags.
+        ring16[pos * DESC_U16S + FLAGS_U16] = flags
+        pos += count
+        if pos >= self.num:
+            pos -= self.num
+            self._used_wrap ^= 1
+        self._used_pos = pos
+        self._unsignalled = True
+
+    def _mark(self, dirty: DirtyLog, ranges: list[tuple[int, int]]) -> None:
+        outside = dirty.mark_ranges(ranges)
+        if outside is not None:
+            log.error("virtqueue %d: gpa=%#x len=%#x is outside the dirty log; not marked",
+                      self.index, *outside)
+
+    def notify(self) -> bool:
+        """Signal the call eventfd if the driver's event suppression area asks for it for
+        the used descriptors written since the last signal. Returns whether it signalled."""
+        area = self._driver_area
+        if not self._unsignalled or area is None:
+            return False
+        self._unsignalled = False
+        _fence()  # used flags stored before the driver's area is read
+        flags = area[EVENT_FLAGS] & RING_EVENT_FLAGS_MASK  # read once
+        new, wrap = self._used_pos, self._used_wrap
+        if flags == RING_EVENT_FLAGS_DISABLE:
+            need = False
+        elif flags == RING_EVENT_FLAGS_DESC and self.event_idx and self._signalled_valid:
+            off_wrap = area[EVENT_OFF_WRAP]  # read once
+            num = self.num
+            old = self._signalled_pos
+            if self._signalled_wrap != wrap:
+                old -= num
+            event = off_wrap & POS_MASK
+            if off_wrap >> WRAP_SHIFT != wrap:
+                event -= num
+            need = _need_event(event, new, old)
+        else:
+            need = True  # ENABLE, the first signal, or DESC without EVENT_IDX
+        self._signalled_pos, self._signalled_wrap = new, wrap
+        self._signalled_valid = True
+        if need:
+            signal_eventfd(self.call_fd)
+            self.stat_interrupts += 1
+        return need
