@@ -12,11 +12,11 @@ import logging
 from collections.abc import Callable
 
 from protocol import FrontendRequest, Message, encode_reply
-from vhostmem.device import DeviceConfigError, VhostUserDevice
+from vhostmem.device import VhostUserDevice
 from vhostmem.dirty_log import DirtyLog
 from vhostmem.eventfd import check_eventfd
 from vhostmem.guest_memory import GuestMemory
-from vhostmem.inflight import InflightError, InflightState
+from vhostmem.inflight import InflightState
 from vhostmem.memmap import MemRegistry
 from vhostmem.session_base import (
     ACK_FAILED,
@@ -38,9 +38,10 @@ from vhostmem.session_base import (
     request_name,
     take_fds,
 )
+from vhostmem.session_inflight import InflightRequests
 from vhostmem.session_log import LOG_ALL_BIT, LogRequests
 from vhostmem.session_memory import MemoryRequests
-from vhostmem.virtqueue import VIRTIO_F_RING_PACKED, Virtqueue
+from vhostmem.virtqueue import Virtqueue
 
 __all__ = [
     "BASE_PROTOCOL_FEATURES",
@@ -52,7 +53,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-class Session(MemoryRequests, LogRequests):
+class Session(MemoryRequests, LogRequests, InflightRequests):
     """The vhost-user message handler for one frontend connection to one device."""
 
     def __init__(
@@ -258,28 +259,6 @@ class Session(MemoryRequests, LogRequests):
     def _set_config(self, msg: Message) -> None:
         cfg = msg.payload
         self.device.set_config(cfg.offset, bytes(cfg.payload), cfg.flags)
-        self._save_guest_state()
-
-    def _save_guest_state(self) -> None:
-        """Keep the device's guest state in the inflight region, which the frontend hands to
-        a restarted backend (vhostmem/inflight.py, "device state")."""
-        region = self.inflight.region
-        if region is not None:
-            region.save_device_state(self.device.guest_state())
-
-    def _restore_guest_state(self) -> None:
-        """SET_INFLIGHT_FD: a region that holds a device state comes from an earlier backend
-        serving this guest: take the guest's choices back from it; else store ours in it."""
-        region = self.inflight.region
-        assert region is not None
-        saved = region.device_state()
-        if saved is not None:
-            try:
-                self.device.restore_guest_state(saved)
-            except DeviceConfigError as exc:
-                log.warning("%s: inflight region: %s; not restored", self.name, exc)
-            else:
-                log.info("%s: device state restored from the inflight region", self.name)
         self._save_guest_state()
 
     def _reset_device(self, msg: Message) -> Deferred | None:
@@ -497,37 +476,6 @@ class Session(MemoryRequests, LogRequests):
             self._stop_ring(i)
             vq.reset()
         self.inflight.drop(self.queues)
-
-    # ---------------------------------------------------------------- inflight
-
-    def _packed(self) -> bool:
-        return bool(self.state.features >> VIRTIO_F_RING_PACKED & 1)
-
-    def _get_inflight_fd(self, msg: Message) -> FdReply:
-        p = msg.payload
-        try:
-            if self._packed():
-                raise InflightError("inflight tracking of packed rings is not supported "
-                                    "(VIRTIO_F_RING_PACKED is negotiated)")
-            payload, fd = self.inflight.offer(p.num_queues, p.queue_size, len(self.queues))
-        except (InflightError, OSError) as exc:
-            # The reply's error form: mmap_size 0 and no fd (the frontend runs without it).
-            log.error("%s: GET_INFLIGHT_FD: %s (empty region)", self.name, exc)
-            return FdReply({"mmap_size": 0, "mmap_offset": 0, "num_queues": p.num_queues,
-                            "queue_size": p.queue_size}, [])
-        return FdReply(payload, [fd])
-
-    def _set_inflight_fd(self, msg: Message) -> None:
-        if len(msg.fds) != 1:
-            raise SessionError("SET_INFLIGHT_FD: expected exactly one fd")
-        started = [vq.index for vq in self.queues if vq.started]
-        if started:
-            raise SessionError(f"SET_INFLIGHT_FD: rings {started} are started")
-        if self._packed():
-            raise SessionError("SET_INFLIGHT_FD: inflight tracking of packed rings is not "
-                               "supported (VIRTIO_F_RING_PACKED is negotiated)")
-        self.inflight.attach(take_fds(msg)[0], msg.payload, self.queues)
-        self._restore_guest_state()
 
     def reset(self) -> None:
         """Back to the state of a fresh connection (RESET_OWNER, disconnect)."""
