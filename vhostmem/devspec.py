@@ -7,11 +7,12 @@ Every error is a :class:`UsageError` whose message names the setting that was wr
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from nbd import NbdUriError, parse_nbd_uri
+from nbd import ExportInfo, NbdUriError, parse_nbd_uri
 from vhostmem.devices.blk import BlkDevice
 from vhostmem.devices.blk_backend import BlkBackend, open_image, ram_disk
 from vhostmem.devices.nbd_backend import DEFAULT_TIMEOUT as DEFAULT_NBD_TIMEOUT
@@ -199,10 +200,11 @@ def check_spec(spec: BlkSpec, where: str) -> BlkSpec:
     return spec
 
 
-def make_device(spec: BlkSpec, shared: dict[str, tuple[BlkSpec, BlkBackend]] | None = None
-                ) -> BlkDevice:
+def make_device(spec: BlkSpec, shared: dict[str, tuple[BlkSpec, BlkBackend]] | None = None,
+                nbd_connection: tuple[socket.socket, ExportInfo] | None = None) -> BlkDevice:
     """A device for ``spec``; specs with the same ``share`` or disk file get one backend
-    (``shared`` remembers them across calls)."""
+    (``shared`` remembers them across calls). ``nbd_connection``: the export of ``spec.nbd``
+    already connected (see NbdBackend)."""
     options: dict[str, Any] = {
         "num_queues": spec.num_queues,
         "serial": spec.serial,
@@ -214,7 +216,8 @@ def make_device(spec: BlkSpec, shared: dict[str, tuple[BlkSpec, BlkBackend]] | N
         check_same_disk(first, spec)
         return BlkDevice(backend, **options)
     if spec.nbd is not None:
-        backend = NbdBackend(spec.nbd, readonly=spec.readonly, timeout=spec.nbd_timeout)
+        backend = NbdBackend(spec.nbd, readonly=spec.readonly, timeout=spec.nbd_timeout,
+                             connection=nbd_connection)
         # The export's minimum block size is the guest's logical block size (NBD "Block size
         # constraints": smaller requests could be refused).
         options["blk_size"] = max(512, backend.min_block)

@@ -16,6 +16,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
+from nbd import ExportInfo
 from vhostmem.devices.blk import BlkDevice
 from vhostmem.devices.blk_backend import BlkBackend
 from vhostmem.devspec import BlkSpec, UsageError, make_device, share_key
@@ -71,8 +72,20 @@ class DeviceManager:
 
     # ------------------------------------------------------------------ add
 
-    def add(self, spec: BlkSpec) -> ManagedDevice:
-        """Open the disk, listen (or connect) and serve; on any error nothing is left open."""
+    def add(self, spec: BlkSpec,
+            nbd_connection: tuple[socket.socket, ExportInfo] | None = None) -> ManagedDevice:
+        """Open the disk, listen (or connect) and serve; on any error nothing is left open.
+        ``nbd_connection``: ``spec.nbd``'s export, already connected (taken over, also when
+        this fails)."""
+        try:
+            return self._add(spec, nbd_connection)
+        except BaseException:
+            if nbd_connection is not None:
+                nbd_connection[0].close()  # a no-op if the backend took and closed it
+            raise
+
+    def _add(self, spec: BlkSpec,
+             nbd_connection: tuple[socket.socket, ExportInfo] | None) -> ManagedDevice:
         name = spec.name or spec.default_name
         if name in self.devices:
             raise DeviceExistsError(f"a device named {name!r} exists; give another name")
@@ -84,7 +97,7 @@ class DeviceManager:
         key = share_key(spec)
         new_share = key is not None and key not in self.shared
         try:
-            device = make_device(spec, self.shared)
+            device = make_device(spec, self.shared, nbd_connection)
         except BaseException:
             _detach(listener)
             raise

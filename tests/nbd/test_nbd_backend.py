@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,7 +28,7 @@ from tests.nbd.servers import (
     vhostmem_on,
     wait_for_path,
 )
-from vhostmem.frontend import VhostUserBlk
+from vhostmem.frontend import VhostUserBlk, VhostUserClient
 from vhostmem.frontend.queue import BlkError
 
 SECTOR = 512
@@ -324,3 +326,37 @@ def test_error_replies_fail_the_request_not_the_connection(tmp_path: Path) -> No
     text = vlog.read_text()
     assert "READ of 4096 bytes at 0 failed: NBD error 5" in text, text
     assert "connection lost" not in text
+
+
+def test_device_add_waits_for_a_silent_server_without_holding_the_others(tmp_path: Path) -> None:
+    """An NBD server that accepts and never speaks: device_add's handshake is awaited on the
+    event loop, so the device already served keeps answering meanwhile (the old code ran it
+    blocking: ~5 s without an answer), and then fails naming the server."""
+    silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    silent.bind(str(tmp_path / "silent.sock"))
+    silent.listen(1)  # connects complete in the backlog; nothing is ever sent
+    rpc_sock, asock, wsock = tmp_path / "r.sock", tmp_path / "a.sock", tmp_path / "w.sock"
+    cli = [sys.executable, "-m", "vhostmem.cli"]
+    serve = subprocess.Popen([*cli, "serve", "--rpc-socket", str(rpc_sock), "--blk",
+                              f"socket={asock},ram=4M"], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_path(rpc_sock, serve, "vhostmem serve")
+        adding = subprocess.Popen(
+            [*cli, "rpc", "--socket", str(rpc_sock), "device_add", f"socket={wsock}",
+             f"nbd={unix_uri(tmp_path / 'silent.sock')}"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        slowest = 0.0
+        while adding.poll() is None:
+            started = time.monotonic()
+            with VhostUserClient.connect(str(asock)) as c:
+                c.get_features()
+            slowest = max(slowest, time.monotonic() - started)
+            time.sleep(0.05)
+        _, err = adding.communicate(timeout=30)
+        assert adding.returncode != 0 and "no handshake within" in err, err
+        assert slowest < 1.0, f"the served device stalled {slowest:.1f} s during device_add"
+        assert not wsock.exists()
+    finally:
+        stop(serve)
+        silent.close()

@@ -81,9 +81,14 @@ class NbdBackend(BlkBackend):
     asynchronous = True
 
     def __init__(self, uri: str, *, readonly: bool = False, timeout: float = DEFAULT_TIMEOUT,
-                 connect_timeout: float = CONNECT_TIMEOUT) -> None:
+                 connect_timeout: float = CONNECT_TIMEOUT,
+                 connection: tuple[socket.socket, ExportInfo] | None = None) -> None:
+        """``connection``: a socket already through the handshake (``connect_async``, e.g.
+        for device_add on a serving process, whose event loop must not wait on a server);
+        taken over. Without it the handshake runs here, blocking (startup)."""
         self.address = parse_nbd_uri(uri)
-        sock, info = connect_blocking(self.address, connect_timeout)
+        sock, info = (connection if connection is not None
+                      else connect_blocking(self.address, connect_timeout))
         if info.max_payload < MIN_REQUEST:
             sock.close()
             raise NbdConnectError(f"NBD export {uri}: maximum block size {info.max_payload} "

@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import socket
 
-from nbd import ClientHandshake, ExportInfo, NbdAddress, NbdError
+from nbd import ClientHandshake, ExportInfo, NbdAddress, NbdError, parse_nbd_uri
 
 CONNECT_TIMEOUT = 5.0
 # Socket buffers: room for a few large requests in flight without waiting for the reader.
@@ -74,6 +74,23 @@ def connect_blocking(address: NbdAddress, timeout: float = CONNECT_TIMEOUT
     except BaseException:
         sock.close()
         raise
+
+
+async def connect_uri(uri: str, timeout: float = CONNECT_TIMEOUT
+                      ) -> tuple[socket.socket, ExportInfo]:
+    """:func:`connect_async` to an NBD URI, every failure an :class:`NbdConnectError` naming
+    the server (as :func:`connect_blocking`'s)."""
+    address = parse_nbd_uri(uri)
+    try:
+        return await connect_async(address, timeout)
+    except TimeoutError:
+        raise NbdConnectError(f"NBD server {address}: no handshake within {timeout:g} s") \
+            from None
+    except NbdConnectError:
+        raise
+    except (OSError, NbdError) as exc:
+        raise NbdConnectError(f"cannot connect to the NBD server {address}: "
+                              f"{getattr(exc, 'strerror', None) or exc}") from None
 
 
 async def connect_async(address: NbdAddress, timeout: float = CONNECT_TIMEOUT

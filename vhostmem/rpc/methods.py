@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import vhostmem
+from vhostmem.devices.nbd_conn import connect_uri as connect_nbd
 from vhostmem.devspec import UsageError, spec_from_params
 from vhostmem.manager import (
     DeviceBusyError,
@@ -78,7 +79,12 @@ class Methods:
 
     async def device_add(self, params: dict[str, Any]) -> dict[str, str]:
         spec = spec_from_params(params)
-        md = self.manager.add(spec)
+        connection = None
+        if spec.nbd is not None:
+            # The handshake on the event loop, awaited: the other devices keep being served
+            # while a slow or silent server is waited for (up to CONNECT_TIMEOUT).
+            connection = await connect_nbd(spec.nbd)
+        md = self.manager.add(spec, connection)
         log.info("%s: added by the management socket", md.name)
         return {"name": md.name}
 
