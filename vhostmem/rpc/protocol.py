@@ -97,6 +97,8 @@ def parse_request(line: bytes) -> Request:
         obj = json.loads(line)
     except (UnicodeDecodeError, ValueError) as exc:
         raise _error(PARSE_ERROR, f"not valid JSON: {exc}", None) from None
+    except RecursionError:  # json nests by recursion: '[' * 200000 fits in one line
+        raise _error(PARSE_ERROR, "not valid JSON: nested too deeply", None) from None
     if isinstance(obj, list):
         raise _error(INVALID_REQUEST, "batch requests (JSON arrays) are not supported: send "
                      "one request object per line", None)

@@ -116,6 +116,10 @@ class RpcServer:
                 if reply is not None:
                     writer.write(reply)
                     await writer.drain()  # waits while the client does not read its replies
+                # One request per turn: neither read() nor drain() yields while data is
+                # buffered, so a client streaming requests (notifications get no reply to
+                # wait on) would otherwise hold the loop for thousands of them.
+                await asyncio.sleep(0)
 
     async def _handle(self, line: bytes) -> bytes | None:
         try:

@@ -43,6 +43,8 @@ def test_a_line_over_the_limit_is_refused_before_it_is_buffered() -> None:
         (b"{", PARSE_ERROR, "not valid JSON", None),
         (b"\xc3\x28", PARSE_ERROR, "not valid JSON", None),
         (b"[1]", INVALID_REQUEST, "batch", None),
+        (b"[" * 200000, PARSE_ERROR, "nested too deeply", None),
+        (b'{"a":' * 100000, PARSE_ERROR, "nested too deeply", None),
         (b"true", INVALID_REQUEST, "not bool", None),
         (b'{"jsonrpc":"2.0","method":"m","id":true}', INVALID_REQUEST, "id must be", None),
         (b'{"jsonrpc":"2.0","method":"m","id":1.5}', INVALID_REQUEST, "id must be", None),

@@ -4,6 +4,7 @@ leaks."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import threading
@@ -12,6 +13,9 @@ from pathlib import Path
 
 from tests.vhostmem.rpc.rpcenv import Rpc, Serve, wait_until
 from tests.vhostmem.rpc.test_rpc_devices import Traffic
+from vhostmem.manager import DeviceManager
+from vhostmem.memmap import MemRegistry
+from vhostmem.rpc.methods import Methods
 from vhostmem.rpc.protocol import (
     INVALID_PARAMS,
     INVALID_REQUEST,
@@ -19,6 +23,8 @@ from vhostmem.rpc.protocol import (
     METHOD_NOT_FOUND,
     PARSE_ERROR,
 )
+from vhostmem.rpc.server import RpcServer
+from vhostmem.server import Server, new_event_loop
 
 FLOOD = 1000
 
@@ -144,3 +150,42 @@ def flood_without_reading(serve: Serve) -> None:
         assert reply is not None and reply["id"] == i and reply["result"][0]["name"] == "a.sock"
     flood.sock.close()
     sender.join(10)
+
+
+def test_a_client_streaming_requests_yields_the_loop_after_each(tmp_path: Path) -> None:
+    """Lines already buffered are served one per loop turn: a client streaming notifications
+    (no reply, so nothing to drain) would otherwise hold the loop for all of them (126 ms
+    measured with the old code). A ticker task counts loop turns while 2000 arrive at once."""
+    loop = new_event_loop()
+    manager = DeviceManager(loop, Server(loop, MemRegistry()), socket_mode=0o600)
+    rpc = RpcServer(loop, Methods(manager), str(tmp_path / "rpc.sock"))
+    turns = 0
+
+    async def ticker() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    async def scenario() -> dict:
+        await rpc.start()
+        tick = asyncio.ensure_future(ticker())
+        reader, writer = await asyncio.open_unix_connection(str(tmp_path / "rpc.sock"))
+        writer.write(b'{"jsonrpc": "2.0", "method": "version"}\n' * 2000
+                     + b'{"jsonrpc": "2.0", "method": "version", "id": 1}\n')
+        await writer.drain()
+        before = turns
+        reply = json.loads(await asyncio.wait_for(reader.readline(), 30))
+        served_turns = turns - before
+        tick.cancel()
+        writer.close()
+        await rpc.close()
+        return {"reply": reply, "turns": served_turns}
+
+    try:
+        out = loop.run_until_complete(scenario())
+    finally:
+        manager.close()
+        loop.close()
+    assert out["reply"]["id"] == 1 and "result" in out["reply"]
+    assert out["turns"] >= 2000, f"2001 requests served in {out['turns']} loop turns"
