@@ -133,12 +133,14 @@ class PackedRing(ChainWalker):
         self._used_wrap = 1
         self._signalled_pos = 0  # used position and wrap at the last interrupt
         self._signalled_wrap = 1
+        self._signalled_returned = 0  # self._returned at the last interrupt
         self._kicks_off = False  # our area says DISABLE
         # Descriptors each buffer id in flight took (0: not in flight); counters of descriptors
         # taken (pop) and returned (push_used): their difference is what is in flight.
         self._id_descs: list[int] = []
         self._taken = 0
         self._returned = 0
+        self._walk_gpas: list[tuple[int, int]] | None = None  # last walk's writable ranges
         self._desc = None  # ChainWalker's table: unused by the packed walk
         self._ring: memoryview | None = None
         self._ring16: memoryview | None = None
@@ -192,6 +194,7 @@ class PackedRing(ChainWalker):
         self._taken = self._returned = 0
         self._kicks_off = False
         self._signalled_pos, self._signalled_wrap = self._used_pos, self._used_wrap
+        self._signalled_returned = 0
 
     # -------------------------------------------------------------- hot path
 
@@ -241,6 +244,10 @@ class PackedRing(ChainWalker):
                 continue
             if not self._take(chain.head, count, pos):
                 return None
+            gpas = self._walk_gpas
+            if gpas is not None:  # migrating: only once the id is known valid and taken
+                self._walk_gpas = None
+                self._written[chain.head] = gpas
             self._turn_left -= 1 + ((chain.readable_len + chain.writable_len) >> TURN_BYTES_SHIFT)
             return chain
 
@@ -317,8 +324,9 @@ class PackedRing(ChainWalker):
                 break
         if bad:
             raise PackedOutsideMemoryError(bad[0], last, buffer_id, count)
-        if gpas is not None:
-            self._written[buffer_id] = gpas
+        # The writable ranges are recorded by pop once _take accepted the buffer id: an id out
+        # of range or in flight must not replace those of the request holding it.
+        self._walk_gpas = gpas
         return DescChain(buffer_id, readable, lens[0], writable, lens[1]), count
 
     def _walk_table(self, addr: int, length: int, flags: int, readable: list[memoryview],
@@ -441,22 +449,32 @@ class PackedRing(ChainWalker):
         self._unsignalled = False
         _fence()  # used flags stored before the driver's area is read
         flags = area[EVENT_FLAGS] & RING_EVENT_FLAGS_MASK  # read once
+        # Descriptors used so far, read before the position (push_used counts them first):
+        # a completion in between makes the next count too large (a spare interrupt), never
+        # too small.
+        returned = self._returned
         new, wrap = self._used_pos, self._used_wrap
         if flags == RING_EVENT_FLAGS_DISABLE:
             need = False
         elif flags == RING_EVENT_FLAGS_DESC and self.event_idx and self._signalled_valid:
             off_wrap = area[EVENT_OFF_WRAP]  # read once
             num = self.num
-            old = self._signalled_pos
-            if self._signalled_wrap != wrap:
-                old -= num
-            event = off_wrap & POS_MASK
-            if off_wrap >> WRAP_SHIFT != wrap:
-                event -= num
-            need = _need_event(event, new, old)
+            if returned - self._signalled_returned >= num:
+                # A lap or more of used descriptors since the last signal: every position,
+                # the event's included, was passed (the wrap bits cannot tell laps apart).
+                need = True
+            else:
+                old = self._signalled_pos
+                if self._signalled_wrap != wrap:
+                    old -= num
+                event = off_wrap & POS_MASK
+                if off_wrap >> WRAP_SHIFT != wrap:
+                    event -= num
+                need = _need_event(event, new, old)
         else:
             need = True  # ENABLE, the first signal, or DESC without EVENT_IDX
         self._signalled_pos, self._signalled_wrap = new, wrap
+        self._signalled_returned = returned
         self._signalled_valid = True
         if need:
             signal_eventfd(self.call_fd)

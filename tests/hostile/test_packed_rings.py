@@ -348,3 +348,71 @@ def test_vring_base_beyond_the_ring_is_refused(env: Env) -> None:
     vq.set_base(3 | 0 << 15 | (3 | 0 << 15) << 16)  # a valid base: position 3, wrap 0
     vq.start()
     assert vq.get_base() == 3 | 3 << 16
+
+
+def test_desc_event_after_laps_of_used_descriptors_signals(env: Env) -> None:
+    """EVENT_IDX with a DESC event: two or more laps of used descriptors between two signals
+    bring the used wrap counter back to the one of the last signal; the event the driver asked
+    for was passed all the same, so the interrupt is due (a skipped one hangs the guest)."""
+    vq, drv, ram = env.vq, env.drv, env.ram
+    vq.event_idx = True
+    buf = ram.alloc(16)
+    drv.set_driver_event(0, RING_EVENT_FLAGS_ENABLE)
+
+    def complete_one(buffer_id: int) -> None:
+        drv.add(buffer_id, [(buf, 1, True)])
+        drv.counts[buffer_id] = 1
+        chain = vq.pop()
+        assert chain is not None and chain.head == buffer_id
+        vq.push_used(chain.head, 1)
+        drv.take_used()
+
+    for i in range(5):
+        complete_one(i)
+    assert vq.notify() and env.signalled(env.call)  # last signal: used position 5, wrap 1
+    assert (drv.used_pos, drv.used_wrap) == (5, 1)
+    drv.set_driver_event(4 | 0 << 15, RING_EVENT_FLAGS_DESC)  # position 4 of the next lap
+    for k in range(35):  # 5 + 35 = 2 laps + 8: used position 8, wrap 1 again
+        complete_one(k % NUM)
+    assert (drv.used_pos, drv.used_wrap) == (8, 1)
+    assert vq.get_base() >> 16 == 8 | 1 << 15
+    assert vq.notify() and env.signalled(env.call)
+    # Within one lap the spec's check still decides: the event (position 12, wrap 1) is not
+    # reached by 3 more, then passed by 2 more.
+    drv.set_driver_event(12 | 1 << 15, RING_EVENT_FLAGS_DESC)
+    for k in range(3):
+        complete_one(k)
+        assert not vq.notify()
+    for k in range(3, 5):
+        complete_one(k)
+        assert vq.notify() is (k == 4)
+    assert not vq.broken
+
+
+def test_duplicate_id_under_dirty_log_keeps_in_flight_ranges(env: Env) -> None:
+    """A hostile driver offers an id already in flight while dirty logging is on: the queue
+    breaks, and the in-flight request's writable buffers are still logged when it completes
+    (the duplicate must not replace its recorded ranges)."""
+    vq, drv, ram = env.vq, env.drv, env.ram
+    size = 64 << 10  # one bit per page up to 2 GiB
+    log_fd = os.memfd_create("dirty-log")
+    os.ftruncate(log_fd, size)
+    dirty = DirtyLog(log_fd, mmap.mmap(log_fd, size))
+    try:
+        vq.set_dirty_log(dirty)
+        pages = ram.alloc(4 * 4096, 4096)
+        first, second = pages, pages + 2 * 4096  # pages of their own
+        drv.add(3, [(ram.alloc(16), 16, False), (first, 512, True)])
+        chain = vq.pop()
+        assert chain is not None and chain.head == 3
+        drv.add(3, [(ram.alloc(16), 16, False), (second, 512, True)])  # id 3 again
+        assert vq.pop() is None and vq.broken
+        vq.push_used(3, 512)  # the first request completes
+        raw = bytes(dirty.mm)
+        marked = {8 * i + b for i, byte in enumerate(raw) if byte for b in range(8)
+                  if byte >> b & 1}
+        assert first >> 12 in marked
+        assert second >> 12 not in marked
+    finally:
+        vq.set_dirty_log(None)
+        dirty.close()
