@@ -19,6 +19,7 @@ ever be in that buffer anyway, they are copied to where they belong, checked lik
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import dataclass, field
 
 from nbd.constants import (
@@ -76,7 +77,8 @@ class _Pending:
     offset: int
     length: int
     into: list[memoryview] | None
-    received: list[tuple[int, int]] = field(default_factory=list)  # (start, end), data/holes
+    # (start, end) of the data/hole chunks received: sorted, disjoint, adjacent ones merged
+    received: list[tuple[int, int]] = field(default_factory=list)
     error: int = 0
     message: str = ""
 
@@ -329,12 +331,25 @@ class Transmission:
             raise NbdProtocolError(
                 f"{what} [{offset}, {end}) outside READ cookie {self._cookie}'s range "
                 f"[{req.offset}, {req.offset + req.length})")
-        for start, stop in req.received:
+        # ``received`` is sorted and disjoint, adjacent ranges merged: only the neighbours
+        # of [offset, end) can overlap it (O(log K) per chunk, not O(K)).
+        received = req.received
+        i = bisect_left(received, offset, key=_range_start)
+        for start, stop in received[max(i - 1, 0) : i + 1]:
             if offset < stop and start < end:
                 raise NbdProtocolError(
                     f"{what} [{offset}, {end}) overlaps [{start}, {stop}) already received "
                     f"for READ cookie {self._cookie}")
-        req.received.append((offset, end))
+        if offset == end:
+            return
+        if i and received[i - 1][1] == offset:  # merge with the range before
+            i -= 1
+            offset = received[i][0]
+            del received[i]
+        if i < len(received) and received[i][0] == end:  # and with the one after
+            end = received[i][1]
+            del received[i]
+        received.insert(i, (offset, end))
 
     def _error_chunk(self, req: _Pending, ctype: int, length: int) -> None:
         error, msg_len = ERROR_CHUNK.unpack_from(self._stage)
@@ -436,3 +451,7 @@ def slice_views(views: list[memoryview], start: int, size: int) -> list[memoryvi
 
 
 __all__ = ["NBD_EIO", "Completed", "Transmission", "encode_request"]
+
+
+def _range_start(r: tuple[int, int]) -> int:
+    return r[0]

@@ -1,6 +1,7 @@
 """A scripted NBD server for tests: an honest handshake, then each READ answered the way the
 scenario says (a wrong magic, an unknown cookie, a reply cut short, an oversized chunk, a chunk
-outside the request), or honestly (``honest``). Everything else it answers honestly; it counts
+outside the request), or honestly (``honest``; ``silent-flush``: honest, but a FLUSH is
+never answered). Everything else it answers honestly; it counts
 connections and records every request (command, flags, offset, length). It offers only
 NBD_FLAG_SEND_FLUSH: no FUA, TRIM or WRITE_ZEROES."""
 
@@ -16,6 +17,7 @@ from nbd.constants import (
     IHAVEOPT,
     INFO_EXPORT,
     NBD_CMD_DISC,
+    NBD_CMD_FLUSH,
     NBD_CMD_READ,
     NBD_CMD_WRITE,
     NBD_FLAG_FIXED_NEWSTYLE,
@@ -39,6 +41,7 @@ from nbd.constants import (
 SCENARIOS = ("wrong-magic", "unknown-cookie", "short-then-close", "oversized-chunk",
              "chunk-outside")
 HONEST = "honest"
+SILENT_FLUSH = "silent-flush"  # honest, except that no FLUSH is ever answered
 
 
 def _recv_exact(conn: socket.socket, n: int) -> bytes:
@@ -59,11 +62,12 @@ def _chunk(cookie: int, ctype: int, payload: bytes, flags: int = NBD_REPLY_FLAG_
 
 class HostileServer:
     def __init__(self, path: Path, scenario: str, size: int = 1 << 20) -> None:
-        assert scenario in (*SCENARIOS, HONEST)
+        assert scenario in (*SCENARIOS, HONEST, SILENT_FLUSH)
         self.path, self.scenario, self.size = path, scenario, size
         self.disk = bytearray(size)
         self.connections = 0
         self.bad_replies = 0
+        self.hangups = 0  # connections the client closed
         self.requests: list[tuple[int, int, int, int]] = []  # command, flags, offset, length
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(str(path))
@@ -105,13 +109,18 @@ class HostileServer:
                     return
                 if cmd == NBD_CMD_WRITE:
                     self.disk[offset : offset + length] = _recv_exact(conn, length)
+                if cmd == NBD_CMD_FLUSH and self.scenario == SILENT_FLUSH:
+                    continue
                 if cmd != NBD_CMD_READ:
                     conn.sendall(struct.pack(">IIQ", NBD_SIMPLE_REPLY_MAGIC, 0, cookie))
                     continue
-                self.bad_replies += self.scenario != HONEST
+                self.bad_replies += self.scenario not in (HONEST, SILENT_FLUSH)
                 if self._bad_read(conn, cookie, offset, length):
                     return
-        except (OSError, ConnectionError):
+        except ConnectionError:
+            self.hangups += 1
+            return
+        except OSError:
             return
         finally:
             conn.close()
@@ -140,7 +149,7 @@ class HostileServer:
         data = bytes(self.disk[offset : offset + length])
         at = struct.pack(">Q", offset)
         kind = self.scenario
-        if kind == HONEST:
+        if kind in (HONEST, SILENT_FLUSH):
             conn.sendall(_chunk(cookie, NBD_REPLY_TYPE_OFFSET_DATA, at + data))
         elif kind == "wrong-magic":
             conn.sendall(struct.pack(">IIQ", 0xDEADBEEF, 0, cookie) + data)

@@ -11,12 +11,20 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from nbd.constants import NBD_CMD_FLUSH, NBD_CMD_TRIM, NBD_CMD_WRITE
-from tests.nbd.hostile import HONEST, HostileServer
+from nbd import ExportInfo
+from nbd.constants import (
+    NBD_CMD_DISC,
+    NBD_CMD_FLUSH,
+    NBD_CMD_TRIM,
+    NBD_CMD_WRITE,
+    NBD_FLAG_HAS_FLAGS,
+)
+from tests.nbd.hostile import HONEST, SILENT_FLUSH, HostileServer
 from tests.nbd.servers import (
     GUEST_RAM,
     needs_nbdkit,
@@ -28,6 +36,7 @@ from tests.nbd.servers import (
     vhostmem_on,
     wait_for_path,
 )
+from vhostmem.devices.nbd_backend import ZERO_CHUNK, NbdBackend
 from vhostmem.frontend import VhostUserBlk, VhostUserClient
 from vhostmem.frontend.queue import BlkError
 
@@ -35,7 +44,8 @@ SECTOR = 512
 IMAGE_SIZE = 8 << 20
 VIRTIO_BLK_F_RO = 5
 CFG_WRITEBACK = 32
-STATUS_OK, STATUS_IOERR = 0, 1
+STATUS_OK, STATUS_IOERR, STATUS_UNSUPP = 0, 1, 2
+VIRTIO_BLK_F_WRITE_ZEROES = 14
 
 
 def guest_writes(seed: int) -> list[tuple[int, bytes]]:
@@ -254,9 +264,11 @@ def test_device_add_nbd_and_list_it(tmp_path: Path) -> None:
 
 
 @needs_nbdkit
-def test_server_without_write_zeroes_gets_written_zeroes(tmp_path: Path) -> None:
-    """nbdkit's nozero filter hides WRITE_ZEROES: write-zeroes become writes of zeroes (the
-    log filter, outermost, shows what vhostmem sent)."""
+def test_server_without_write_zeroes_is_not_offered_write_zeroes(tmp_path: Path) -> None:
+    """nbdkit's nozero filter hides WRITE_ZEROES: the guest is not offered
+    VIRTIO_BLK_F_WRITE_ZEROES (a zeroing would be many writes of zeroes), and a write-zeroes
+    sent anyway is UNSUPP and sends nothing (the log filter, outermost, shows what vhostmem
+    sent)."""
     nbd_sock, vsock, log = tmp_path / "nbd.sock", tmp_path / "v.sock", tmp_path / "nbd.log"
     server = start_nbdkit(nbd_sock, "memory", "16M", f"logfile={log}",
                           filters=("log", "nozero"))
@@ -264,17 +276,44 @@ def test_server_without_write_zeroes_gets_written_zeroes(tmp_path: Path) -> None
         with vhostmem_on(f"socket={vsock},nbd={unix_uri(nbd_sock)}", log=tmp_path / "v.log",
                          sockets=(vsock,)), \
                 VhostUserBlk.open(str(vsock), ram_size=GUEST_RAM) as dev:
+            assert not dev.offer.features >> VIRTIO_BLK_F_WRITE_ZEROES & 1
             q = dev.start_queue(0, size=64)
             q.write(0, b"z" * 8192)
-            q.write_zeroes(0, 8)
-            assert q.read(0, 8192) == bytes(4096) + b"z" * 4096
+            with pytest.raises(BlkError) as err:
+                q.write_zeroes(0, 16)
+            assert err.value.status == STATUS_UNSUPP
+            assert q.read(0, 8192) == b"z" * 8192
     finally:
         stop(server)
     lines = [line for line in log.read_text().splitlines() if " id=" in line]
     assert not [line for line in lines if " Zero " in line]
-    zero_writes = [line for line in lines if " Write " in line and "count=0x1000 " in line
-                   and "offset=0x0 " in line]
-    assert zero_writes, lines
+    assert len([line for line in lines if " Write " in line]) <= 2, lines
+
+
+def test_write_zeroes_fallback_keeps_few_writes_in_flight() -> None:
+    """Writes of zeroes (a reconnect lost the server's WRITE_ZEROES): one 2 GiB write-zeroes
+    has a few writes out at a time (not 2048 at once), in order, and completes once all did."""
+    backend = NbdBackend.__new__(NbdBackend)
+    backend.info = ExportInfo("", 4 << 30, NBD_FLAG_HAS_FLAGS, True, 1, 4096, 32 << 20)
+    pending: list[tuple[int, int, Callable[[bool], None]]] = []
+    backend.submit_write = (  # type: ignore[method-assign]
+        lambda views, offset, length, fua, done: pending.append((offset, length, done)))
+    results: list[bool] = []
+    backend.submit_write_zeroes(0, 2 << 30, False, False, results.append)
+    written = []
+    while pending:
+        assert len(pending) <= 16  # nbd_backend.ZERO_IN_FLIGHT: 4
+        offset, length, done = pending.pop(0)
+        written.append((offset, length))
+        done(True)
+    assert results == [True]
+    assert written == [(pos, ZERO_CHUNK) for pos in range(0, 2 << 30, ZERO_CHUNK)]
+    # A failed piece: no more are sent, and the request fails once those out completed.
+    backend.submit_write_zeroes(0, 64 << 20, False, False, results.append)
+    pending.pop(0)[2](False)
+    while pending:
+        pending.pop(0)[2](True)
+    assert results == [True, False]
 
 
 def test_server_without_fua_or_trim(tmp_path: Path) -> None:
@@ -360,3 +399,78 @@ def test_device_add_waits_for_a_silent_server_without_holding_the_others(tmp_pat
     finally:
         stop(serve)
         silent.close()
+
+
+def test_device_del_does_not_wait_on_a_server_that_never_answers_flush(tmp_path: Path) -> None:
+    """device_del of an NBD device whose server never answers the final FLUSH: the FLUSH and
+    DISC run as a task on the event loop, so the other device keeps answering (the old code
+    waited blocking, up to 5 s, on the loop) and device_del returns at once."""
+    nbd_sock, rpc_sock = tmp_path / "h.sock", tmp_path / "r.sock"
+    asock, nsock = tmp_path / "a.sock", tmp_path / "n.sock"
+    server = HostileServer(nbd_sock, SILENT_FLUSH)
+    cli = [sys.executable, "-m", "vhostmem.cli"]
+    serve = subprocess.Popen([*cli, "serve", "--rpc-socket", str(rpc_sock), "--blk",
+                              f"socket={asock},ram=4M"], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_path(rpc_sock, serve, "vhostmem serve")
+
+        def rpc(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([*cli, "rpc", "--socket", str(rpc_sock), *args],
+                                  capture_output=True, text=True, timeout=30)
+
+        added = rpc("device_add", f"socket={nsock}", f"nbd={unix_uri(nbd_sock)}")
+        assert added.returncode == 0, added.stderr
+        name = json.loads(added.stdout)["name"]
+        deleting = subprocess.Popen(
+            [*cli, "rpc", "--socket", str(rpc_sock), "device_del", f"name={name}"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        slowest, started_del = 0.0, time.monotonic()
+        while deleting.poll() is None or time.monotonic() - started_del < 2.0:
+            started = time.monotonic()
+            with VhostUserClient.connect(str(asock)) as c:
+                c.get_features()
+            slowest = max(slowest, time.monotonic() - started)
+            time.sleep(0.05)
+        _, err = deleting.communicate(timeout=30)
+        assert deleting.returncode == 0, err
+        assert slowest < 1.0, f"the served device stalled {slowest:.1f} s during device_del"
+        assert NBD_CMD_FLUSH in [cmd for cmd, _, _, _ in server.requests]
+        # The task gave up on the FLUSH after CLOSE_TIMEOUT and closed the connection.
+        deadline = time.monotonic() + 10
+        while not server.hangups and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert server.hangups == 1
+    finally:
+        stop(serve)
+        server.close()
+
+
+
+def test_device_del_flushes_and_disconnects_cleanly(tmp_path: Path) -> None:
+    """device_del of an NBD device on an answering server: FLUSH, then DISC (sent by the
+    task on the event loop once the FLUSH was answered)."""
+    nbd_sock, rpc_sock, nsock = tmp_path / "h.sock", tmp_path / "r.sock", tmp_path / "n.sock"
+    server = HostileServer(nbd_sock, HONEST)
+    cli = [sys.executable, "-m", "vhostmem.cli"]
+    serve = subprocess.Popen([*cli, "serve", "--rpc-socket", str(rpc_sock)],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        wait_for_path(rpc_sock, serve, "vhostmem serve")
+
+        def rpc(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([*cli, "rpc", "--socket", str(rpc_sock), *args],
+                                  capture_output=True, text=True, timeout=30)
+
+        added = rpc("device_add", f"socket={nsock}", f"nbd={unix_uri(nbd_sock)}")
+        assert added.returncode == 0, added.stderr
+        deleted = rpc("device_del", f"name={json.loads(added.stdout)['name']}")
+        assert deleted.returncode == 0, deleted.stderr
+        deadline = time.monotonic() + 10
+        while len(server.requests) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [cmd for cmd, _, _, _ in server.requests] == [NBD_CMD_FLUSH, NBD_CMD_DISC]
+    finally:
+        stop(serve)
+        server.close()

@@ -276,3 +276,60 @@ def test_zero_length_read_completes() -> None:
     t = Transmission(structured=False)
     c, _ = t.request(NBD_CMD_READ, 0, 0, into=[])
     assert [d.cookie for d in t.feed(simple(c))] == [c]
+
+
+def test_many_tiny_chunks_in_reverse_order_merge_into_one_range() -> None:
+    """20000 one-byte chunks (data and holes alternating), last byte first: each is checked
+    against its neighbours only, adjacent ranges merge (the old check compared every chunk
+    with all earlier ones: 20000 chunks took seconds), and the READ completes whole."""
+    n, base = 20000, 1 << 20
+    t = Transmission(structured=True)
+    buf = bytearray(b"\xee" * n)
+    c, _ = t.request(NBD_CMD_READ, base, n, into=[memoryview(buf)])
+    stream = []
+    for i in reversed(range(n)):
+        if i % 2:
+            stream.append(chunk(c, NBD_REPLY_TYPE_OFFSET_DATA,
+                                struct.pack(">Q", base + i) + b"d", flags=0))
+        else:
+            stream.append(chunk(c, NBD_REPLY_TYPE_OFFSET_HOLE,
+                                struct.pack(">QI", base + i, 1), flags=0))
+    assert t.feed(b"".join(stream)) == []
+    assert t._pending[c].received == [(base, base + n)]
+    done = t.feed(chunk(c, NBD_REPLY_TYPE_NONE, b""))
+    assert [(d.cookie, d.error) for d in done] == [(c, 0)]
+    assert buf == b"\0d" * (n // 2)
+
+
+def received_after(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The request's received ranges after OFFSET_DATA chunks for ``ranges`` (no DONE)."""
+    t = Transmission(structured=True)
+    c, _ = t.request(NBD_CMD_READ, 0, 64, into=[memoryview(bytearray(64))])
+    t.feed(b"".join(chunk(c, NBD_REPLY_TYPE_OFFSET_DATA,
+                          struct.pack(">Q", start) + b"x" * (stop - start), flags=0)
+                    for start, stop in ranges))
+    return t._pending[c].received
+
+
+def test_received_ranges_stay_sorted_disjoint_and_merged() -> None:
+    assert received_after([(8, 12), (0, 4)]) == [(0, 4), (8, 12)]
+    assert received_after([(8, 12), (0, 4), (4, 8)]) == [(0, 12)]  # fills the gap: one range
+    assert received_after([(0, 4), (4, 8)]) == [(0, 8)]
+    assert received_after([(4, 8), (0, 4)]) == [(0, 8)]
+    assert received_after([(20, 30), (0, 4), (40, 41), (10, 12)]) == [
+        (0, 4), (10, 12), (20, 30), (40, 41)]
+
+
+@pytest.mark.parametrize("ranges", [
+    [(0, 4), (3, 9)],  # overlaps the range before
+    [(8, 12), (6, 9)],  # overlaps the range after
+    [(0, 4), (8, 12), (3, 9)],  # both neighbours
+    [(0, 4), (8, 12), (4, 9)],  # touches one, overlaps the other
+    [(0, 12), (4, 8)],  # inside one
+    [(4, 8), (0, 12)],  # covers one
+    [(0, 4), (4, 8), (2, 3)],  # inside merged ranges
+    [(10, 11), (20, 21), (30, 31), (10, 11)],  # the same again, among others
+])
+def test_overlapping_chunks_are_still_refused(ranges: list[tuple[int, int]]) -> None:
+    with pytest.raises(NbdProtocolError, match="overlaps"):
+        received_after(ranges)

@@ -181,9 +181,11 @@ class BlkDevice(VhostUserDevice):
             VIRTIO_BLK_F_CONFIG_WCE,
             VIRTIO_BLK_F_MQ,
             VIRTIO_BLK_F_DISCARD,
-            VIRTIO_BLK_F_WRITE_ZEROES,
         ):
             bits |= 1 << bit
+        if getattr(self.backend, "offers_write_zeroes", True):
+            # A backend that cannot zero cheaply (NBD without WRITE_ZEROES) does not offer it.
+            bits |= 1 << VIRTIO_BLK_F_WRITE_ZEROES
         if self.readonly:
             bits |= 1 << VIRTIO_BLK_F_RO
         return bits

@@ -182,6 +182,9 @@ def _submit(dev: BlkDevice, chain: DescChain, data_out: list[memoryview], out_le
     if rtype == VIRTIO_BLK_T_GET_ID:
         req.read_bytes = _copy_into(data_out, dev.serial)
         return VIRTIO_BLK_S_OK
+    if rtype == VIRTIO_BLK_T_WRITE_ZEROES and not getattr(backend, "offers_write_zeroes",
+                                                          True):
+        return VIRTIO_BLK_S_UNSUPP  # not offered (blk.py features): a guest ignoring that
     if rtype in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES):
         if dev.readonly or not _segment_bytes_ok(in_len):
             return VIRTIO_BLK_S_IOERR

@@ -60,8 +60,10 @@ RECVS_PER_WAKE = 64  # bounded work per readable event: other devices get their 
 IOV_MAX = 1024  # most buffers one sendmsg / recvmsg_into takes (Linux UIO_MAXIOV)
 ZERO_CHUNK = 1 << 20  # writes of zeroes when the server has no WRITE_ZEROES
 _ZEROES = memoryview(bytes(ZERO_CHUNK))
+ZERO_IN_FLIGHT = 4  # writes of zeroes one write-zeroes has in flight at most
 CLOSE_TIMEOUT = 5.0
 MIN_REQUEST = 512  # a virtio-blk sector: the smallest request a guest makes
+_CLOSING: set[asyncio.Task[None]] = set()  # final FLUSH + DISC tasks of deleted devices
 
 
 @dataclass(eq=False)
@@ -95,6 +97,7 @@ class NbdBackend(BlkBackend):
                                   f"is below the {MIN_REQUEST} bytes of one sector")
         super().__init__(-1, info.size, readonly or info.has(NBD_FLAG_READ_ONLY), uri)
         self.info = info
+        self._zeroes_at_open = info.has(NBD_FLAG_SEND_WRITE_ZEROES)
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.min_block = info.min_block
@@ -108,6 +111,7 @@ class NbdBackend(BlkBackend):
         self._send_soon = False
         self._watch: asyncio.TimerHandle | None = None
         self._reconnect: asyncio.Task[None] | None = None
+        self._closing: asyncio.Task[None] | None = None  # the final FLUSH + DISC (device_del)
         self.connected = True
         self.closed = False
         self.reconnects = 0
@@ -153,11 +157,48 @@ class NbdBackend(BlkBackend):
             flags = self._fua(fua) | (0 if may_unmap else NBD_CMD_FLAG_NO_HOLE)
             self._issue(NBD_CMD_WRITE_ZEROES, offset, length, flags, None, done)
             return
-        pieces = [(pos, min(ZERO_CHUNK, offset + length - pos))
-                  for pos in range(offset, offset + length, ZERO_CHUNK)]
-        join = _joiner(len(pieces), done)
-        for pos, size in pieces:
-            self.submit_write([_ZEROES[:size]], pos, size, fua, join)
+        # Only after a reconnect to a server that lost WRITE_ZEROES (the guest was offered it):
+        # writes of zeroes, one piece after another, at most ZERO_IN_FLIGHT at a time.
+        self._zero_fill(offset, length, fua, done)
+
+    @property
+    def offers_write_zeroes(self) -> bool:
+        """Read by the device (blk.py) for VIRTIO_BLK_F_WRITE_ZEROES: without the server's
+        WRITE_ZEROES a zeroing would be many writes of zeroes, so the guest is not offered it."""
+        return self._zeroes_at_open
+
+    def _zero_fill(self, offset: int, length: int, fua: bool, done: Done) -> None:
+        end = offset + length
+        state = {"pos": offset, "busy": 0, "ok": True, "pumping": False, "done": False}
+
+        def finish_if_over() -> None:
+            if not state["done"] and state["busy"] == 0 and (
+                    state["pos"] >= end or not state["ok"]):
+                state["done"] = True
+                done(bool(state["ok"]))
+
+        def piece_done(ok: bool) -> None:
+            state["busy"] -= 1
+            state["ok"] = state["ok"] and ok
+            pump()
+
+        def pump() -> None:
+            if state["pumping"]:
+                return  # a piece completed synchronously: the running pump goes on
+            state["pumping"] = True
+            try:
+                while (state["ok"] and state["pos"] < end
+                       and state["busy"] < ZERO_IN_FLIGHT):
+                    pos = state["pos"]
+                    size = min(ZERO_CHUNK, end - pos)
+                    state["pos"] = pos + size
+                    state["busy"] += 1
+                    self.submit_write([_ZEROES[:size]], pos, size, fua, piece_done)
+            finally:
+                state["pumping"] = False
+            finish_if_over()
+
+        pump()
 
     def _fua(self, fua: bool) -> int:
         return NBD_CMD_FLAG_FUA if fua and self.info.has(NBD_FLAG_SEND_FUA) else 0
@@ -401,17 +442,64 @@ class NbdBackend(BlkBackend):
         self._waiting.clear()
         sock = self._sock
         if sock is not None and self.connected and not self._tx.in_flight:
+            running = _running_loop()
+            if running is not None:
+                # device_del on the serving loop: the final FLUSH and DISC run as a task that
+                # owns the socket (non-blocking, at most CLOSE_TIMEOUT), so a server that
+                # never answers stalls no device.
+                self._detach_socket(sock)
+                self._sock = None
+                pending = b"".join(bytes(v) for v in self._out)  # no guest view kept
+                self._out.clear()
+                self._closing = running.create_task(self._final_flush_async(sock, pending))
+                _CLOSING.add(self._closing)  # the loop keeps tasks weakly: kept until done
+                self._closing.add_done_callback(_CLOSING.discard)
+                self.fd = -1
+                return
             with contextlib.suppress(OSError, NbdError):
                 self._final_flush(sock)
         self._drop_socket()
         self.fd = -1
 
-    def _final_flush(self, sock: socket.socket) -> None:
+    def _detach_socket(self, sock: socket.socket) -> None:
         if self._loop is not None and not self._loop.is_closed():
             self._loop.remove_reader(sock.fileno())
             if self._writing:
                 self._loop.remove_writer(sock.fileno())
-                self._writing = False
+        self._writing = False
+
+    async def _final_flush_async(self, sock: socket.socket, pending: bytes) -> None:
+        try:
+            await asyncio.wait_for(self._final_exchange(sock, pending), CLOSE_TIMEOUT)
+        except Exception as exc:  # best effort: logged, and the socket closed
+            log.warning("%s: no clean disconnect: %s", self.name,
+                        "no reply to the final FLUSH within "
+                        f"{CLOSE_TIMEOUT:g} s" if isinstance(exc, TimeoutError) else exc)
+        finally:
+            sock.close()
+
+    async def _final_exchange(self, sock: socket.socket, pending: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        if pending:
+            await loop.sock_sendall(sock, pending)
+        tx = self._tx
+        if not self.readonly and self.info.has(NBD_FLAG_SEND_FLUSH):
+            _, header = tx.request(NBD_CMD_FLUSH, 0, 0)
+            await loop.sock_sendall(sock, header)
+            while tx.in_flight:
+                n = await loop.sock_recv_into(sock, tx.buffers()[0])
+                if not n:
+                    return
+                for c in tx.advance(n):
+                    if c.error:
+                        log.error("%s: flush at close failed: NBD error %d", self.name,
+                                  c.error)
+        await loop.sock_sendall(sock, encode_request(NBD_CMD_DISC, 0, 0, 0))
+
+    def _final_flush(self, sock: socket.socket) -> None:
+        """Blocking (at most CLOSE_TIMEOUT per step): only when no event loop runs (process
+        shutdown, after the loop stopped)."""
+        self._detach_socket(sock)
         sock.setblocking(True)
         sock.settimeout(CLOSE_TIMEOUT)
         if self._out:
@@ -432,6 +520,13 @@ class NbdBackend(BlkBackend):
                         log.error("%s: flush at close failed: NBD error %d", self.name,
                                   c.error)
         sock.sendall(encode_request(NBD_CMD_DISC, 0, 0, 0))
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def _consume(out: list[memoryview], sent: int) -> None:
