@@ -446,6 +446,20 @@ def test_device_del_does_not_wait_on_a_server_that_never_answers_flush(tmp_path:
         server.close()
 
 
+def test_sigterm_flushes_and_disconnects_cleanly(tmp_path: Path) -> None:
+    """Process shutdown (SIGTERM, the loop stopped): the final FLUSH and DISC still go out,
+    answered, before the process exits 0."""
+    nbd_sock, nsock = tmp_path / "h.sock", tmp_path / "n.sock"
+    server = HostileServer(nbd_sock, HONEST)
+    try:
+        with vhostmem_on(f"socket={nsock},nbd={unix_uri(nbd_sock)}", log=tmp_path / "v.log",
+                         sockets=(nsock,)) as proc:
+            pass
+        assert proc.returncode == 0, (tmp_path / "v.log").read_text()[-2000:]
+        assert [cmd for cmd, _, _, _ in server.requests] == [NBD_CMD_FLUSH, NBD_CMD_DISC]
+    finally:
+        server.close()
+
 
 def test_device_del_flushes_and_disconnects_cleanly(tmp_path: Path) -> None:
     """device_del of an NBD device on an answering server: FLUSH, then DISC (sent by the

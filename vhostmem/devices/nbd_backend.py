@@ -19,10 +19,10 @@ import asyncio
 import contextlib
 import logging
 import socket
-import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from nbd import ExportInfo, NbdError, NbdProtocolError, Transmission, parse_nbd_uri
 from nbd.constants import (
@@ -442,22 +442,23 @@ class NbdBackend(BlkBackend):
         self._waiting.clear()
         sock = self._sock
         if sock is not None and self.connected and not self._tx.in_flight:
+            # The final FLUSH and DISC (at most CLOSE_TIMEOUT), by the task that then owns the
+            # socket: on the serving loop (device_del) it runs beside the other devices, so a
+            # server that never answers stalls none of them; after the loop stopped (process
+            # shutdown) on a loop of its own, to the end.
+            self._detach_socket(sock)
+            self._sock = None
+            pending = b"".join(bytes(v) for v in self._out)  # no guest view kept
+            self._out.clear()
+            self.fd = -1
             running = _running_loop()
-            if running is not None:
-                # device_del on the serving loop: the final FLUSH and DISC run as a task that
-                # owns the socket (non-blocking, at most CLOSE_TIMEOUT), so a server that
-                # never answers stalls no device.
-                self._detach_socket(sock)
-                self._sock = None
-                pending = b"".join(bytes(v) for v in self._out)  # no guest view kept
-                self._out.clear()
-                self._closing = running.create_task(self._final_flush_async(sock, pending))
-                _CLOSING.add(self._closing)  # the loop keeps tasks weakly: kept until done
-                self._closing.add_done_callback(_CLOSING.discard)
-                self.fd = -1
+            if running is None:
+                _run_alone(self._final_flush_async(sock, pending))
                 return
-            with contextlib.suppress(OSError, NbdError):
-                self._final_flush(sock)
+            self._closing = running.create_task(self._final_flush_async(sock, pending))
+            _CLOSING.add(self._closing)  # the loop keeps tasks weakly: kept until done
+            self._closing.add_done_callback(_CLOSING.discard)
+            return
         self._drop_socket()
         self.fd = -1
 
@@ -496,30 +497,14 @@ class NbdBackend(BlkBackend):
                                   c.error)
         await loop.sock_sendall(sock, encode_request(NBD_CMD_DISC, 0, 0, 0))
 
-    def _final_flush(self, sock: socket.socket) -> None:
-        """Blocking (at most CLOSE_TIMEOUT per step): only when no event loop runs (process
-        shutdown, after the loop stopped)."""
-        self._detach_socket(sock)
-        sock.setblocking(True)
-        sock.settimeout(CLOSE_TIMEOUT)
-        if self._out:
-            sock.sendall(b"".join(bytes(v) for v in self._out))
-            self._out.clear()
-        tx = self._tx
-        if not self.readonly and self.info.has(NBD_FLAG_SEND_FLUSH):
-            _, header = tx.request(NBD_CMD_FLUSH, 0, 0)
-            sock.sendall(header)
-            deadline = time.monotonic() + CLOSE_TIMEOUT
-            while tx.in_flight and time.monotonic() < deadline:
-                buf = tx.buffers()[0]
-                n = sock.recv_into(buf)
-                if not n:
-                    return
-                for c in tx.advance(n):
-                    if c.error:
-                        log.error("%s: flush at close failed: NBD error %d", self.name,
-                                  c.error)
-        sock.sendall(encode_request(NBD_CMD_DISC, 0, 0, 0))
+
+def _run_alone(coro: Coroutine[Any, Any, None]) -> None:
+    """Run ``coro`` to the end on a loop of its own (no loop is running)."""
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(coro)
+    finally:
+        loop.close()
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
