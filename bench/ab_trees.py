@@ -198,8 +198,9 @@ def vhostmem_from(tree: Path, info_path: str) -> Any:
     """A peers.backend_argv that starts vhostmem through BOOT from ``tree``."""
     orig = peers.backend_argv
 
-    def argv(name: str, socket: str, image: str, num_queues: int) -> list[str]:
-        cmd = orig(name, socket, image, num_queues)
+    def argv(name: str, socket: str, image: str, num_queues: int,
+             *rest: Any) -> list[str]:  # rest: peers.backend_argv's NBD socket
+        cmd = orig(name, socket, image, num_queues, *rest)
         if name != "vhostmem":
             return cmd
         assert cmd[1:3] == ["-m", "vhostmem.cli"], cmd

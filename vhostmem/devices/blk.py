@@ -422,17 +422,28 @@ class BlkDevice(VhostUserDevice):
             self.backend.flush()
         return VIRTIO_BLK_S_OK
 
-    def _discard_write_zeroes(self, rtype: int, payload: bytes) -> int:
-        """Validate every segment first (5.2.6.2), then apply them."""
+    def dwz_segments(self, rtype: int, payload: bytes
+                     ) -> tuple[int, list[tuple[int, int, int]]]:
+        """The (sector, count, flags) segments of a DISCARD / WRITE_ZEROES payload, every one
+        validated before any is applied (5.2.6.2): (VIRTIO_BLK_S_OK, segments), or the
+        failure status and no segment."""
         is_discard = rtype == VIRTIO_BLK_T_DISCARD
         segments = list(DWZ_SEGMENT.iter_unpack(payload))
         for sector, count, flags in segments:
             if flags & ~VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP or (
                 is_discard and flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
             ):
-                return VIRTIO_BLK_S_UNSUPP
+                return VIRTIO_BLK_S_UNSUPP, []
             if count > MAX_DWZ_SECTORS or not self._in_range(sector, count << SECTOR_SHIFT):
-                return VIRTIO_BLK_S_IOERR
+                return VIRTIO_BLK_S_IOERR, []
+        return VIRTIO_BLK_S_OK, segments
+
+    def _discard_write_zeroes(self, rtype: int, payload: bytes) -> int:
+        """Validate every segment first (5.2.6.2), then apply them."""
+        is_discard = rtype == VIRTIO_BLK_T_DISCARD
+        status, segments = self.dwz_segments(rtype, payload)
+        if status != VIRTIO_BLK_S_OK:
+            return status
         for sector, count, flags in segments:
             offset, nbytes = sector << SECTOR_SHIFT, count << SECTOR_SHIFT
             if not nbytes:

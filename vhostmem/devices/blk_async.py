@@ -17,8 +17,6 @@ from time import monotonic_ns
 from typing import TYPE_CHECKING, Any
 
 from vhostmem.devices.blk import (
-    DWZ_SEGMENT,
-    MAX_DWZ_SECTORS,
     REQ_HEADER,
     SECTOR_SHIFT,
     VIRTIO_BLK_S_IOERR,
@@ -196,14 +194,9 @@ def _discard_write_zeroes(dev: BlkDevice, backend: Any, rtype: int, payload: byt
                           req: _Request) -> int | None:
     """Every segment is validated before any is submitted (5.2.6.2)."""
     is_discard = rtype == VIRTIO_BLK_T_DISCARD
-    segments = list(DWZ_SEGMENT.iter_unpack(payload))
-    for sector, count, flags in segments:
-        if flags & ~VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP or (
-            is_discard and flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
-        ):
-            return VIRTIO_BLK_S_UNSUPP
-        if count > MAX_DWZ_SECTORS or not dev._in_range(sector, count << SECTOR_SHIFT):
-            return VIRTIO_BLK_S_IOERR
+    status, segments = dev.dwz_segments(rtype, payload)
+    if status != VIRTIO_BLK_S_OK:
+        return status
     for sector, count, flags in segments:
         offset, nbytes = sector << SECTOR_SHIFT, count << SECTOR_SHIFT
         if not nbytes:

@@ -259,12 +259,7 @@ class PackedBlkQueue(BlkQueue):
 
     def _write_table(self, req: Request, pieces: list[tuple[int, int, int]]) -> None:
         """An indirect table of packed descriptors (2.8.8): consecutive, no NEXT, id unused."""
-        if len(pieces) > self.max_table:
-            raise ValueError(f"{len(pieces)} pieces exceed the indirect table of "
-                             f"{self.max_table}")
-        if not req.table_gpa:
-            req.table_gpa = self.ram.alloc(DESC_SIZE * self.max_table, DESC_SIZE)
-        region, off = self.ram.locate(req.table_gpa, DESC_SIZE * len(pieces))
+        region, off = self._table_space(req, len(pieces))
         for k, (addr, length, flags) in enumerate(pieces):
             _PDESC.pack_into(region.mm, off + DESC_SIZE * k, addr, length, 0, flags)
 

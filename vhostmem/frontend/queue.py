@@ -25,7 +25,7 @@ from vhostmem.frontend.blk import (
     chain_pieces,
     discard_segment,
 )
-from vhostmem.frontend.memory import PAGE_SIZE, GuestRam
+from vhostmem.frontend.memory import PAGE_SIZE, GuestRam, GuestRegion
 from vhostmem.frontend.ring import (
     _DESC,
     DESC_SIZE,
@@ -184,13 +184,17 @@ class BlkQueue:
             self._grab_descs(req, len(pieces))
             req.head = self.ring.write_chain(req.descs, pieces)
 
-    def _write_table(self, req: Request, pieces: list[tuple[int, int, int]]) -> None:
-        if len(pieces) > self.max_table:
-            raise ValueError(f"{len(pieces)} pieces exceed the indirect table of "
-                             f"{self.max_table}")
+    def _table_space(self, req: Request, n: int) -> tuple[GuestRegion, int]:
+        """Where ``req``'s indirect table of ``n`` descriptors goes: (its region, offset);
+        the table is allocated on first use, ``max_table`` entries."""
+        if n > self.max_table:
+            raise ValueError(f"{n} pieces exceed the indirect table of {self.max_table}")
         if not req.table_gpa:
             req.table_gpa = self.ram.alloc(DESC_SIZE * self.max_table, DESC_SIZE)
-        region, off = self.ram.locate(req.table_gpa, DESC_SIZE * len(pieces))
+        return self.ram.locate(req.table_gpa, DESC_SIZE * n)
+
+    def _write_table(self, req: Request, pieces: list[tuple[int, int, int]]) -> None:
+        region, off = self._table_space(req, len(pieces))
         last = len(pieces) - 1
         for k, (addr, length, flags) in enumerate(pieces):
             nxt_flag = 1 if k < last else 0  # VIRTQ_DESC_F_NEXT; table entries link by index

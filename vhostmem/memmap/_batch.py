@@ -78,6 +78,15 @@ def check_ranges(what: str, vaddrs: Any, lengths: Any) -> tuple[np.ndarray, np.n
     return starts.copy(), sizes.copy()
 
 
+def nonempty_pairs(what: str, ranges: Any) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`check_pairs`, without the zero-length ranges (no-ops, as single calls)."""
+    vaddrs, lengths = check_pairs(what, ranges)
+    if not lengths.all():
+        keep = lengths > 0
+        vaddrs, lengths = vaddrs[keep], lengths[keep]
+    return vaddrs, lengths
+
+
 def check_pairs(what: str, ranges: Any) -> tuple[np.ndarray, np.ndarray]:
     """``ranges``: ``(vaddr, length)`` pairs: an ``(N, 2)`` integer numpy array, or any
     iterable of pairs of integers (``operator.index`` decides, as ``check_range`` does, so a

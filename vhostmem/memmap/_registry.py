@@ -166,10 +166,7 @@ class MemRegistry:
         """
         from vhostmem.memmap import _batch
 
-        vaddrs, lengths = _batch.check_pairs("register_many", ranges)
-        if not lengths.all():
-            keep = lengths > 0
-            vaddrs, lengths = vaddrs[keep], lengths[keep]
+        vaddrs, lengths = _batch.nonempty_pairs("register_many", ranges)
         if not vaddrs.size:
             return
         with self._lock:
@@ -193,10 +190,7 @@ class MemRegistry:
 
         from vhostmem.memmap import _batch
 
-        vaddrs, lengths = _batch.check_pairs("unregister_many", ranges)
-        if not lengths.all():
-            keep = lengths > 0
-            vaddrs, lengths = vaddrs[keep], lengths[keep]
+        vaddrs, lengths = _batch.nonempty_pairs("unregister_many", ranges)
         if not vaddrs.size:
             return
         with self._lock:
