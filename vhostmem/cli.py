@@ -63,7 +63,7 @@ from vhostmem.manager import DeviceManager
 from vhostmem.memmap import MemRegistry
 from vhostmem.rpc import client as rpc_client
 from vhostmem.rpc.methods import Methods
-from vhostmem.rpc.server import RpcServer
+from vhostmem.rpc.server import DEFAULT_IDLE_TIMEOUT, MAX_IDLE_TIMEOUT, RpcServer
 from vhostmem.server import DEFAULT_SOCKET_MODE, Server, new_event_loop
 
 log = logging.getLogger("vhostmem")
@@ -130,8 +130,29 @@ def build_parser() -> argparse.ArgumentParser:
             "device_stats at run time; with it, no device option means no device at start"
         ),
     )
+    serve.add_argument(
+        "--rpc-idle-timeout",
+        metavar="SECONDS",
+        type=idle_seconds,
+        default=DEFAULT_IDLE_TIMEOUT,
+        help=(
+            "close a management client that sends nothing or reads no reply for this long "
+            f"(default {DEFAULT_IDLE_TIMEOUT:g}; 0: never)"
+        ),
+    )
     rpc_client.add_parser(sub)
     return parser
+
+
+def idle_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= MAX_IDLE_TIMEOUT:  # also refuses nan
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of seconds in 0..{MAX_IDLE_TIMEOUT:g}")
+    return value
 
 
 def specs_from_args(args: argparse.Namespace) -> list[BlkSpec]:
@@ -237,7 +258,8 @@ def serve_specs(specs: list[BlkSpec], args: argparse.Namespace,
             )
         rpc_socket = getattr(args, "rpc_socket", None)  # vhostmem-blk has none
         if rpc_socket:
-            rpc = RpcServer(loop, Methods(manager), rpc_socket)
+            rpc = RpcServer(loop, Methods(manager), rpc_socket,
+                            idle_timeout=args.rpc_idle_timeout)
             loop.run_until_complete(rpc.start())
             manager.reserved_fds.add(rpc.fileno())
             print(f"management socket on {rpc_socket}", flush=True)

@@ -6,8 +6,10 @@ connection is closed); requests of one client run one at a time, and its next by
 only once the reply to the previous request has drained to the socket below the transport's
 high-water mark, so a client that sends without reading replies is simply not read from (the
 kernel's socket buffers then push back on it): memory per client stays bounded. At most
-``MAX_CLIENTS`` clients at once; one more gets an error line and is closed. A client is never
-able to disturb a device: requests reach devices only through ``Methods``.
+``MAX_CLIENTS`` clients at once; one more gets an error line and is closed. A client that sends
+nothing, or does not read a reply, for ``idle_timeout`` seconds is closed, so silent clients
+cannot hold every slot and lock the operator out. A client is never able to disturb a device:
+requests reach devices only through ``Methods``.
 """
 
 from __future__ import annotations
@@ -37,14 +39,19 @@ MAX_CLIENTS = 16
 READ_BYTES = 65536
 # Replies beyond this much unsent output stop the client being read (asyncio's drain()).
 WRITE_HIGH_WATER = 256 * 1024
+# A client silent (or not reading its replies) this long is closed; 0 or None: never.
+DEFAULT_IDLE_TIMEOUT = 600.0
+MAX_IDLE_TIMEOUT = 86400.0
 
 
 class RpcServer:
     """JSON-RPC over a Unix socket at ``path`` (created with ``mode``, 0600 by default)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, methods: Methods, path: str,
-                 mode: int = 0o600, group: str | None = None) -> None:
+                 mode: int = 0o600, group: str | None = None,
+                 idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT) -> None:
         self.loop = loop
+        self.idle_timeout = idle_timeout or None
         self.methods = methods
         self.path = path
         self.mode = mode
@@ -87,6 +94,9 @@ class RpcServer:
             await self._serve_client(reader, writer)
         except (ConnectionError, BrokenPipeError):
             pass  # the client went away: nothing to tell it
+        except TimeoutError:
+            log.warning("management socket: closing a client idle for %g s", self.idle_timeout)
+            writer.transport.abort()  # close() would first wait for its unread replies
         except asyncio.CancelledError:
             pass  # shutting down
         except Exception:  # a bug in one request must not take the loop down
@@ -99,7 +109,7 @@ class RpcServer:
                             writer: asyncio.StreamWriter) -> None:
         lines = LineBuffer()
         while True:
-            data = await reader.read(READ_BYTES)
+            data = await asyncio.wait_for(reader.read(READ_BYTES), self.idle_timeout)
             if not data:
                 return
             try:
@@ -115,7 +125,8 @@ class RpcServer:
                 reply = await self._handle(line)
                 if reply is not None:
                     writer.write(reply)
-                    await writer.drain()  # waits while the client does not read its replies
+                    # Waits while the client does not read its replies.
+                    await asyncio.wait_for(writer.drain(), self.idle_timeout)
                 # One request per turn: neither read() nor drain() yields while data is
                 # buffered, so a client streaming requests (notifications get no reply to
                 # wait on) would otherwise hold the loop for thousands of them.

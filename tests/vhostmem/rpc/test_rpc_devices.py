@@ -310,6 +310,39 @@ def test_many_clients_are_limited(tmp_path: Path) -> None:
         wait_until(lambda: _try_version(serve), "a slot for a new client")
 
 
+def test_silent_clients_are_closed_after_the_idle_timeout(tmp_path: Path) -> None:
+    """MAX_CLIENTS clients that connect and send nothing, and one that sends requests and never
+    reads a reply, are closed after --rpc-idle-timeout: the operator is not locked out."""
+    with Serve(tmp_path, "--rpc-idle-timeout", "1") as serve:
+        silent = [serve.rpc() for _ in range(MAX_CLIENTS)]
+        try:
+            for c in silent:
+                assert c.reply() is None  # closed by the server, no request ever sent
+            assert serve.call("version")["version"]
+            with serve.rpc() as deaf:
+                deaf.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                request = b'{"jsonrpc":"2.0","method":"device_list","id":1}\n'
+                deaf.sock.settimeout(10)
+                # Its replies fill the socket, the server stops reading it, then closes it:
+                # our sends fail with a reset, not with our own timeout.
+                with pytest.raises((BrokenPipeError, ConnectionResetError)):
+                    for _ in range(1000000):
+                        deaf.sock.sendall(request)
+        finally:
+            for c in silent:
+                c.close()
+        log = serve.stop()
+    assert log.count("closing a client idle for 1 s") >= MAX_CLIENTS
+
+
+def test_idle_timeout_option_is_checked(tmp_path: Path) -> None:
+    run = subprocess.run([sys.executable, "-m", "vhostmem.cli", "serve", "--rpc-socket",
+                          str(tmp_path / "r.sock"), "--rpc-idle-timeout", "-1"],
+                         capture_output=True, text=True, timeout=20)
+    assert run.returncode == 2
+    assert "--rpc-idle-timeout: '-1' is not a number of seconds" in run.stderr
+
+
 def _try_version(serve: Serve) -> bool:
     try:
         serve.call("version")
