@@ -99,6 +99,7 @@ class CrashConfig:
     writer_jobs: int = 4
     num_queues: int = 1
     smp: int = 1
+    packed: bool = False  # vhost-user-blk-pci packed=on: packed virtqueues (virtio 1.2 2.8)
     disk_size: int = 16 * MIB
     memory_mib: int = 512
     seed: int = 1
@@ -230,7 +231,8 @@ class _Run:
 
     def start_qemu(self, assets: guest_assets.GuestAssets) -> None:
         guest = GuestConfig(disk_size=self.config.disk_size, memory_mib=self.config.memory_mib,
-                            num_queues=self.config.num_queues, smp=self.config.smp)
+                            num_queues=self.config.num_queues, smp=self.config.smp,
+                            packed=self.config.packed)
         argv = qemu_command(assets, guest, self.socket, writer_cmdline(self.config),
                             reconnect=self.config.reconnect)
         self.qemu_proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -419,11 +421,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-queues", type=int, default=1)
     p.add_argument("--smp", type=int, default=1)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--packed", action="store_true", help="packed virtqueues (packed=on)")
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--verbose", action="store_true", help="print the serial log too")
     args = p.parse_args(argv)
     config = CrashConfig(kills=args.kills, writer_jobs=args.jobs, seed=args.seed,
-                         timeout=args.timeout, num_queues=args.num_queues, smp=args.smp)
+                         timeout=args.timeout, num_queues=args.num_queues, smp=args.smp,
+                         packed=args.packed)
     result = run_crash_test(BACKEND_FACTORIES[args.backend](), config)
     if args.verbose:
         print(result.serial_log)

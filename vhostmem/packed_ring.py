@@ -49,6 +49,7 @@ from vhostmem.split_ring import (
 
 if TYPE_CHECKING:
     from vhostmem.dirty_log import DirtyLog
+    from vhostmem.inflight_packed import PackedInflightQueue, Resubmit
 
 # Feature bit (virtio 1.2 section 6): the packed layout.
 VIRTIO_F_RING_PACKED = 34
@@ -122,6 +123,7 @@ class PackedRing(ChainWalker):
     _idle: threading.Condition
     _unsignalled: bool
     _signalled_valid: bool
+    _inflight: PackedInflightQueue | None
 
     # ------------------------------------------------------- layout state
 
@@ -141,6 +143,10 @@ class PackedRing(ChainWalker):
         self._taken = 0
         self._returned = 0
         self._walk_gpas: list[tuple[int, int]] | None = None  # last walk's writable ranges
+        # The last walk's descriptors (addr, len, id, flags), kept while an inflight region
+        # tracks the ring; and the buffers to serve again after a crash, last first.
+        self._walk_raw: list[tuple[int, int, int, int]] | None = None
+        self._resubmits: list[Resubmit] = []
         self._desc = None  # ChainWalker's table: unused by the packed walk
         self._ring: memoryview | None = None
         self._ring16: memoryview | None = None
@@ -190,11 +196,37 @@ class PackedRing(ChainWalker):
             raise VirtqueueError(
                 f"queue {self.index}: vring base {self.get_base():#x} has a position beyond "
                 f"the ring of {num}")
-        self._id_descs = [0] * num  # nothing in flight at start (no inflight region)
+        self._id_descs = [0] * num  # nothing in flight at start, unless the region says so
         self._taken = self._returned = 0
         self._kicks_off = False
+        self._resubmits = []
+        if self._inflight is not None:
+            self._recover_inflight(self._inflight)
         self._signalled_pos, self._signalled_wrap = self._used_pos, self._used_wrap
         self._signalled_returned = 0
+
+    def _recover_inflight(self, tracker: PackedInflightQueue) -> None:
+        """Continue where the inflight region says the ring is, with its buffers in flight
+        served first (vhostmem/inflight_packed.py). QEMU 7.2 sends the base it had before the
+        backend died (for a packed ring it restores nothing), so the region wins."""
+        ring16 = self._ring16
+        assert ring16 is not None
+        plan = tracker.recover(self.num, self._used_pos, self._used_wrap,
+                               lambda i: ring16[i * DESC_U16S + FLAGS_U16])
+        if plan is not None:
+            frontend = self.get_base()
+            self._avail_pos, self._avail_wrap = plan.avail_pos, plan.avail_wrap
+            self._used_pos, self._used_wrap = plan.used_pos, plan.used_wrap
+            if self.get_base() != frontend:
+                log.info("virtqueue %d: the frontend's base %#x is not where the ring is; the "
+                         "inflight region's %#x is used", self.index, frontend, self.get_base())
+            for r in plan.resubmits:
+                self._id_descs[r.buffer_id] = r.count
+                self._taken += r.count
+            self._resubmits = plan.resubmits[::-1]
+            self._kicks_off = True  # the dead backend may have left DISABLE in our area
+        # The previous backend may have published completions without signalling them.
+        signal_eventfd(self.call_fd)
 
     # -------------------------------------------------------------- hot path
 
@@ -216,6 +248,10 @@ class PackedRing(ChainWalker):
             except VirtqueueError as exc:
                 self.mark_broken(str(exc))
                 return None
+        if self._resubmits:
+            chain = self._pop_resubmitted()
+            if chain is not None or self.broken or self.yielded:
+                return chain
         ring16 = self._ring16
         assert ring16 is not None
         while True:
@@ -244,12 +280,42 @@ class PackedRing(ChainWalker):
                 continue
             if not self._take(chain.head, count, pos):
                 return None
+            if self._inflight is not None:  # recorded before the request is served
+                assert self._walk_raw is not None
+                self._inflight.fetched(chain.head, self._walk_raw)
             gpas = self._walk_gpas
             if gpas is not None:  # migrating: only once the id is known valid and taken
                 self._walk_gpas = None
                 self._written[chain.head] = gpas
             self._turn_left -= 1 + ((chain.readable_len + chain.writable_len) >> TURN_BYTES_SHIFT)
             return chain
+
+    def _pop_resubmitted(self) -> DescChain | None:
+        """The next buffer in flight at a crash, walked from the region's copy of its
+        descriptors (the ring slots may hold used descriptors by now). None when the copies
+        are used up, the queue broke, or the turn's budget is spent."""
+        while self._resubmits:
+            r = self._resubmits.pop()
+            try:
+                chain, _ = self._walk_packed(0, r.descs)
+            except ChainError as exc:
+                self.mark_broken(f"buffer {r.buffer_id} resubmitted from the inflight region: "
+                                 f"{exc}")
+                return None
+            except PackedOutsideMemoryError as exc:
+                self._fail_request(r.buffer_id, exc)
+                self._turn_left -= 1
+                if self._turn_left <= 0:
+                    self.yielded = True
+                    return None
+                continue
+            gpas = self._walk_gpas
+            if gpas is not None:
+                self._walk_gpas = None
+                self._written[chain.head] = gpas
+            self._turn_left -= 1 + ((chain.readable_len + chain.writable_len) >> TURN_BYTES_SHIFT)
+            return chain
+        return None
 
     @staticmethod
     def _available(flags: int, wrap: int) -> bool:
@@ -284,12 +350,15 @@ class PackedRing(ChainWalker):
         self._avail_pos = pos
         return True
 
-    def _walk_packed(self, pos: int) -> tuple[DescChain, int]:
-        """The chain starting at ring position ``pos`` and how many ring descriptors it
-        takes. Each descriptor is copied once (one unpack) and decided on from the copy. The
-        direct case is inline (the hot path, as in ChainWalker._walk); tables and buffers
-        outside the cached region go through :meth:`_add_buffer`."""
-        ring = self._ring
+    def _walk_packed(self, pos: int, copy: bytes | None = None) -> tuple[DescChain, int]:
+        """The chain starting at ring position ``pos`` (or in ``copy``, descriptors in the
+        ring's format from the inflight region) and how many descriptors it takes. Each
+        descriptor is copied once (one unpack) and decided on from the copy. The direct case
+        is inline (the hot path, as in ChainWalker._walk); tables and buffers outside the
+        cached region go through :meth:`_add_buffer`."""
+        ring = self._ring if copy is None else copy
+        raw: list[tuple[int, int, int, int]] | None = (
+            [] if self._inflight is not None and copy is None else None)
         num = self.num
         readable: list[memoryview] = []
         writable: list[memoryview] = []
@@ -303,6 +372,8 @@ class PackedRing(ChainWalker):
             if count > num:
                 raise ChainError(f"no descriptor without NEXT within the ring of {num}")
             addr, length, buffer_id, flags = _PDESC.unpack_from(ring, pos * DESC_SIZE)  # type: ignore[arg-type]
+            if raw is not None:  # tracked: the region keeps this copy
+                raw.append((addr, length, buffer_id, flags))
             pos = pos + 1 if pos + 1 < num else 0
             if flags & VRING_DESC_F_INDIRECT:
                 last = self._walk_table(addr, length, flags, readable, writable, lens, bad, gpas)
@@ -327,6 +398,7 @@ class PackedRing(ChainWalker):
         # The writable ranges are recorded by pop once _take accepted the buffer id: an id out
         # of range or in flight must not replace those of the request holding it.
         self._walk_gpas = gpas
+        self._walk_raw = raw
         return DescChain(buffer_id, readable, lens[0], writable, lens[1]), count
 
     def _walk_table(self, addr: int, length: int, flags: int, readable: list[memoryview],
@@ -425,13 +497,18 @@ class PackedRing(ChainWalker):
             if self.log_used_gpa is not None and self._addr is not None:
                 ranges.append((self._addr[0] + pos * DESC_SIZE, DESC_SIZE))
             self._mark(dirty, ranges)
+        new_pos, new_wrap = pos + count, self._used_wrap
+        if new_pos >= self.num:
+            new_pos -= self.num
+            new_wrap ^= 1
+        tracker = self._inflight
+        if tracker is not None:  # the region's used position moves first (spec order)
+            entry = tracker.completing(head, new_pos, new_wrap)
         # Stores become visible in program order (x86 TSO): id and len before the flags.
         ring16[pos * DESC_U16S + FLAGS_U16] = flags
-        pos += count
-        if pos >= self.num:
-            pos -= self.num
-            self._used_wrap ^= 1
-        self._used_pos = pos
+        if tracker is not None:
+            tracker.completed(entry)
+        self._used_pos, self._used_wrap = new_pos, new_wrap
         self._unsignalled = True
 
     def _mark(self, dirty: DirtyLog, ranges: list[tuple[int, int]]) -> None:
