@@ -248,8 +248,9 @@ class Virtqueue(SplitRing, QueueStats):
             return
         self.unmap()  # the old layout's views
         if self._inflight is not None and self._inflight.packed != packed:
-            log.warning("virtqueue %d: the inflight region is laid out for the other ring "
-                        "layout: not tracked", self.index)
+            # QEMU sends SET_FEATURES before the SET_INFLIGHT_FD of the new layout.
+            log.info("virtqueue %d: the inflight region is laid out for the other ring layout: "
+                     "not tracked until SET_INFLIGHT_FD", self.index)
             self._inflight = None
         self.__class__ = PackedVirtqueue if packed else Virtqueue
         self._layout_reset()
