@@ -38,6 +38,15 @@ from vhostmem.descriptors import (
 )
 from vhostmem.eventfd import signal_eventfd
 from vhostmem.guest_memory import GuestMemoryError
+from vhostmem.packed_events import (
+    EVENT_AREA_SIZE,
+    POS_MASK,
+    RING_EVENT_FLAGS_DESC,
+    RING_EVENT_FLAGS_DISABLE,
+    RING_EVENT_FLAGS_ENABLE,
+    WRAP_SHIFT,
+    PackedEvents,
+)
 from vhostmem.split_ring import (
     TURN_BUDGET,
     TURN_BYTES_SHIFT,
@@ -48,7 +57,6 @@ from vhostmem.split_ring import (
 )
 
 if TYPE_CHECKING:
-    from vhostmem.dirty_log import DirtyLog
     from vhostmem.inflight_packed import PackedInflightQueue, Resubmit
 
 # Feature bit (virtio 1.2 section 6): the packed layout.
@@ -56,17 +64,6 @@ VIRTIO_F_RING_PACKED = 34
 # Descriptor flags of the packed layout (2.8.1): bit 7 AVAIL, bit 15 USED.
 VIRTQ_DESC_F_AVAIL = 1 << 7
 VIRTQ_DESC_F_USED = 1 << 15
-# Event suppression structure (2.8.10): le16 off_wrap (bits 0-14 descriptor offset, bit 15 wrap
-# counter), le16 flags (bits 0-1).
-EVENT_AREA_SIZE = 4
-EVENT_OFF_WRAP = 0  # u16 index of the fields in the structure
-EVENT_FLAGS = 1
-RING_EVENT_FLAGS_ENABLE = 0
-RING_EVENT_FLAGS_DISABLE = 1
-RING_EVENT_FLAGS_DESC = 2  # only with VIRTIO_RING_F_EVENT_IDX
-RING_EVENT_FLAGS_MASK = 3
-WRAP_SHIFT = 15  # the wrap counter bit of off_wrap and of the vring base halves
-POS_MASK = (1 << WRAP_SHIFT) - 1
 # SET/GET_VRING_BASE of a packed ring (vhost-user.rst): bits 0-14 the avail position, bit 15
 # the avail wrap counter, bits 16-30 the used position, bit 31 the used wrap counter.
 BASE_USED_SHIFT = 16
@@ -80,7 +77,6 @@ FLAGS_U16 = 7
 LEN_U32 = 2
 DESC_U32S = DESC_SIZE // 4
 _PDESC = struct.Struct("<QIHH")  # addr, len, id, flags
-U16_MASK = 0xFFFF
 
 
 class PackedOutsideMemoryError(OutsideMemoryError):
@@ -94,12 +90,7 @@ class PackedOutsideMemoryError(OutsideMemoryError):
         self.count = count
 
 
-def _need_event(event: int, new: int, old: int) -> bool:
-    """The EVENT_IDX rule: moving from ``old`` to ``new`` passed ``event`` (u16 arithmetic)."""
-    return (new - event - 1) & U16_MASK < (new - old) & U16_MASK
-
-
-class PackedRing(ChainWalker):
+class PackedRing(PackedEvents, ChainWalker):
     """The packed layout of a Virtqueue (first in PackedVirtqueue's MRO). The common state
     (num, mem, flags, locks, fds) is the Virtqueue's; what is below is this layout's."""
 
@@ -456,16 +447,6 @@ class PackedRing(ChainWalker):
         assert self._ring16 is not None
         return self._ring16[pos * DESC_U16S + FLAGS_U16]
 
-    def _set_device_event(self, flags: int, off_wrap: int) -> None:
-        area = self._device_area
-        assert area is not None
-        area[EVENT_OFF_WRAP] = off_wrap  # before flags: a driver reading DESC sees its offset
-        area[EVENT_FLAGS] = flags
-        self._kicks_off = flags == RING_EVENT_FLAGS_DISABLE
-        dirty = self.dirty
-        if dirty is not None and self.log_used_gpa is not None and self._addr is not None:
-            self._mark(dirty, [(self._addr[2], EVENT_AREA_SIZE)])
-
     def push_used(self, head: int, written_len: int) -> None:
         """Return buffer ``head`` (its id) with the bytes written into it: one used
         descriptor at the used position, which moves on by the descriptors it took."""
@@ -510,50 +491,3 @@ class PackedRing(ChainWalker):
             tracker.completed(entry)
         self._used_pos, self._used_wrap = new_pos, new_wrap
         self._unsignalled = True
-
-    def _mark(self, dirty: DirtyLog, ranges: list[tuple[int, int]]) -> None:
-        outside = dirty.mark_ranges(ranges)
-        if outside is not None:
-            log.error("virtqueue %d: gpa=%#x len=%#x is outside the dirty log; not marked",
-                      self.index, *outside)
-
-    def notify(self) -> bool:
-        """Signal the call eventfd if the driver's event suppression area asks for it for
-        the used descriptors written since the last signal. Returns whether it signalled."""
-        area = self._driver_area
-        if not self._unsignalled or area is None:
-            return False
-        self._unsignalled = False
-        _fence()  # used flags stored before the driver's area is read
-        flags = area[EVENT_FLAGS] & RING_EVENT_FLAGS_MASK  # read once
-        # Descriptors used so far, read before the position (push_used counts them first):
-        # a completion in between makes the next count too large (a spare interrupt), never
-        # too small.
-        returned = self._returned
-        new, wrap = self._used_pos, self._used_wrap
-        if flags == RING_EVENT_FLAGS_DISABLE:
-            need = False
-        elif flags == RING_EVENT_FLAGS_DESC and self.event_idx and self._signalled_valid:
-            off_wrap = area[EVENT_OFF_WRAP]  # read once
-            num = self.num
-            if returned - self._signalled_returned >= num:
-                # A lap or more of used descriptors since the last signal: every position,
-                # the event's included, was passed (the wrap bits cannot tell laps apart).
-                need = True
-            else:
-                old = self._signalled_pos
-                if self._signalled_wrap != wrap:
-                    old -= num
-                event = off_wrap & POS_MASK
-                if off_wrap >> WRAP_SHIFT != wrap:
-                    event -= num
-                need = _need_event(event, new, old)
-        else:
-            need = True  # ENABLE, the first signal, or DESC without EVENT_IDX
-        self._signalled_pos, self._signalled_wrap = new, wrap
-        self._signalled_returned = returned
-        self._signalled_valid = True
-        if need:
-            signal_eventfd(self.call_fd)
-            self.stat_interrupts += 1
-        return need
