@@ -150,7 +150,7 @@ class PackedInflightQueue:
         self._next = list(range(1, self.desc_num + 1))  # free-list links (private)
         self._free_head = 0
         self._free = self.desc_num  # entries on the free list
-        self._head_of: dict[int, int] = {}  # buffer id -> head entry
+        self._head_of = [-1] * self.desc_num  # buffer id -> head entry (-1: none)
         # head entry -> (its chain's last entry, descriptors in the chain)
         self._extent: list[tuple[int, int]] = [(0, 0)] * self.desc_num
         self._used = (0, 1)  # used position and wrap counter as last written
@@ -172,24 +172,24 @@ class PackedInflightQueue:
         fields that share a u64 are stored together: fewer stores on the hot path, and an
         x86 aligned store is seen whole)."""
         n = len(descs)
-        u64, nxt = self._u64, self._next
+        u64, nxt, head_of = self._u64, self._next, self._head_of
         lock = self.lock
         lock.acquire()
         try:
-            if n > self._free or buffer_id in self._head_of:
+            if n > self._free or buffer_id >= self.desc_num or head_of[buffer_id] >= 0:
                 # Cannot happen while the ring bounds what is in flight; pop never raises.
                 log.error("inflight: buffer %d (%d descriptors) not tracked: %d entries free",
                           buffer_id, n, self._free)
                 return
             head = entry = last = self._free_head
             for addr, length, desc_id, flags in descs:
-                q = E64_0 + E64 * entry
-                u64[q + E64_ID_FLAGS_LEN] = desc_id | flags << 16 | length << 32
-                u64[q + E64_ADDR] = addr
+                q = E64_0 + E64 * entry + E64_ID_FLAGS_LEN
+                u64[q] = desc_id | flags << 16 | length << 32
+                u64[q + 1] = addr  # E64_ADDR follows
                 last, entry = entry, nxt[entry]
             self._free_head = entry
             self._free -= n
-            self._head_of[buffer_id] = head
+            head_of[buffer_id] = head
             self._extent[head] = (last, n)
             q = E64_0 + E64 * head
             u64[q + E64_COUNTER] = self.counter
@@ -206,18 +206,19 @@ class PackedInflightQueue:
         free list and the region's used position becomes (``used_pos``, ``used_wrap``), the
         position after it; the old_* fields keep the committed one. Returns the head entry
         for :meth:`completed` (-1: not tracked)."""
-        u16 = self._u16
-        head = self._head_of.pop(buffer_id, -1)
+        head_of = self._head_of
+        head = head_of[buffer_id] if buffer_id < self.desc_num else -1
         if head >= 0:
+            head_of[buffer_id] = -1
             last, n = self._extent[head]
             self._next[last] = free = self._free_head
+            u16 = self._u16
             u16[E16_0 + E16 * last + E16_NEXT] = free
             self._free_head = head
             self._free += n
             u16[H16_FREE_HEAD] = head
         old_pos, old_wrap = self._used
-        self._u64[H64_USED] = (used_pos | old_pos << 16 | used_wrap << 32
-                               | old_wrap << 40)
+        self._u64[H64_USED] = used_pos | old_pos << 16 | used_wrap << 32 | old_wrap << 40
         self._used = (used_pos, used_wrap)
         return head
 
@@ -417,7 +418,7 @@ class PackedInflightQueue:
                        wrap: int) -> None:
         self._next = links
         self._free_head, self._free = free_head, free
-        self._head_of = {}
+        self._head_of = [-1] * self.desc_num
         self._used = (pos, wrap)
 
     def release(self) -> None:
