@@ -1,4 +1,6 @@
-"""Inflight I/O tracking for split virtqueues (vhost-user INFLIGHT_SHMFD), without sockets.
+"""Inflight I/O tracking (vhost-user INFLIGHT_SHMFD), without sockets: the region and what
+both ring layouts share (:class:`QueueLayout`, the device-state trailer, :class:`InflightState`),
+and the split layout's tracker. The packed layout is in vhostmem/inflight_packed.py.
 
 The backend keeps, in a memfd it shares with the frontend, which descriptor heads it took from
 the avail ring and has not returned in the used ring yet. The frontend keeps that memfd across a

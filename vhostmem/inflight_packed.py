@@ -18,10 +18,11 @@ free list (``next``); a fetched chain takes one entry per descriptor, its first 
 Protocol (the spec's steps; :class:`PackedInflightQueue`):
 
 * fetch (``fetched``): copy the chain's descriptors into the free entries, fill the head entry,
-  then ``free_head`` and, last, ``old_free_head`` (the commit of the fetch).
+  then ``free_head`` and ``old_free_head`` in one store (the commit of the fetch).
 * complete (``completing`` before the ring's used flags store, ``completed`` after it): the
   chain's entries go back to the free list, ``used_idx`` / ``used_wrap_counter`` move on; after
   the flags store, ``inflight = 0`` and the ``old_*`` fields take the new values (the commit).
+  Fields that share a word are stored together (x86 sees an aligned store whole).
 * start (``recover``): if ``used_idx`` differs from ``old_used_idx``, the descriptor at
   ``old_used_idx`` tells whether the used flags were stored (AVAIL/USED no longer those of an
   available descriptor under ``old_used_wrap_counter``): then the completion is committed, else
@@ -55,7 +56,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from vhostmem.descriptors import VRING_DESC_F_NEXT
 from vhostmem.inflight import REGION_VERSION, InflightError, QueueLayout
+from vhostmem.packed_ring import VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED
 
 log = logging.getLogger("vhostmem.inflight")
 
@@ -85,14 +88,11 @@ H16_FREE_HEAD = O_FREE_HEAD // 2
 H32_FREE_HEADS = O_FREE_HEAD // 4  # free_head | old_free_head
 H64_USED = O_USED_IDX // 8  # used_idx | old_used_idx | used_wrap | old_used_wrap | padding
 E16_0, E16 = HEADER_SIZE // 2, DESC_SIZE // 2
-E16_NEXT, E16_LAST, E16_NUM = D_NEXT // 2, D_LAST // 2, D_NUM // 2
+E16_NEXT = D_NEXT // 2
 E64_0, E64 = HEADER_SIZE // 8, DESC_SIZE // 8
 E64_COUNTER, E64_ID_FLAGS_LEN, E64_ADDR = D_COUNTER // 8, D_COPY // 8, D_COPY // 8 + 1
 # A packed ring descriptor (virtio 1.2 2.8.13): addr u64, len u32, id u16, flags u16.
 RING_DESC = struct.Struct("<QIHH")
-VIRTQ_DESC_F_NEXT = 1
-VIRTQ_DESC_F_AVAIL = 1 << 7
-VIRTQ_DESC_F_USED = 1 << 15
 WRAP_FLAGS = VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED
 
 
@@ -366,9 +366,9 @@ class PackedInflightQueue:
         out = bytearray()
         for k, entry in enumerate(chain):
             _, _, _, _, _, desc_id, flags, length, addr = entries[entry]
-            flags &= ~VIRTQ_DESC_F_NEXT
+            flags &= ~VRING_DESC_F_NEXT
             if k < len(chain) - 1:
-                flags |= VIRTQ_DESC_F_NEXT
+                flags |= VRING_DESC_F_NEXT
             out += RING_DESC.pack(addr, length, desc_id, flags)
         buffer_id = entries[chain[-1]][5]
         if buffer_id >= num or buffer_id in ids:
