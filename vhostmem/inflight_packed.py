@@ -389,6 +389,9 @@ class PackedInflightQueue:
         free_head = free[0] if free else self.desc_num
         if free:
             links[free[-1]] = self.desc_num
+        for _, _, chain in chains:  # a chain goes back to the free list in its own order
+            for a, b in itertools.pairwise(chain):
+                links[a] = b
         mm = self._bytes
         heads = {head for _, head, _ in chains}
         for e, entry in enumerate(entries):
