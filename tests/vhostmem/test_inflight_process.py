@@ -11,6 +11,7 @@ flight, the frozen region is checked, then it is killed.
 from __future__ import annotations
 
 import mmap
+import os
 import random
 import signal
 import subprocess
@@ -21,7 +22,14 @@ from pathlib import Path
 import pytest
 
 from tests.peers import ROOT
-from vhostmem.frontend import INDIRECT, STANDARD, BlkType, Request, VhostUserBlk
+from vhostmem.frontend import (
+    INDIRECT,
+    STANDARD,
+    BlkType,
+    Request,
+    VhostUserBlk,
+    VhostUserError,
+)
 from vhostmem.inflight import SPLIT_LAYOUT, QueueLayout
 from vhostmem.inflight_packed import PACKED_LAYOUT
 
@@ -37,12 +45,12 @@ SOCKET_WAIT = 10.0
 FREEZE_WAIT = 2.0
 
 
-def serve(image: Path, sock: Path, log: Path) -> subprocess.Popen[bytes]:
+def serve(image: Path, sock: Path, log: Path, queues: int = 1) -> subprocess.Popen[bytes]:
     sock.unlink(missing_ok=True)
     with log.open("ab") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "vhostmem.cli", "serve", "--socket", str(sock), "--disk",
-             str(image), "--io-mode", "thread"],
+             str(image), "--io-mode", "thread", "--num-queues", str(queues)],
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
     deadline = time.monotonic() + SOCKET_WAIT
     while not sock.exists():
@@ -158,3 +166,35 @@ def test_sigkill_mid_io_loses_no_acknowledged_write(tmp_path: Path, packed: bool
     # packed: the region, not the base, was right at every restart
     assert text.count("the frontend's base") == (KILLS if packed else 0)
     assert "Traceback" not in text and "broken" not in text
+
+
+def test_a_hostile_packed_region_stops_its_ring_only(tmp_path: Path) -> None:
+    """The frontend rewrites queue 1's part of the region between two backends (an
+    old_used_idx beyond the ring): the restarted backend refuses to start that ring, naming
+    the field, and keeps serving queue 0 and the connection."""
+    image, sock, log = tmp_path / "disk.raw", tmp_path / "blk.sock", tmp_path / "serve.log"
+    with image.open("wb") as f:
+        f.truncate(IMAGE_SIZE)
+    proc = serve(image, sock, log, queues=2)
+    dev = VhostUserBlk.open(str(sock), packed=True, inflight=True)
+    try:
+        region = dev.use_inflight(QUEUE_SIZE)
+        for index in (0, 1):
+            dev.start_queue(index, size=QUEUE_SIZE, depth=DEPTH, max_data=BLOCK)
+            dev.queue(index).write(index * 8, bytes([index + 1]) * BLOCK)
+        proc.kill()
+        proc.wait()
+        old_used_idx = PACKED_LAYOUT.queue_region_size(QUEUE_SIZE) + 18  # queue 1's
+        os.pwrite(region.fd, (QUEUE_SIZE + 5).to_bytes(2, "little"), old_used_idx)
+        proc = serve(image, sock, log, queues=2)
+        with pytest.raises(VhostUserError, match="SET_VRING_KICK: REPLY_ACK 1"):
+            dev.reconnect(str(sock))  # queue 0 comes back, queue 1 is refused
+        assert dev.queue(0).read(0, BLOCK) == bytes([1]) * BLOCK
+        assert proc.poll() is None
+    finally:
+        dev.close()
+        proc.terminate()
+        proc.wait(10)
+    text = log.read_text()
+    assert "inflight old_used_idx 69 (wrap counter 1) is not a position of the ring of 64" in text
+    assert "Traceback" not in text
