@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from tests.vhostmem.ringhelpers import FRESH_BASE, PACKED_FEATURES, GuestRam, PackedDriver
+from vhostmem import bounds
 from vhostmem.descriptors import DescChain
 from vhostmem.guest_memory import GuestMemory
 from vhostmem.inflight import (
@@ -384,6 +385,31 @@ def test_free_list_stays_whole_across_recoveries(guest: Guest) -> None:
     b3 = start_backend(guest)
     assert [(c.head, len(c.readable)) for c in b3.pop_all()] == [(i, 2) for i in ids]
     b3.crash()
+
+
+@pytest.fixture
+def bounds_on() -> Iterator[None]:
+    was_on = bounds.enabled
+    bounds.enable()
+    yield
+    if not was_on:
+        bounds.disable()
+    assert not bounds.violations
+
+
+def test_resubmission_under_bounds_checks(guest: Guest, bounds_on: None) -> None:
+    """VHOSTMEM_DEBUG_BOUNDS wraps the packed walk; a walk of the region's copies goes
+    through the same check."""
+    b = start_backend(guest)
+    guest.add(3, ndesc=2)
+    guest.add(4)
+    held = b.pop_all()
+    b.complete(held[1])
+    b.crash()
+    b2 = start_backend(guest)
+    (again,) = b2.pop_all()
+    assert again.head == 3 and len(again.readable) == 2
+    b2.crash()
 
 
 # ------------------------------------------------------------ hostile regions
