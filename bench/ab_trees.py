@@ -16,7 +16,9 @@ these, e.g. a long job known to hold one core). ``--turn-log`` wraps the
 backend's ``Virtqueue.pop`` and ``BlkDevice.handle_queue`` to record how many chains each turn
 (each handle_queue call) served and whether it yielded (that slows the backend: timing runs should
 not use it). ``--micro``: instead of the blk bench, the backend's hot path alone in-process (see
-MICRO), same slot order. Prints one JSON object.
+MICRO; ``--micro-ring packed``: MICRO_PACKED, and ``--micro-inflight-b`` tracks tree B's ring in
+an inflight region: A and B the same tree gives the cost of tracking), same slot order. Prints
+one JSON object.
 """
 
 from __future__ import annotations
@@ -133,8 +135,71 @@ print(json.dumps({"imported": vhostmem.__file__, "batches": len(per), "per_batch
 """
 
 
-def micro(tree: Path, seconds: float) -> dict[str, Any]:
-    out = subprocess.run([sys.executable, "-c", MICRO, str(tree), str(seconds)], cwd=tree,
+# The same on a packed ring (``--micro-ring packed``): the driver writes every chain again at
+# its avail position between batches (not timed); buffer id = chain number. With argv[3] ==
+# "inflight" the ring is tracked in a packed inflight region (vhostmem/inflight_packed.py).
+MICRO_PACKED = r"""
+import json, os, sys, time
+tree, seconds, inflight = sys.argv[1], float(sys.argv[2]), sys.argv[3] == "inflight"
+sys.path.insert(0, tree)
+import vhostmem
+from tests.vhostmem.devices.bench_blk import DISK_SIZE, HEADER, QUEUE_SIZE, READ_SIZE
+from tests.vhostmem.ringhelpers import GuestRam, PackedDriver
+from vhostmem.devices import BlkDevice, ram_disk
+from vhostmem.devices.blk import VIRTIO_BLK_T_IN
+from vhostmem.guest_memory import GuestMemory
+from vhostmem.memmap import MemRegistry
+from vhostmem.virtqueue import Virtqueue
+ram = GuestRam(32 << 20)
+mem = GuestMemory(MemRegistry())
+ram.add_to(mem)
+dev = BlkDevice(ram_disk(DISK_SIZE), queue_size=QUEUE_SIZE, io_mode="inline")
+dev.set_features(dev.features())
+vq = Virtqueue(0, mem)
+ring = PackedDriver(ram, QUEUE_SIZE)
+ring.counts = {}
+region = None
+if inflight:
+    from vhostmem.inflight import InflightRegion, create_inflight_fd
+    from vhostmem.inflight_packed import PACKED_LAYOUT
+    fd, p = create_inflight_fd(1, QUEUE_SIZE, layout=PACKED_LAYOUT)
+    region = InflightRegion.attach(fd, p["mmap_size"], 0, 1, QUEUE_SIZE, layout=PACKED_LAYOUT)
+    from tests.vhostmem.ringhelpers import PACKED_FEATURES
+    vq.set_features(PACKED_FEATURES)
+    vq.set_inflight(region.queue(0))
+ring.attach(vq)
+chains = []
+for n in range(QUEUE_SIZE // 3):
+    hdr = ram.alloc(16)
+    ram.write(hdr, HEADER.pack(VIRTIO_BLK_T_IN, 0, (n * 8) % (DISK_SIZE // 512)))
+    chains.append([(hdr, 16, False), (ram.alloc(READ_SIZE, 4096), READ_SIZE, True),
+                   (ram.alloc(1), 1, True)])
+per = []
+clock = time.perf_counter_ns
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    for n, bufs in enumerate(chains):
+        ring.add(n, bufs)
+    t0 = clock()
+    vq.new_turn()
+    dev.handle_queue(vq)
+    t1 = clock()
+    assert vq._used_pos == ring.pos, "batch not fully served"
+    per.append((t1 - t0) / len(chains))
+per.sort()
+print(json.dumps({"imported": vhostmem.__file__, "batches": len(per), "per_batch": len(chains),
+                  "inflight": inflight, "min_ns": round(per[0], 1),
+                  "p10_ns": round(per[len(per) // 10], 1),
+                  "median_ns": round(per[len(per) // 2], 1)}))
+"""
+
+
+def micro(tree: Path, seconds: float, ring: str = "split",
+          inflight: bool = False) -> dict[str, Any]:
+    script = MICRO if ring == "split" else MICRO_PACKED
+    extra = ["inflight" if inflight else "-"] if ring == "packed" else []
+    out = subprocess.run([sys.executable, "-c", script, str(tree), str(seconds), *extra],
+                         cwd=tree,
                          env=dict(os.environ, PYTHONPATH=str(tree)), capture_output=True,
                          text=True, check=True).stdout
     res = json.loads(out)
@@ -259,6 +324,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--turn-log", action="store_true", help="record chains per turn (slower)")
     ap.add_argument("--micro", action="store_true",
                     help="instead: the in-process hot-path micro-benchmark, --seconds per slot")
+    ap.add_argument("--micro-ring", choices=("split", "packed"), default="split",
+                    help="--micro on a split (default) or packed ring")
+    ap.add_argument("--micro-inflight-b", action="store_true",
+                    help="--micro-ring packed: tree B's ring tracked in an inflight region")
     a = ap.parse_args(argv)
     if a.turn_log:
         os.environ["AB_TURN_LOG"] = "1"  # read by BOOT in the backend (qsd ignores it)
@@ -320,7 +389,8 @@ def run_micro(a: argparse.Namespace, trees: dict[str, Path], ignore: set[str],
     for rnd in range(a.rounds):
         for side in ("A", "B", "B", "A"):
             busy = wait_quiet(a.wait_quiet, ignore)
-            r = {"round": rnd, "side": side, "busy_before": busy} | micro(trees[side], a.seconds)
+            r = {"round": rnd, "side": side, "busy_before": busy} | micro(
+                trees[side], a.seconds, a.micro_ring, a.micro_inflight_b and side == "B")
             r["src_sha256"] = tree_info(trees[side])["src_sha256"]
             print(json.dumps({k: r[k] for k in ("side", "min_ns", "median_ns", "busy_before")}),
                   file=sys.stderr, flush=True)

@@ -30,6 +30,7 @@ import os
 import queue
 import random
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -42,7 +43,7 @@ import numpy as np
 
 from qemu import assets as guest_assets
 from qemu.accel import resolve_accel
-from qemu.backends import BACKEND_FACTORIES, Backend, BackendRequest
+from qemu.backends import BACKEND_FACTORIES, Backend, BackendRequest, vhostmem_backend
 from qemu.guestlog import Check, GuestLog
 from qemu.launch import (
     SOCKET_WAIT,
@@ -53,13 +54,8 @@ from qemu.launch import (
     _wait_for_socket,
     qemu_command,
 )
-from vhostmem.inflight import (
-    D_INFLIGHT,
-    DESC_STATE_SIZE,
-    H_DESC_NUM,
-    QUEUE_HEADER_SIZE,
-    queue_region_size,
-)
+from vhostmem.inflight import H_DESC_NUM, SPLIT_LAYOUT
+from vhostmem.inflight_packed import PACKED_LAYOUT
 
 MIB = 1 << 20
 WRITER_STOP = "writer-stop"
@@ -73,6 +69,7 @@ KERNEL_ERROR_MARKERS = ("I/O error", "blk_update_request", "blocked for more tha
 # Backend log lines showing the inflight region at work (vhostmem's wording).
 REGION_ATTACHED = "inflight region attached"
 INFLIGHT_MEMFD = "vhostmem-inflight"
+FREEZE_WAIT = 1.0  # seconds an aimed kill waits for SIGSTOP to take effect
 AIM_WINDOW = 0.5  # seconds an aimed kill waits for a request in flight before firing anyway
 RESUBMITTING = "resubmitting"
 POLL = 0.02
@@ -99,6 +96,7 @@ class CrashConfig:
     writer_jobs: int = 4
     num_queues: int = 1
     smp: int = 1
+    packed: bool = False  # vhost-user-blk-pci packed=on: packed virtqueues (virtio 1.2 2.8)
     disk_size: int = 16 * MIB
     memory_mib: int = 512
     seed: int = 1
@@ -214,23 +212,32 @@ class _Run:
 
     def kill_backend(self, aim: bool) -> bool:
         """SIGKILL the backend (``aim``: once its inflight region shows a request in flight);
-        returns whether requests were flagged in flight right before the kill."""
-        assert self.backend_proc is not None
-        region = _map_inflight_region(self.backend_proc.pid) if aim else None
+        returns whether requests were flagged in flight at the kill. An aimed kill stops the
+        process (SIGSTOP) when it sees a flag and looks again: what the frozen region shows
+        is what the restarted backend finds."""
+        proc = self.backend_proc
+        assert proc is not None
+        region = _map_inflight_region(proc.pid) if aim else None
         seen = False
         if region is not None:
             with region:
                 until = time.monotonic() + AIM_WINDOW
-                while not (seen := _any_inflight(region)) and time.monotonic() < until:
-                    pass
-        self.backend_proc.kill()  # SIGKILL: no cleanup of any kind
-        self.backend_proc.wait()
+                packed = self.config.packed
+                while not seen and time.monotonic() < until:
+                    if _any_inflight(region, packed):
+                        proc.send_signal(signal.SIGSTOP)
+                        seen = _frozen(proc.pid) and _any_inflight(region, packed)
+                        if not seen:
+                            proc.send_signal(signal.SIGCONT)
+        proc.kill()  # SIGKILL: no cleanup of any kind
+        proc.wait()
         self.socket.unlink(missing_ok=True)  # so that start_backend waits for the new one
         return seen
 
     def start_qemu(self, assets: guest_assets.GuestAssets) -> None:
         guest = GuestConfig(disk_size=self.config.disk_size, memory_mib=self.config.memory_mib,
-                            num_queues=self.config.num_queues, smp=self.config.smp)
+                            num_queues=self.config.num_queues, smp=self.config.smp,
+                            packed=self.config.packed)
         argv = qemu_command(assets, guest, self.socket, writer_cmdline(self.config),
                             reconnect=self.config.reconnect)
         self.qemu_proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -317,6 +324,20 @@ class _Run:
                     stream.close()
 
 
+def _frozen(pid: int) -> bool:
+    """Wait (briefly) until ``pid`` is stopped: SIGSTOP is delivered asynchronously."""
+    until = time.monotonic() + FREEZE_WAIT
+    while time.monotonic() < until:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return False
+        if state in ("T", "t"):
+            return True
+    return False
+
+
 def _map_inflight_region(pid: int) -> mmap.mmap | None:
     """The backend's inflight memfd, mapped read-only through procfs (None if it has none)."""
     fd_dir = f"/proc/{pid}/fd"
@@ -340,13 +361,17 @@ def _map_inflight_region(pid: int) -> mmap.mmap | None:
     return None
 
 
-def _any_inflight(region: mmap.mmap) -> bool:
-    """Whether any queue of an inflight region has a head flagged (layout: vhostmem/inflight)."""
+def _any_inflight(region: mmap.mmap, packed: bool) -> bool:
+    """Whether any queue of an inflight region has a request flagged in flight (layouts:
+    vhostmem/inflight.py and vhostmem/inflight_packed.py; ``inflight`` is each entry's first
+    byte, ``desc_num`` at the same offset of both headers)."""
+    layout = PACKED_LAYOUT if packed else SPLIT_LAYOUT
     desc_num = int.from_bytes(region[2 * H_DESC_NUM : 2 * H_DESC_NUM + 2], "little")
-    stride = queue_region_size(desc_num)
+    stride = layout.queue_region_size(desc_num)
+    step = layout.desc_state_size
     for start in range(0, len(region) - stride + 1, stride):
-        first = start + QUEUE_HEADER_SIZE + D_INFLIGHT
-        if any(region[first : first + DESC_STATE_SIZE * desc_num : DESC_STATE_SIZE]):
+        first = start + layout.header_size
+        if any(region[first : first + step * desc_num : step]):
             return True
     return False
 
@@ -419,12 +444,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-queues", type=int, default=1)
     p.add_argument("--smp", type=int, default=1)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--packed", action="store_true", help="packed virtqueues (packed=on)")
+    p.add_argument("--io-mode", choices=("inline", "thread"), help="vhostmem serve --io-mode")
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--verbose", action="store_true", help="print the serial log too")
     args = p.parse_args(argv)
     config = CrashConfig(kills=args.kills, writer_jobs=args.jobs, seed=args.seed,
-                         timeout=args.timeout, num_queues=args.num_queues, smp=args.smp)
-    result = run_crash_test(BACKEND_FACTORIES[args.backend](), config)
+                         timeout=args.timeout, num_queues=args.num_queues, smp=args.smp,
+                         packed=args.packed)
+    backend = (vhostmem_backend(extra=("--io-mode", args.io_mode)) if args.io_mode
+               else BACKEND_FACTORIES[args.backend]())
+    result = run_crash_test(backend, config)
     if args.verbose:
         print(result.serial_log)
     print(result.report())

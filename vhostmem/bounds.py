@@ -116,8 +116,8 @@ def _checked_walk(method: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _checked_packed_walk(method: Callable[..., Any]) -> Callable[..., Any]:
-    def checked(self: Virtqueue, pos: int) -> tuple[DescChain, int]:
-        chain, count = method(self, pos)
+    def checked(self: Virtqueue, pos: int, copy: bytes | None = None) -> tuple[DescChain, int]:
+        chain, count = method(self, pos, copy)  # copy: a resubmitted chain's descriptors
         check_chain(self, chain)
         return chain, count
 

@@ -1,4 +1,6 @@
-"""Inflight I/O tracking for split virtqueues (vhost-user INFLIGHT_SHMFD), without sockets.
+"""Inflight I/O tracking (vhost-user INFLIGHT_SHMFD), without sockets: the region and what
+both ring layouts share (:class:`QueueLayout`, the device-state trailer, :class:`InflightState`),
+and the split layout's tracker. The packed layout is in vhostmem/inflight_packed.py.
 
 The backend keeps, in a memfd it shares with the frontend, which descriptor heads it took from
 the avail ring and has not returned in the used ring yet. The frontend keeps that memfd across a
@@ -46,7 +48,8 @@ import mmap
 import os
 import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from vhostmem.sealed_region import map_sealed
@@ -85,14 +88,32 @@ class InflightError(ValueError):
     """An inflight region that cannot be used (the message names what is wrong)."""
 
 
+@dataclass(frozen=True)
+class QueueLayout:
+    """How one queue's part of the region is laid out, and its tracker: the split layout
+    here, the packed one in vhostmem/inflight_packed.py (vhost-user.rst defines both)."""
+
+    name: str
+    header_size: int
+    desc_state_size: int
+    tracker: Callable[[memoryview], Any]  # one queue's view -> its tracker
+
+    def queue_region_size(self, queue_size: int) -> int:
+        """Bytes of one queue's region: header + one state per entry, rounded up to 64."""
+        raw = self.header_size + self.desc_state_size * queue_size
+        return (raw + REGION_ALIGN - 1) // REGION_ALIGN * REGION_ALIGN
+
+    def region_size(self, num_queues: int, queue_size: int) -> int:
+        return self.queue_region_size(queue_size) * num_queues
+
+
 def queue_region_size(queue_size: int) -> int:
-    """Bytes of one queue's region: header + one state per head, rounded up to 64 bytes."""
-    raw = QUEUE_HEADER_SIZE + DESC_STATE_SIZE * queue_size
-    return (raw + REGION_ALIGN - 1) // REGION_ALIGN * REGION_ALIGN
+    """Bytes of one split queue's region: header + one state per head, rounded up to 64."""
+    return SPLIT_LAYOUT.queue_region_size(queue_size)
 
 
 def region_size(num_queues: int, queue_size: int) -> int:
-    return queue_region_size(queue_size) * num_queues
+    return SPLIT_LAYOUT.region_size(num_queues, queue_size)
 
 
 def _check_shape(num_queues: int, queue_size: int, max_queues: int) -> None:
@@ -103,14 +124,17 @@ def _check_shape(num_queues: int, queue_size: int, max_queues: int) -> None:
 
 
 def create_inflight_fd(
-    num_queues: int, queue_size: int, max_queues: int = MAX_QUEUES
+    num_queues: int, queue_size: int, max_queues: int = MAX_QUEUES,
+    layout: QueueLayout | None = None,
 ) -> tuple[int, dict[str, int]]:
-    """A new zero-filled, size-sealed memfd for GET_INFLIGHT_FD and the reply payload.
+    """A new zero-filled, size-sealed memfd for GET_INFLIGHT_FD and the reply payload, its
+    queue areas sized for ``layout`` (default split).
 
     The caller owns the fd (it stays valid until closed; the frontend gets its own copy).
     """
+    layout = layout or SPLIT_LAYOUT
     _check_shape(num_queues, queue_size, max_queues)
-    size = region_size(num_queues, queue_size) + DEVICE_STATE_SIZE
+    size = layout.region_size(num_queues, queue_size) + DEVICE_STATE_SIZE
     fd = os.memfd_create("vhostmem-inflight", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(fd, size)  # a fresh memfd reads as zeroes: version 0, nothing in flight
@@ -126,13 +150,15 @@ def create_inflight_fd(
 class InflightRegion:
     """A mapped inflight region (all queues); owns the fd and the mapping."""
 
-    def __init__(self, fd: int, mm: mmap.mmap, num_queues: int, queue_size: int) -> None:
+    def __init__(self, fd: int, mm: mmap.mmap, num_queues: int, queue_size: int,
+                 layout: QueueLayout | None = None) -> None:
         self.fd = fd
         self.mm = mm
         self.num_queues = num_queues
         self.queue_size = queue_size
+        self.layout = layout or SPLIT_LAYOUT
         self.mmap_size = len(mm)
-        self._queues: list[InflightQueue | None] = [None] * num_queues
+        self._queues: list[Any] = [None] * num_queues
 
     @classmethod
     def attach(
@@ -143,14 +169,17 @@ class InflightRegion:
         num_queues: int,
         queue_size: int,
         max_queues: int = MAX_QUEUES,
+        layout: QueueLayout | None = None,
     ) -> InflightRegion:
-        """Map a SET_INFLIGHT_FD region. Takes ownership of ``fd``: it is closed on error."""
+        """Map a SET_INFLIGHT_FD region laid out for ``layout`` (default split). Takes
+        ownership of ``fd``: it is closed on error."""
+        layout = layout or SPLIT_LAYOUT
         try:
             _check_shape(num_queues, queue_size, max_queues)
         except InflightError:
             os.close(fd)
             raise
-        needed = region_size(num_queues, queue_size)
+        needed = layout.region_size(num_queues, queue_size)
 
         def check_size() -> None:
             if mmap_size < needed:
@@ -158,20 +187,20 @@ class InflightRegion:
                     f"mmap_size {mmap_size} is smaller than the {needed} bytes the queues need")
 
         mm = map_sealed(fd, mmap_size, mmap_offset, "inflight", InflightError, check_size)
-        region = cls(fd, mm, num_queues, queue_size)
-        stride = queue_region_size(queue_size)
+        region = cls(fd, mm, num_queues, queue_size, layout)
         for i in range(num_queues):
-            # Like libvhost-user: the frontend sizes every queue with queue_size.
+            # Like libvhost-user: the frontend sizes every queue with queue_size (desc_num has
+            # the same offset in both layouts).
             with region._header(i) as header:
                 header[H_DESC_NUM] = queue_size
-        log.info("inflight region attached: %d queues of %d, %d bytes", num_queues, queue_size,
-                 stride * num_queues)
+        log.info("inflight region attached: %d queues of %d, %d bytes (%s rings)", num_queues,
+                 queue_size, needed, layout.name)
         return region
 
     def device_state(self) -> bytes | None:
         """The device state stored in the trailer, or None (no trailer, or nothing stored).
         The trailer is read once into private memory and decided on from that copy."""
-        start = region_size(self.num_queues, self.queue_size)
+        start = self.layout.region_size(self.num_queues, self.queue_size)
         if self.mmap_size < start + DEVICE_STATE_SIZE:
             return None
         raw = self.mm[start : start + DEVICE_STATE_SIZE]
@@ -182,7 +211,7 @@ class InflightRegion:
 
     def save_device_state(self, data: bytes) -> bool:
         """Store ``data`` in the trailer (the magic last); False if the region has none."""
-        start = region_size(self.num_queues, self.queue_size)
+        start = self.layout.region_size(self.num_queues, self.queue_size)
         if self.mmap_size < start + DEVICE_STATE_SIZE or len(data) > DEVICE_STATE_MAX:
             return False
         body = start + _STATE_HEADER.size
@@ -191,20 +220,21 @@ class InflightRegion:
         return True
 
     def _header(self, index: int) -> memoryview:
-        start = index * queue_region_size(self.queue_size)
+        start = index * self.layout.queue_region_size(self.queue_size)
         with memoryview(self.mm) as whole:
             return whole[start : start + QUEUE_HEADER_SIZE].cast("H")
 
-    def queue(self, index: int) -> InflightQueue:
-        """The tracker of queue ``index`` (one per queue; the same object on every call)."""
+    def queue(self, index: int) -> Any:
+        """The tracker of queue ``index`` (one per queue; the same object on every call): an
+        :class:`InflightQueue` for split rings, the packed layout's tracker for packed ones."""
         if not 0 <= index < self.num_queues:
             raise InflightError(f"queue {index} not in the region's 0..{self.num_queues - 1}")
         tracker = self._queues[index]
         if tracker is None:
-            stride = queue_region_size(self.queue_size)
+            stride = self.layout.queue_region_size(self.queue_size)
             with memoryview(self.mm) as whole:
                 view = whole[index * stride : (index + 1) * stride]
-            tracker = self._queues[index] = InflightQueue(view)
+            tracker = self._queues[index] = self.layout.tracker(view)
         return tracker
 
     def close(self) -> None:
@@ -224,7 +254,9 @@ class InflightRegion:
 
 
 class InflightQueue:
-    """One queue's region, plus this process's counter and resubmit list."""
+    """One split queue's region, plus this process's counter and resubmit list."""
+
+    packed = False  # the layout it tracks (a ring of the other layout refuses it)
 
     def __init__(self, view: memoryview) -> None:
         self._bytes = view
@@ -351,10 +383,13 @@ class InflightQueue:
             view.release()
 
 
+SPLIT_LAYOUT = QueueLayout("split", QUEUE_HEADER_SIZE, DESC_STATE_SIZE, InflightQueue)
+
+
 class Trackable(Protocol):
     """What :class:`InflightState` needs of a virtqueue."""
 
-    def set_inflight(self, tracker: InflightQueue | None) -> None: ...
+    def set_inflight(self, tracker: Any) -> None: ...
 
 
 class InflightState:
@@ -366,19 +401,22 @@ class InflightState:
         self._offered_fd = -1
 
     def offer(
-        self, num_queues: int, queue_size: int, max_queues: int
+        self, num_queues: int, queue_size: int, max_queues: int,
+        layout: QueueLayout | None = None,
     ) -> tuple[dict[str, int], int]:
         """GET_INFLIGHT_FD: a fresh region; returns the reply payload and the fd to send."""
-        fd, payload = create_inflight_fd(num_queues, queue_size, max_queues)
+        fd, payload = create_inflight_fd(num_queues, queue_size, max_queues, layout)
         self._close_offer()
         self._offered_fd = fd
         return payload, fd
 
-    def attach(self, fd: int, payload: Any, queues: Sequence[Trackable]) -> None:
+    def attach(self, fd: int, payload: Any, queues: Sequence[Trackable],
+               layout: QueueLayout | None = None) -> None:
         """SET_INFLIGHT_FD: map ``fd`` (owned from here on, closed on error) and hand each queue
         its tracker; the trackers take effect at each ring's next start."""
         region = InflightRegion.attach(fd, payload.mmap_size, payload.mmap_offset,
-                                       payload.num_queues, payload.queue_size, len(queues))
+                                       payload.num_queues, payload.queue_size, len(queues),
+                                       layout)
         self.drop(queues)
         self.region = region
         for i, vq in enumerate(queues):

@@ -38,6 +38,15 @@ from vhostmem.descriptors import (
 )
 from vhostmem.eventfd import signal_eventfd
 from vhostmem.guest_memory import GuestMemoryError
+from vhostmem.packed_events import (
+    EVENT_AREA_SIZE,
+    POS_MASK,
+    RING_EVENT_FLAGS_DESC,
+    RING_EVENT_FLAGS_DISABLE,
+    RING_EVENT_FLAGS_ENABLE,
+    WRAP_SHIFT,
+    PackedEvents,
+)
 from vhostmem.split_ring import (
     TURN_BUDGET,
     TURN_BYTES_SHIFT,
@@ -48,24 +57,13 @@ from vhostmem.split_ring import (
 )
 
 if TYPE_CHECKING:
-    from vhostmem.dirty_log import DirtyLog
+    from vhostmem.inflight_packed import PackedInflightQueue, Resubmit
 
 # Feature bit (virtio 1.2 section 6): the packed layout.
 VIRTIO_F_RING_PACKED = 34
 # Descriptor flags of the packed layout (2.8.1): bit 7 AVAIL, bit 15 USED.
 VIRTQ_DESC_F_AVAIL = 1 << 7
 VIRTQ_DESC_F_USED = 1 << 15
-# Event suppression structure (2.8.10): le16 off_wrap (bits 0-14 descriptor offset, bit 15 wrap
-# counter), le16 flags (bits 0-1).
-EVENT_AREA_SIZE = 4
-EVENT_OFF_WRAP = 0  # u16 index of the fields in the structure
-EVENT_FLAGS = 1
-RING_EVENT_FLAGS_ENABLE = 0
-RING_EVENT_FLAGS_DISABLE = 1
-RING_EVENT_FLAGS_DESC = 2  # only with VIRTIO_RING_F_EVENT_IDX
-RING_EVENT_FLAGS_MASK = 3
-WRAP_SHIFT = 15  # the wrap counter bit of off_wrap and of the vring base halves
-POS_MASK = (1 << WRAP_SHIFT) - 1
 # SET/GET_VRING_BASE of a packed ring (vhost-user.rst): bits 0-14 the avail position, bit 15
 # the avail wrap counter, bits 16-30 the used position, bit 31 the used wrap counter.
 BASE_USED_SHIFT = 16
@@ -79,7 +77,6 @@ FLAGS_U16 = 7
 LEN_U32 = 2
 DESC_U32S = DESC_SIZE // 4
 _PDESC = struct.Struct("<QIHH")  # addr, len, id, flags
-U16_MASK = 0xFFFF
 
 
 class PackedOutsideMemoryError(OutsideMemoryError):
@@ -93,12 +90,7 @@ class PackedOutsideMemoryError(OutsideMemoryError):
         self.count = count
 
 
-def _need_event(event: int, new: int, old: int) -> bool:
-    """The EVENT_IDX rule: moving from ``old`` to ``new`` passed ``event`` (u16 arithmetic)."""
-    return (new - event - 1) & U16_MASK < (new - old) & U16_MASK
-
-
-class PackedRing(ChainWalker):
+class PackedRing(PackedEvents, ChainWalker):
     """The packed layout of a Virtqueue (first in PackedVirtqueue's MRO). The common state
     (num, mem, flags, locks, fds) is the Virtqueue's; what is below is this layout's."""
 
@@ -122,6 +114,7 @@ class PackedRing(ChainWalker):
     _idle: threading.Condition
     _unsignalled: bool
     _signalled_valid: bool
+    _inflight: PackedInflightQueue | None
 
     # ------------------------------------------------------- layout state
 
@@ -141,6 +134,10 @@ class PackedRing(ChainWalker):
         self._taken = 0
         self._returned = 0
         self._walk_gpas: list[tuple[int, int]] | None = None  # last walk's writable ranges
+        # The last walk's descriptors (addr, len, id, flags), kept while an inflight region
+        # tracks the ring; and the buffers to serve again after a crash, last first.
+        self._walk_raw: list[tuple[int, int, int, int]] | None = None
+        self._resubmits: list[Resubmit] = []
         self._desc = None  # ChainWalker's table: unused by the packed walk
         self._ring: memoryview | None = None
         self._ring16: memoryview | None = None
@@ -190,11 +187,37 @@ class PackedRing(ChainWalker):
             raise VirtqueueError(
                 f"queue {self.index}: vring base {self.get_base():#x} has a position beyond "
                 f"the ring of {num}")
-        self._id_descs = [0] * num  # nothing in flight at start (no inflight region)
+        self._id_descs = [0] * num  # nothing in flight at start, unless the region says so
         self._taken = self._returned = 0
         self._kicks_off = False
+        self._resubmits = []
+        if self._inflight is not None:
+            self._recover_inflight(self._inflight)
         self._signalled_pos, self._signalled_wrap = self._used_pos, self._used_wrap
         self._signalled_returned = 0
+
+    def _recover_inflight(self, tracker: PackedInflightQueue) -> None:
+        """Continue where the inflight region says the ring is, with its buffers in flight
+        served first (vhostmem/inflight_packed.py). QEMU 7.2 sends the base it had before the
+        backend died (for a packed ring it restores nothing), so the region wins."""
+        ring16 = self._ring16
+        assert ring16 is not None
+        plan = tracker.recover(self.num, self._used_pos, self._used_wrap,
+                               lambda i: ring16[i * DESC_U16S + FLAGS_U16])
+        if plan is not None:
+            frontend = self.get_base()
+            self._avail_pos, self._avail_wrap = plan.avail_pos, plan.avail_wrap
+            self._used_pos, self._used_wrap = plan.used_pos, plan.used_wrap
+            if self.get_base() != frontend:
+                log.info("virtqueue %d: the frontend's base %#x is not where the ring is; the "
+                         "inflight region's %#x is used", self.index, frontend, self.get_base())
+            for r in plan.resubmits:
+                self._id_descs[r.buffer_id] = r.count
+                self._taken += r.count
+            self._resubmits = plan.resubmits[::-1]
+            self._kicks_off = True  # the dead backend may have left DISABLE in our area
+        # The previous backend may have published completions without signalling them.
+        signal_eventfd(self.call_fd)
 
     # -------------------------------------------------------------- hot path
 
@@ -216,6 +239,10 @@ class PackedRing(ChainWalker):
             except VirtqueueError as exc:
                 self.mark_broken(str(exc))
                 return None
+        if self._resubmits:
+            chain = self._pop_resubmitted()
+            if chain is not None or self.broken or self.yielded:
+                return chain
         ring16 = self._ring16
         assert ring16 is not None
         while True:
@@ -244,12 +271,42 @@ class PackedRing(ChainWalker):
                 continue
             if not self._take(chain.head, count, pos):
                 return None
+            if self._inflight is not None:  # recorded before the request is served
+                assert self._walk_raw is not None
+                self._inflight.fetched(chain.head, self._walk_raw)
             gpas = self._walk_gpas
             if gpas is not None:  # migrating: only once the id is known valid and taken
                 self._walk_gpas = None
                 self._written[chain.head] = gpas
             self._turn_left -= 1 + ((chain.readable_len + chain.writable_len) >> TURN_BYTES_SHIFT)
             return chain
+
+    def _pop_resubmitted(self) -> DescChain | None:
+        """The next buffer in flight at a crash, walked from the region's copy of its
+        descriptors (the ring slots may hold used descriptors by now). None when the copies
+        are used up, the queue broke, or the turn's budget is spent."""
+        while self._resubmits:
+            r = self._resubmits.pop()
+            try:
+                chain, _ = self._walk_packed(0, r.descs)
+            except ChainError as exc:
+                self.mark_broken(f"buffer {r.buffer_id} resubmitted from the inflight region: "
+                                 f"{exc}")
+                return None
+            except PackedOutsideMemoryError as exc:
+                self._fail_request(r.buffer_id, exc)
+                self._turn_left -= 1
+                if self._turn_left <= 0:
+                    self.yielded = True
+                    return None
+                continue
+            gpas = self._walk_gpas
+            if gpas is not None:
+                self._walk_gpas = None
+                self._written[chain.head] = gpas
+            self._turn_left -= 1 + ((chain.readable_len + chain.writable_len) >> TURN_BYTES_SHIFT)
+            return chain
+        return None
 
     @staticmethod
     def _available(flags: int, wrap: int) -> bool:
@@ -284,12 +341,15 @@ class PackedRing(ChainWalker):
         self._avail_pos = pos
         return True
 
-    def _walk_packed(self, pos: int) -> tuple[DescChain, int]:
-        """The chain starting at ring position ``pos`` and how many ring descriptors it
-        takes. Each descriptor is copied once (one unpack) and decided on from the copy. The
-        direct case is inline (the hot path, as in ChainWalker._walk); tables and buffers
-        outside the cached region go through :meth:`_add_buffer`."""
-        ring = self._ring
+    def _walk_packed(self, pos: int, copy: bytes | None = None) -> tuple[DescChain, int]:
+        """The chain starting at ring position ``pos`` (or in ``copy``, descriptors in the
+        ring's format from the inflight region) and how many descriptors it takes. Each
+        descriptor is copied once (one unpack) and decided on from the copy. The direct case
+        is inline (the hot path, as in ChainWalker._walk); tables and buffers outside the
+        cached region go through :meth:`_add_buffer`."""
+        ring = self._ring if copy is None else copy
+        raw: list[tuple[int, int, int, int]] | None = (
+            [] if self._inflight is not None and copy is None else None)
         num = self.num
         readable: list[memoryview] = []
         writable: list[memoryview] = []
@@ -303,6 +363,8 @@ class PackedRing(ChainWalker):
             if count > num:
                 raise ChainError(f"no descriptor without NEXT within the ring of {num}")
             addr, length, buffer_id, flags = _PDESC.unpack_from(ring, pos * DESC_SIZE)  # type: ignore[arg-type]
+            if raw is not None:  # tracked: the region keeps this copy
+                raw.append((addr, length, buffer_id, flags))
             pos = pos + 1 if pos + 1 < num else 0
             if flags & VRING_DESC_F_INDIRECT:
                 last = self._walk_table(addr, length, flags, readable, writable, lens, bad, gpas)
@@ -327,6 +389,7 @@ class PackedRing(ChainWalker):
         # The writable ranges are recorded by pop once _take accepted the buffer id: an id out
         # of range or in flight must not replace those of the request holding it.
         self._walk_gpas = gpas
+        self._walk_raw = raw
         return DescChain(buffer_id, readable, lens[0], writable, lens[1]), count
 
     def _walk_table(self, addr: int, length: int, flags: int, readable: list[memoryview],
@@ -384,16 +447,6 @@ class PackedRing(ChainWalker):
         assert self._ring16 is not None
         return self._ring16[pos * DESC_U16S + FLAGS_U16]
 
-    def _set_device_event(self, flags: int, off_wrap: int) -> None:
-        area = self._device_area
-        assert area is not None
-        area[EVENT_OFF_WRAP] = off_wrap  # before flags: a driver reading DESC sees its offset
-        area[EVENT_FLAGS] = flags
-        self._kicks_off = flags == RING_EVENT_FLAGS_DISABLE
-        dirty = self.dirty
-        if dirty is not None and self.log_used_gpa is not None and self._addr is not None:
-            self._mark(dirty, [(self._addr[2], EVENT_AREA_SIZE)])
-
     def push_used(self, head: int, written_len: int) -> None:
         """Return buffer ``head`` (its id) with the bytes written into it: one used
         descriptor at the used position, which moves on by the descriptors it took."""
@@ -425,58 +478,16 @@ class PackedRing(ChainWalker):
             if self.log_used_gpa is not None and self._addr is not None:
                 ranges.append((self._addr[0] + pos * DESC_SIZE, DESC_SIZE))
             self._mark(dirty, ranges)
+        new_pos, new_wrap = pos + count, self._used_wrap
+        if new_pos >= self.num:
+            new_pos -= self.num
+            new_wrap ^= 1
+        tracker = self._inflight
+        if tracker is not None:  # the region's used position moves first (spec order)
+            entry = tracker.completing(head, new_pos, new_wrap)
         # Stores become visible in program order (x86 TSO): id and len before the flags.
         ring16[pos * DESC_U16S + FLAGS_U16] = flags
-        pos += count
-        if pos >= self.num:
-            pos -= self.num
-            self._used_wrap ^= 1
-        self._used_pos = pos
+        if tracker is not None:
+            tracker.completed(entry)
+        self._used_pos, self._used_wrap = new_pos, new_wrap
         self._unsignalled = True
-
-    def _mark(self, dirty: DirtyLog, ranges: list[tuple[int, int]]) -> None:
-        outside = dirty.mark_ranges(ranges)
-        if outside is not None:
-            log.error("virtqueue %d: gpa=%#x len=%#x is outside the dirty log; not marked",
-                      self.index, *outside)
-
-    def notify(self) -> bool:
-        """Signal the call eventfd if the driver's event suppression area asks for it for
-        the used descriptors written since the last signal. Returns whether it signalled."""
-        area = self._driver_area
-        if not self._unsignalled or area is None:
-            return False
-        self._unsignalled = False
-        _fence()  # used flags stored before the driver's area is read
-        flags = area[EVENT_FLAGS] & RING_EVENT_FLAGS_MASK  # read once
-        # Descriptors used so far, read before the position (push_used counts them first):
-        # a completion in between makes the next count too large (a spare interrupt), never
-        # too small.
-        returned = self._returned
-        new, wrap = self._used_pos, self._used_wrap
-        if flags == RING_EVENT_FLAGS_DISABLE:
-            need = False
-        elif flags == RING_EVENT_FLAGS_DESC and self.event_idx and self._signalled_valid:
-            off_wrap = area[EVENT_OFF_WRAP]  # read once
-            num = self.num
-            if returned - self._signalled_returned >= num:
-                # A lap or more of used descriptors since the last signal: every position,
-                # the event's included, was passed (the wrap bits cannot tell laps apart).
-                need = True
-            else:
-                old = self._signalled_pos
-                if self._signalled_wrap != wrap:
-                    old -= num
-                event = off_wrap & POS_MASK
-                if off_wrap >> WRAP_SHIFT != wrap:
-                    event -= num
-                need = _need_event(event, new, old)
-        else:
-            need = True  # ENABLE, the first signal, or DESC without EVENT_IDX
-        self._signalled_pos, self._signalled_wrap = new, wrap
-        self._signalled_returned = returned
-        self._signalled_valid = True
-        if need:
-            signal_eventfd(self.call_fd)
-            self.stat_interrupts += 1
-        return need

@@ -331,6 +331,7 @@ class Session(MemoryRequests, LogRequests, InflightRequests):
         if self.queues[i].started:
             raise SessionError(f"SET_VRING_BASE: ring {i} is started")
         # The ring reads its own bits: split the low 16, packed both halves (vhost-user.rst).
+        log.info("%s: ring %d base %#x from the frontend", self.name, i, msg.payload.num)
         self.queues[i].set_base(msg.payload.num)
 
     def _get_vring_base(self, msg: Message) -> dict[str, int] | Deferred:

@@ -13,7 +13,8 @@ import logging
 
 from protocol import Message
 from vhostmem.device import DeviceConfigError, VhostUserDevice
-from vhostmem.inflight import InflightError, InflightState
+from vhostmem.inflight import SPLIT_LAYOUT, InflightError, InflightState, QueueLayout
+from vhostmem.inflight_packed import PACKED_LAYOUT
 from vhostmem.session_base import FdReply, SessionError, SessionState, take_fds
 from vhostmem.virtqueue import VIRTIO_F_RING_PACKED, Virtqueue
 
@@ -29,16 +30,16 @@ class InflightRequests:
     state: SessionState
     inflight: InflightState
 
-    def _packed(self) -> bool:
-        return bool(self.state.features >> VIRTIO_F_RING_PACKED & 1)
+    def _layout(self) -> QueueLayout:
+        """The region layout of the negotiated ring layout (QEMU sends SET_FEATURES before
+        GET_INFLIGHT_FD and SET_INFLIGHT_FD: vhost_dev_prepare_inflight)."""
+        return PACKED_LAYOUT if self.state.features >> VIRTIO_F_RING_PACKED & 1 else SPLIT_LAYOUT
 
     def _get_inflight_fd(self, msg: Message) -> FdReply:
         p = msg.payload
         try:
-            if self._packed():
-                raise InflightError("inflight tracking of packed rings is not supported "
-                                    "(VIRTIO_F_RING_PACKED is negotiated)")
-            payload, fd = self.inflight.offer(p.num_queues, p.queue_size, len(self.queues))
+            payload, fd = self.inflight.offer(p.num_queues, p.queue_size, len(self.queues),
+                                              self._layout())
         except (InflightError, OSError) as exc:
             # The reply's error form: mmap_size 0 and no fd (the frontend runs without it).
             log.error("%s: GET_INFLIGHT_FD: %s (empty region)", self.name, exc)
@@ -52,10 +53,7 @@ class InflightRequests:
         started = [vq.index for vq in self.queues if vq.started]
         if started:
             raise SessionError(f"SET_INFLIGHT_FD: rings {started} are started")
-        if self._packed():
-            raise SessionError("SET_INFLIGHT_FD: inflight tracking of packed rings is not "
-                               "supported (VIRTIO_F_RING_PACKED is negotiated)")
-        self.inflight.attach(take_fds(msg)[0], msg.payload, self.queues)
+        self.inflight.attach(take_fds(msg)[0], msg.payload, self.queues, self._layout())
         self._restore_guest_state()
 
     def _save_guest_state(self) -> None:

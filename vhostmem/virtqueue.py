@@ -68,6 +68,7 @@ from vhostmem.split_ring import (
 if TYPE_CHECKING:
     from vhostmem.dirty_log import DirtyLog
     from vhostmem.inflight import InflightQueue
+    from vhostmem.inflight_packed import PackedInflightQueue
 
 __all__ = [
     "MAX_QUEUE_SIZE",
@@ -145,7 +146,7 @@ class Virtqueue(SplitRing, QueueStats):
         self._written: dict[int, list[tuple[int, int]]] = {}
         self.paused = False  # no new chain is taken (logging being switched on)
         self._region_cache = NO_REGION
-        self._inflight: InflightQueue | None = None  # INFLIGHT_SHMFD tracking, if attached
+        self._inflight: InflightQueue | PackedInflightQueue | None = None  # INFLIGHT_SHMFD
         self._signalled_used = 0
         self._signalled_valid = False
         self._unsignalled = False
@@ -214,7 +215,7 @@ class Virtqueue(SplitRing, QueueStats):
                 f"queue {self.index}: log_guest_addr {gpa:#x} (VHOST_VRING_F_LOG) is not in "
                 f"guest memory: {exc}") from None
 
-    def set_inflight(self, tracker: InflightQueue | None) -> None:
+    def set_inflight(self, tracker: InflightQueue | PackedInflightQueue | None) -> None:
         """Track fetched heads in a shared inflight region (vhostmem/inflight.py); the next
         :meth:`start` recovers from it. None stops tracking."""
         self._inflight = tracker
@@ -246,6 +247,11 @@ class Virtqueue(SplitRing, QueueStats):
             self.mark_broken("VIRTIO_F_RING_PACKED changed while the ring runs")
             return
         self.unmap()  # the old layout's views
+        if self._inflight is not None and self._inflight.packed != packed:
+            # QEMU sends SET_FEATURES before the SET_INFLIGHT_FD of the new layout.
+            log.info("virtqueue %d: the inflight region is laid out for the other ring layout: "
+                     "not tracked until SET_INFLIGHT_FD", self.index)
+            self._inflight = None
         self.__class__ = PackedVirtqueue if packed else Virtqueue
         self._layout_reset()
 

@@ -22,7 +22,7 @@ from vhostmem.frontend.blk import (
     discard_segment,
 )
 from vhostmem.frontend.client import VhostUserError
-from vhostmem.frontend.device import SUPPORTED_PROTOCOL_FEATURES, VhostUserBlk
+from vhostmem.frontend.device import VhostUserBlk
 from vhostmem.frontend.packed import RING_EVENT_FLAGS_DESC, RING_EVENT_FLAGS_ENABLE
 
 pytestmark = pytest.mark.qsd
@@ -226,25 +226,28 @@ def test_packed_event_suppression(vhostmem_peer, event_idx: bool) -> None:
         assert dev.stop_queue(0) == q.ring.base()  # GET_VRING_BASE: positions and wraps
 
 
-def test_packed_rings_refuse_inflight_tracking(vhostmem_peer) -> None:
-    """vhostmem only. INFLIGHT_SHMFD has no packed layout here yet: with VIRTIO_F_RING_PACKED
-    negotiated GET_INFLIGHT_FD answers the protocol's error form (an empty region, no fd: QEMU
-    goes on without one) and SET_INFLIGHT_FD is refused; the rings still serve."""
+def test_packed_rings_get_a_packed_inflight_region(vhostmem_peer) -> None:
+    """vhostmem only. With VIRTIO_F_RING_PACKED negotiated, GET_INFLIGHT_FD sizes the region
+    for the packed layout (32 + 32 * queue_size bytes per queue, rounded up to 64, then the
+    64-byte device-state trailer); a region sized for split rings is refused by
+    SET_INFLIGHT_FD, naming mmap_size; the packed one is taken and the rings serve."""
     peer = vhostmem_peer()
-    protocol = SUPPORTED_PROTOCOL_FEATURES | 1 << ProtocolFeature.INFLIGHT_SHMFD
-    with VhostUserBlk.open(peer.socket_path, packed=True, protocol_features=protocol) as dev:
+    with VhostUserBlk.open(peer.socket_path, packed=True, inflight=True) as dev:
         assert dev.client.has_protocol(ProtocolFeature.INFLIGHT_SHMFD)
         shape = {"mmap_size": 0, "mmap_offset": 0, "num_queues": 1, "queue_size": 128}
         reply = dev.client.call(FrontendRequest.GET_INFLIGHT_FD, shape)
-        assert reply is not None and reply.payload.mmap_size == 0 and not reply.fds
+        assert reply is not None and reply.payload.mmap_size == 4160 + 64  # 4128 -> 4160
+        os.close(reply.fds[0])
         region = os.memfd_create("inflight", os.MFD_ALLOW_SEALING)
         try:
-            os.ftruncate(region, 4096)
+            split_size = 2112  # the split layout's queue: 16 + 16 * 128 rounded up to 64
+            os.ftruncate(region, split_size)
             fcntl.fcntl(region, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
             with pytest.raises(VhostUserError, match="SET_INFLIGHT_FD"):
-                dev.client.call(FrontendRequest.SET_INFLIGHT_FD, dict(shape, mmap_size=4096),
-                                [region])
+                dev.client.call(FrontendRequest.SET_INFLIGHT_FD,
+                                dict(shape, mmap_size=split_size), [region])
         finally:
             os.close(region)
+        dev.use_inflight(128)
         q = dev.start_queue(0)
         assert q.read(0, SECTOR) == initial(peer, 0, SECTOR)

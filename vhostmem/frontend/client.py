@@ -218,6 +218,26 @@ class VhostUserClient:
         assert reply is not None
         return int(reply.payload)
 
+    # -- inflight region ---------------------------------------------------------------------
+    def get_inflight_fd(self, num_queues: int, queue_size: int) -> tuple[dict[str, int], int]:
+        """GET_INFLIGHT_FD: the backend's region (payload, fd; the caller owns the fd). The
+        error form (mmap_size 0, no fd) raises VhostUserError."""
+        reply = self.call(FrontendRequest.GET_INFLIGHT_FD, {
+            "mmap_size": 0, "mmap_offset": 0, "num_queues": num_queues,
+            "queue_size": queue_size})
+        assert reply is not None
+        p = reply.payload
+        payload = {"mmap_size": p.mmap_size, "mmap_offset": p.mmap_offset,
+                   "num_queues": p.num_queues, "queue_size": p.queue_size}
+        if len(reply.fds) != 1 or not p.mmap_size:
+            _close_fds(reply.fds)
+            raise VhostUserError(f"GET_INFLIGHT_FD: no region ({payload})")
+        return payload, reply.fds[0]
+
+    def set_inflight_fd(self, payload: dict[str, int], fd: int) -> None:
+        """SET_INFLIGHT_FD with the region the frontend keeps (the fd stays ours)."""
+        self.call(FrontendRequest.SET_INFLIGHT_FD, payload, [fd])
+
     # -- vrings ------------------------------------------------------------------------------
     def set_vring_num(self, index: int, num: int) -> None:
         self.call(FrontendRequest.SET_VRING_NUM, {"index": index, "num": num})

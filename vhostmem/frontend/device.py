@@ -7,6 +7,7 @@ VHOST_F_LOG_ALL, SET_VRING_ADDR with or without VHOST_VRING_F_LOG on every start
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -65,6 +66,19 @@ class QueueState:
     err: EventFd
     queue: BlkQueue | None = None
     started: bool = False
+    base: int = 0  # the vring base this frontend last sent or got back (QEMU's copy of it)
+
+
+@dataclass
+class InflightRegion:
+    """The inflight region a backend gave (GET_INFLIGHT_FD), kept across backend restarts
+    as QEMU keeps it; read-only to this driver."""
+
+    payload: dict[str, int]
+    fd: int
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 @dataclass
@@ -86,14 +100,20 @@ class VhostUserBlk:
         self.offer = Offer()
         self.queues: dict[int, QueueState] = {}
         self.log: DirtyBitmap | None = None  # the dirty log last sent by SET_LOG_BASE
+        self.inflight: InflightRegion | None = None  # INFLIGHT_SHMFD, see use_inflight
+        self._mem_mode: MemMode = "table"
 
     @classmethod
     def open(cls, socket_path: str, *, ram: GuestRam | None = None,
              ram_size: int = DEFAULT_RAM_SIZE, features: int | None = None,
              event_idx: bool = True, indirect: bool = True, packed: bool = False,
              protocol_features: int | None = None, mem: MemMode = "table",
-             timeout: float = DEFAULT_TIMEOUT) -> VhostUserBlk:
-        """Connect, negotiate and send the memory table; queues are started separately."""
+             inflight: bool = False, timeout: float = DEFAULT_TIMEOUT) -> VhostUserBlk:
+        """Connect, negotiate and send the memory table; queues are started separately.
+        ``inflight``: ack INFLIGHT_SHMFD too (then ``use_inflight`` before starting queues)."""
+        if inflight:
+            protocol_features = (SUPPORTED_PROTOCOL_FEATURES if protocol_features is None
+                                 else protocol_features) | 1 << ProtocolFeature.INFLIGHT_SHMFD
         own = ram is None
         if ram is None:
             ram = GuestRam()
@@ -151,6 +171,7 @@ class VhostUserBlk:
     # -- memory ------------------------------------------------------------------------------
     def send_memory(self, mem: MemMode = "table") -> None:
         """Announce every guest region: one SET_MEM_TABLE, or one ADD_MEM_REG each."""
+        self._mem_mode = mem
         regions = list(self.ram.regions)
         if mem == "slots":
             if not self.client.has_protocol(ProtocolFeature.CONFIGURE_MEM_SLOTS):
@@ -186,11 +207,16 @@ class VhostUserBlk:
         self._program_ring(index, state, base)
         return state.queue
 
-    def _program_ring(self, index: int, st: QueueState, base: int) -> None:
+    def _program_ring(self, index: int, st: QueueState, base: int, *,
+                      driver: bool = True) -> None:
+        """Hand a ring to the backend; ``driver``: the guest's driver starts from ``base``
+        too (not after a backend crash: the guest knows nothing of it)."""
         c, ring = self.client, st.ring
         c.set_vring_num(index, ring.num)
         c.set_vring_base(index, base)
-        ring.set_base(base)
+        st.base = base
+        if driver:
+            ring.set_base(base)
         self._send_ring_addr(index, ring)
         c.set_vring_call(index, st.call.fd)
         c.set_vring_err(index, st.err.fd)
@@ -216,6 +242,7 @@ class VhostUserBlk:
             self.client.set_vring_enable(index, False)
         base = self.client.get_vring_base(index)
         st.started = False
+        st.base = base
         return base
 
     def resume_queue(self, index: int, base: int) -> BlkQueue:
@@ -224,6 +251,37 @@ class VhostUserBlk:
         self._program_ring(index, st, base)
         assert st.queue is not None
         return st.queue
+
+    # -- backend crashes: the inflight region (INFLIGHT_SHMFD) --------------------------------
+    def use_inflight(self, queue_size: int = DEFAULT_QUEUE_SIZE) -> InflightRegion:
+        """GET_INFLIGHT_FD for every queue the backend has (once: the region is kept), then
+        SET_INFLIGHT_FD, as QEMU's vhost_user_blk_start does before it starts the rings.
+        Needs INFLIGHT_SHMFD negotiated (``open(..., inflight=True)``)."""
+        if not self.client.has_protocol(ProtocolFeature.INFLIGHT_SHMFD):
+            raise VhostUserError("the inflight region needs INFLIGHT_SHMFD, not negotiated")
+        if self.inflight is None:
+            payload, fd = self.client.get_inflight_fd(self.offer.queue_num, queue_size)
+            self.inflight = InflightRegion(payload, fd)
+        self.client.set_inflight_fd(self.inflight.payload, self.inflight.fd)
+        return self.inflight
+
+    def reconnect(self, socket_path: str, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        """After the backend died: connect to its successor and bring it where QEMU 7.2
+        does (vhost_user_blk_connect): the same features, SET_INFLIGHT_FD with the kept
+        region, the memory table, and every started ring again with the base QEMU has for
+        it: a split ring's used index from guest memory (virtio_queue_restore_last_avail_idx),
+        a packed ring's last base unchanged (QEMU restores nothing for packed rings)."""
+        features, protocol = self.client.features, self.client.protocol_features
+        self.client.close()
+        self.client = VhostUserClient.connect(socket_path, timeout=timeout)
+        self.negotiate(features, protocol)
+        if self.inflight is not None:
+            self.client.set_inflight_fd(self.inflight.payload, self.inflight.fd)
+        self.send_memory(self._mem_mode)
+        for index, st in self.queues.items():
+            if st.started:
+                base = st.base if st.ring.packed else st.ring.used_idx
+                self._program_ring(index, st, base, driver=False)
 
     def queue(self, index: int = 0) -> BlkQueue:
         q = self.queues[index].queue
@@ -304,6 +362,9 @@ class VhostUserBlk:
         if self.log is not None:
             self.log.close()
             self.log = None
+        if self.inflight is not None:
+            self.inflight.close()
+            self.inflight = None
         if self._own_ram:
             self.ram.close()
 
