@@ -77,9 +77,11 @@ def running(name: str, image: str, num_queues: int) -> Iterator[tuple[subprocess
         nbd_sock = os.path.join(tmp, "nbd.sock")
         server = None
         if name in NBD_BACKENDS:
+            # -e: as many clients as queues; with 2 or more qemu-nbd offers multi-conn and
+            # vhostmem opens one connection per queue (qsd's nbd driver opens one).
             server = subprocess.Popen(
                 ["qemu-nbd", "-t", "-f", "raw", "-x", NBD_EXPORT, "-k", nbd_sock,
-                 "--cache=writeback", image], stdin=subprocess.DEVNULL,
+                 "-e", str(num_queues), "--cache=writeback", image], stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             if server is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from time import monotonic_ns
 from typing import TYPE_CHECKING, Any
 
@@ -79,12 +80,10 @@ class _Completions:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, backend: Any) -> None:
         self.loop = loop
-        self.backend = backend
+        self.after_batch: Callable[[Callable[[], None]], bool] = getattr(
+            backend, "after_batch", lambda call: False)
         self.by_queue: dict[Virtqueue, list[tuple[int, int]]] = {}
         self.scheduled = False
-        listeners = getattr(backend, "batch_listeners", None)
-        if listeners is not None:
-            listeners.add(self)
 
     def add(self, vq: Virtqueue, head: int, used: int) -> None:
         self.by_queue.setdefault(vq, []).append((head, used))
@@ -93,12 +92,8 @@ class _Completions:
                 self.publish()  # the backend fails what is left as it closes: publish now
                 return
             self.scheduled = True
-            if not getattr(self.backend, "corked", False):
+            if not self.after_batch(self.publish):
                 self.loop.call_soon(self.publish)
-
-    def batch_over(self) -> None:
-        if self.scheduled:
-            self.publish()
 
     def publish(self) -> None:
         self.scheduled = False

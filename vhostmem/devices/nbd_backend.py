@@ -17,9 +17,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import weakref
 from collections.abc import Callable, Coroutine
-from typing import Any, Protocol
+from typing import Any
 
 from nbd import ExportInfo, parse_nbd_uri
 from nbd.constants import (
@@ -50,11 +49,6 @@ _ZEROES = memoryview(bytes(ZERO_CHUNK))
 ZERO_IN_FLIGHT = 4  # writes of zeroes one write-zeroes has in flight at most
 MIN_REQUEST = 512  # a virtio-blk sector: the smallest request a guest makes
 _CLOSING: set[asyncio.Task[None]] = set()  # final FLUSH + DISC tasks of deleted devices
-
-
-class BatchListener(Protocol):
-    def batch_over(self) -> None:
-        """A batch (a kick's requests, a receive wake's replies) ended."""
 
 
 class NbdBackend(BlkBackend):
@@ -89,8 +83,7 @@ class NbdBackend(BlkBackend):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._corked = 0
         self._dirty: list[NbdLink] = []  # links with requests to send when the batch ends
-        # Told when a batch ends (the devices' completion lists: blk_async.py).
-        self.batch_listeners: weakref.WeakSet[BatchListener] = weakref.WeakSet()
+        self._after: list[Callable[[], None]] = []  # to call when the batch ends
         self.closed = False
         log.info("%s: export of %d bytes, flags %#x, %s replies, block sizes %d/%d/%d, "
                  "%d connection(s)%s", uri, info.size, info.flags,
@@ -233,12 +226,20 @@ class NbdBackend(BlkBackend):
             return
         while self._dirty:
             self._dirty.pop().flush_out()
-        for listener in list(self.batch_listeners):
-            listener.batch_over()
+        while self._after:
+            self._after.pop()()
 
     @property
     def corked(self) -> bool:
         return self._corked > 0
+
+    def after_batch(self, call: Callable[[], None]) -> bool:
+        """Call ``call`` when the batch ends (e.g. publish the guest's completions), if one
+        is on; whether it is."""
+        if not self._corked:
+            return False
+        self._after.append(call)
+        return True
 
     def corked_send(self, link: NbdLink) -> bool:
         """Whether ``link``'s send waits for the batch's end (then it is remembered)."""

@@ -204,8 +204,10 @@ class NbdLink:
                               COMMAND_NAMES.get(c.command, c.command), op.length, op.offset,
                               c.error, f" ({c.message})" if c.message else "")
                 op.done(not c.error)
-            if n < wanted or self._sock is not sock:
-                return  # the socket is drained (or was closed by a completion)
+            if n < wanted or not tx.in_flight or self._sock is not sock:
+                # Drained; or nothing is awaited, so nothing more is due (at queue depth 1
+                # this saves a receive that would find nothing); or closed by a completion.
+                return
 
     # ------------------------------------------------------------ failures
 
