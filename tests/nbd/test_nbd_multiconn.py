@@ -19,6 +19,7 @@ from tests.nbd.servers import (
     unix_uri,
     vhostmem_on,
 )
+from tests.vhostmem.rpc.rpcenv import Serve, wait_until
 from vhostmem.frontend import VhostUserBlk
 from vhostmem.frontend.queue import BlkQueue
 
@@ -91,6 +92,29 @@ def test_qemu_nbd_without_multi_conn_gets_one_shared_connection(tmp_path: Path) 
     assert "(connection 2)" not in text
 
 
+@needs_qemu_nbd
+def test_a_connection_the_server_does_not_take_is_given_up(tmp_path: Path) -> None:
+    """qemu-nbd -e 2 offers multi-conn but takes 2 clients at once: a 3-queue device's third
+    connection gets no handshake, is given up after 5 s, and queue 2 is served on the first
+    connection meanwhile and afterwards."""
+    image, nbd_sock = tmp_path / "d.raw", tmp_path / "nbd.sock"
+    vsock, log = tmp_path / "v.sock", tmp_path / "v.log"
+    image.write_bytes(bytes(4 << 20))
+    server = start_qemu_nbd(image, nbd_sock, fmt="raw", shared=2)
+    try:
+        with vhostmem_on(f"socket={vsock},nbd={unix_uri(nbd_sock, 'disk')},num-queues=3",
+                         log=log, sockets=(vsock,)), \
+                VhostUserBlk.open(str(vsock), ram_size=GUEST_RAM) as dev:
+            queues = [dev.start_queue(i, size=64) for i in range(3)]
+            queues[2].write(0, b"2" * PAGE)  # connection 3 is still being opened
+            wait_for_log(log, "(connection 3): cannot open it: no handshake within 5 s; "
+                         "its queues use the other connections")
+            queues[2].write(8, b"3" * PAGE)
+            assert queues[0].read(0, 2 * PAGE) == b"2" * PAGE + b"3" * PAGE
+    finally:
+        stop(server)
+
+
 def nbdkit_connections(log: Path, command: str) -> set[str]:
     """The nbdkit log filter's connection numbers of ``command`` requests."""
     return {m.group(1) for line in log.read_text().splitlines()
@@ -123,6 +147,28 @@ def test_nbdkit_queues_use_their_own_connections(tmp_path: Path) -> None:
         stop(server)
     assert len(first) == 1 and len(second) == 1, nlog.read_text()
     assert "2 connection(s)" in vlog.read_text()
+
+
+@needs_nbdkit
+def test_device_add_opens_a_connection_per_queue(tmp_path: Path) -> None:
+    """device_add with num_queues=2 on nbdkit: the first connection is opened before the reply,
+    the second once the device serves, and queue 1's writes go on it."""
+    nbd_sock, vsock, nlog = tmp_path / "nbd.sock", tmp_path / "v.sock", tmp_path / "nbd.log"
+    server = start_nbdkit(nbd_sock, "memory", "16M", f"logfile={nlog}", filters=("log",))
+    try:
+        with Serve(tmp_path) as serve:
+            serve.call("device_add", socket=str(vsock), nbd=unix_uri(nbd_sock), num_queues=2)
+            with VhostUserBlk.open(str(vsock), ram_size=GUEST_RAM) as dev:
+                q0, q1 = dev.start_queue(0, size=64), dev.start_queue(1, size=64)
+                q0.write(0, b"a" * PAGE)
+                wait_until(lambda: len(nbdkit_connections(nlog, "Connect")) == 2,
+                           "the second connection")
+                wait_until(lambda: (q1.write(8, b"b" * PAGE) or
+                                    len(nbdkit_connections(nlog, "Write")) == 2),
+                           "a write of queue 1 on the second connection")
+                assert q1.read(0, PAGE) == b"a" * PAGE
+    finally:
+        stop(server)
 
 
 @needs_nbdkit

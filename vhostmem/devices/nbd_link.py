@@ -282,10 +282,12 @@ class NbdLink:
                 sock, info = await connect_async(self.owner.address,
                                                  self.owner.connect_timeout)
             except (OSError, NbdError, TimeoutError) as exc:
+                why = (f"no handshake within {self.owner.connect_timeout:g} s"
+                       if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__)
                 if first:
-                    self._give_up(f"cannot open it: {exc or type(exc).__name__}")
+                    self._give_up(f"cannot open it: {why}")
                     return
-                log.warning("%s: reconnect failed: %s", self.name, exc or type(exc).__name__)
+                log.warning("%s: reconnect failed: %s", self.name, why)
                 continue
             changed = self.owner.export_changed(info)
             if changed is not None or self.closed:
