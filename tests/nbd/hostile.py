@@ -78,6 +78,7 @@ class HostileServer:
         self.bad_replies = 0
         self.hangups = 0  # connections the client closed
         self.requests: list[tuple[int, int, int, int]] = []  # command, flags, offset, length
+        self.commands: list[tuple[int, int]] = []  # connection number, command
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(str(path))
         self._listener.listen(8)
@@ -105,16 +106,18 @@ class HostileServer:
                 return
             self.connections += 1
             self._conns.append(conn)
-            silent = self.connections in self.silent
-            threading.Thread(target=self._serve, args=(conn, silent), daemon=True).start()
+            number = self.connections
+            threading.Thread(target=self._serve, args=(conn, number), daemon=True).start()
 
-    def _serve(self, conn: socket.socket, silent: bool) -> None:
+    def _serve(self, conn: socket.socket, number: int) -> None:
+        silent = number in self.silent
         try:
             self._handshake(conn)
             while True:
                 _, flags, cmd, cookie, offset, length = REQUEST.unpack(
                     _recv_exact(conn, REQUEST.size))
                 self.requests.append((cmd, flags, offset, length))
+                self.commands.append((number, cmd))
                 if cmd == NBD_CMD_DISC:
                     return
                 if cmd == NBD_CMD_WRITE:

@@ -8,6 +8,7 @@ import re
 import time
 from pathlib import Path
 
+from nbd.constants import NBD_CMD_DISC, NBD_CMD_FLUSH, NBD_CMD_WRITE
 from tests.nbd.hostile import HONEST, HostileServer
 from tests.nbd.servers import (
     GUEST_RAM,
@@ -169,6 +170,36 @@ def test_device_add_opens_a_connection_per_queue(tmp_path: Path) -> None:
                 assert q1.read(0, PAGE) == b"a" * PAGE
     finally:
         stop(server)
+
+
+def test_device_del_flushes_once_and_disconnects_each_connection(tmp_path: Path) -> None:
+    """device_del of a 2-connection device: one FLUSH (multi-conn: it covers the writes of
+    both connections), answered, and a DISC on each connection."""
+    nbd_sock, vsock = tmp_path / "h.sock", tmp_path / "v.sock"
+    server = HostileServer(nbd_sock, HONEST, multi_conn=True)
+    try:
+        with Serve(tmp_path) as serve:
+            name = serve.call("device_add", socket=str(vsock), nbd=unix_uri(nbd_sock),
+                              num_queues=2)["name"]
+            with VhostUserBlk.open(str(vsock), ram_size=GUEST_RAM) as dev:
+                q0, q1 = dev.start_queue(0, size=64), dev.start_queue(1, size=64)
+                q0.write(0, b"a" * PAGE)
+                wait_until(lambda: (q1.write(8, b"b" * PAGE) or
+                                    (2, NBD_CMD_WRITE) in server.commands),
+                           "a write of queue 1 on the second connection")
+            before = len(server.commands)
+            serve.call("device_del", name=name)
+            wait_until(lambda: server.hangups == 2 or
+                       [c for _, c in server.commands].count(NBD_CMD_DISC) == 2,
+                       "a DISC on each connection")
+            closing = server.commands[before:]
+    finally:
+        server.close()
+    assert [c for _, c in closing].count(NBD_CMD_FLUSH) == 1, closing
+    assert sorted(n for n, c in closing if c == NBD_CMD_DISC) == [1, 2], closing
+    flush_at = next(i for i, (_, c) in enumerate(closing) if c == NBD_CMD_FLUSH)
+    flushed_on = closing[flush_at][0]
+    assert closing.index((flushed_on, NBD_CMD_DISC)) > flush_at  # after its FLUSH's reply
 
 
 @needs_nbdkit

@@ -1,7 +1,8 @@
 """vhost-user-blk requests on an asynchronous backend (``backend.asynchronous``, e.g. NBD):
 each chain popped is held (``Virtqueue.hold``), handed to the backend as one or more
 operations, and completed when the backend says the last of them is done; the completions of
-one event-loop turn are published together with one signal per queue
+one backend batch (a kick's requests, a receive wake's replies: ``cork``/``uncork``) or else
+of one event-loop turn are published together with one signal per queue
 (``Virtqueue.complete_many``). A request is acknowledged to the guest only after the backend
 acknowledged every operation of it.
 
