@@ -185,7 +185,9 @@ class NbdBackend(BlkBackend):
 
     def _link(self, queue: int) -> NbdLink:
         """The connection for ``queue``'s next request: its own, or while that one is down
-        the first connected one (the others keep serving its queues)."""
+        the first connected one (the others keep serving its queues). With none up, its own
+        if that was ever open (it is reconnecting), else the first (an extra connection
+        still opening may be given up: nothing may wait on it)."""
         if self._loop is None:
             self._attach(asyncio.get_running_loop())
         links = self.links
@@ -195,7 +197,7 @@ class NbdBackend(BlkBackend):
         for link in links:
             if link.connected:
                 return link
-        return links[0] if own.closed else own
+        return own if own.ever_connected and not own.closed else links[0]
 
     def _attach(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop

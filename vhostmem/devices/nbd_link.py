@@ -108,10 +108,13 @@ class NbdLink:
     def issue(self, command: int, offset: int, length: int, flags: int,
               views: list[memoryview] | None, done: Done) -> None:
         assert self._loop is not None
-        op = Op(command, offset, length, flags, views, done, self._loop.time() +
-                self.owner.timeout)
+        self.take(Op(command, offset, length, flags, views, done,
+                     self._loop.time() + self.owner.timeout))
+
+    def take(self, op: Op) -> None:
+        """Send ``op`` (or keep it until connected), with the deadline it has."""
         if self.closed:
-            done(False)
+            op.done(False)
         elif self.connected:
             self._send(op)
         else:
@@ -305,11 +308,10 @@ class NbdLink:
     def _give_up(self, reason: str) -> None:
         log.warning("%s: %s; its queues use the other connections", self.name, reason)
         self.closed = True
-        for op in self._waiting:
-            op.done(False)
-        self._waiting.clear()
         if self._watch is not None:
             self._watch.cancel()
+        # Nothing waits here: a connection never opened gets no requests (NbdBackend._link).
+        assert not self._waiting and not self._ops
 
     def _resume(self, sock: socket.socket, info: ExportInfo) -> None:
         assert self._loop is not None
