@@ -116,6 +116,33 @@ def test_a_connection_the_server_does_not_take_is_given_up(tmp_path: Path) -> No
         stop(server)
 
 
+@needs_qemu_nbd
+def test_reconnect_to_a_server_without_multi_conn_is_refused(tmp_path: Path) -> None:
+    """qemu-nbd -e 2 comes back as -e 1 (no multi-conn): a device on 2 connections does not
+    use it (its FLUSH would no longer cover the other connection's writes); the requests fail
+    after nbd-timeout, naming why."""
+    image, nbd_sock = tmp_path / "d.raw", tmp_path / "nbd.sock"
+    vsock, log = tmp_path / "v.sock", tmp_path / "v.log"
+    image.write_bytes(bytes(4 << 20))
+    server = start_qemu_nbd(image, nbd_sock, fmt="raw", shared=2)
+    try:
+        with vhostmem_on(f"socket={vsock},nbd={unix_uri(nbd_sock, 'disk')},num-queues=2,"
+                         f"nbd-timeout={TIMEOUT}", log=log, sockets=(vsock,)), \
+                VhostUserBlk.open(str(vsock), ram_size=GUEST_RAM) as dev:
+            q0, q1 = dev.start_queue(0, size=64), dev.start_queue(1, size=64)
+            q0.write(0, b"A" * PAGE)
+            wait_for_log(log, "(connection 2): connected")
+            stop(server, sig_kill=True)
+            server = start_qemu_nbd(image, nbd_sock, fmt="raw")
+            for q in (q0, q1):
+                status, _ = q.run(1, 8, data=b"B" * PAGE, timeout=4 * TIMEOUT + 5)
+                assert status == STATUS_IOERR
+    finally:
+        stop(server)
+    assert "the export changed (no NBD_FLAG_CAN_MULTI_CONN); not using it" in log.read_text()
+    assert image.read_bytes()[8 * 512 : 8 * 512 + PAGE] == bytes(PAGE)
+
+
 def nbdkit_connections(log: Path, command: str) -> set[str]:
     """The nbdkit log filter's connection numbers of ``command`` requests."""
     return {m.group(1) for line in log.read_text().splitlines()
