@@ -195,6 +195,9 @@ def test_device_add_opens_a_connection_per_queue(tmp_path: Path) -> None:
                                     len(nbdkit_connections(nlog, "Write")) == 2),
                            "a write of queue 1 on the second connection")
                 assert q1.read(0, PAGE) == b"a" * PAGE
+                listed = serve.call("device_list")[0]["nbd_connections"]
+                assert listed == [{"connected": True, "given_up": False, "reconnects": 0,
+                                   "requests": 0}] * 2
     finally:
         stop(server)
 

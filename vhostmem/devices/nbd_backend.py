@@ -103,6 +103,14 @@ class NbdBackend(BlkBackend):
     def reconnects(self) -> int:
         return sum(link.reconnects for link in self.links)
 
+    def connection_states(self) -> list[dict[str, Any]]:
+        """For device_list: per connection, whether it is up ("given up": an extra one the
+        server did not take), how many times it reconnected, its requests sent or waiting."""
+        return [{"connected": link.connected,
+                 "given_up": link.closed and not link.ever_connected and not self.closed,
+                 "reconnects": link.reconnects, "requests": link.busy}
+                for link in self.links]
+
     # ------------------------------------------------------- operations (device side)
 
     def submit_read(self, views: list[memoryview], offset: int, length: int,
