@@ -5,6 +5,8 @@
 
 ``vhostmem-nbd`` / ``qsd-nbd``: the same two backends over NBD, on one qemu-nbd serving the
 image on a Unix socket (vhostmem ``nbd=URI``; qemu-storage-daemon an ``nbd`` blockdev).
+``vhostmem-nbd-1conn``: vhostmem-nbd with ``nbd-conns=1``; with 2 queues qemu-nbd offers
+multi-conn and vhostmem-nbd opens 2 connections (``ratio_conns``: vhostmem-nbd over it).
 
 For every case (storage: a /dev/shm file or a file on disk; 4 KiB random read or write; queue
 depth 1/32/128 per queue; 1 or 2 queues) both backends are started fresh on the same image and
@@ -37,7 +39,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.peers import BACKENDS, NBD_BACKENDS, cpu_seconds, running
+from bench.peers import BACKENDS, NBD_BACKENDS, NBD_CONNS, cpu_seconds, running
 from bench.ringdriver import FastQueue, drive, ram_bytes_for, sector_table
 from vhostmem.frontend import VhostUserBlk
 
@@ -118,6 +120,10 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+# Backends compared when both ran: (a, b) and the key of a/b in each case.
+PAIRS = ((BACKENDS, "ratio"), (NBD_BACKENDS, "ratio_nbd"), (NBD_CONNS, "ratio_conns"))
+
+
 def run_case(images: dict[str, str], storage: str, rw: str, qd: int, queues: int,
              seconds: float, rounds: int, backends: list[str],
              log_all: bool = False) -> dict[str, Any]:
@@ -143,7 +149,7 @@ def _run_variants(images: dict[str, str], storage: str, rw: str, qd: int, queues
                             "queues": queues}
     for b in backends:
         case[b] = summarize(runs[b])
-    for pair, key in ((BACKENDS, "ratio"), (NBD_BACKENDS, "ratio_nbd")):
+    for pair, key in PAIRS:
         if set(pair) <= set(backends):
             v, q = case[pair[0]], case[pair[1]]
             case[key] = {
@@ -247,7 +253,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
            "image_mib": args.image_mib, "seconds_per_run": p["seconds"],
            "rounds": p["rounds"], "warmup_s": WARMUP_S, "cases": cases,
            "wall_s": round(time.monotonic() - t0, 1)}
-    for pair, key in ((BACKENDS, "ratio"), (NBD_BACKENDS, "ratio_nbd")):
+    for pair, key in PAIRS:
         if args.table and set(pair) <= set(backends):
             print(table(cases, pair, key), file=sys.stderr)
     if args.table and args.log_all:

@@ -28,6 +28,10 @@ BACKENDS = ("vhostmem", "qsd")
 # qemu-storage-daemon (an nbd blockdev) serves it as vhost-user-blk. The CPU measured is the
 # backend's; qemu-nbd's is the same work for both.
 NBD_BACKENDS = ("vhostmem-nbd", "qsd-nbd")
+# vhostmem over NBD with one connection for all queues (nbd-conns=1), against vhostmem-nbd's
+# one per queue (qemu-nbd offers multi-conn when started for 2 queues or more).
+NBD_CONNS = ("vhostmem-nbd", "vhostmem-nbd-1conn")
+ALL_NBD = (*NBD_BACKENDS, NBD_CONNS[1])
 NBD_EXPORT = "disk"
 
 
@@ -37,10 +41,11 @@ class PeerStartError(RuntimeError):
 
 def backend_argv(name: str, socket: str, image: str, num_queues: int,
                  nbd_socket: str = "") -> list[str]:
-    if name == "vhostmem-nbd":
+    if name in NBD_CONNS:
+        conns = ",nbd-conns=1" if name == NBD_CONNS[1] else ""
         return [sys.executable, "-m", "vhostmem.cli", "serve", "--blk",
                 f"socket={socket},nbd=nbd+unix:///{NBD_EXPORT}?socket={nbd_socket},"
-                f"num-queues={num_queues}", "--log-level", "WARNING"]
+                f"num-queues={num_queues}{conns}", "--log-level", "WARNING"]
     if name == "qsd-nbd":
         return [QSD,
                 "--blockdev", f"driver=nbd,node-name=d,server.type=unix,"
@@ -56,7 +61,7 @@ def backend_argv(name: str, socket: str, image: str, num_queues: int,
                 "--blockdev", "driver=raw,node-name=d,file=f",
                 "--export", "type=vhost-user-blk,id=e,node-name=d,addr.type=unix,"
                 f"addr.path={socket},writable=on,num-queues={num_queues}"]
-    raise ValueError(f"unknown backend {name!r} (choose from {BACKENDS + NBD_BACKENDS})")
+    raise ValueError(f"unknown backend {name!r} (choose from {BACKENDS + ALL_NBD})")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -76,10 +81,12 @@ def running(name: str, image: str, num_queues: int) -> Iterator[tuple[subprocess
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         nbd_sock = os.path.join(tmp, "nbd.sock")
         server = None
-        if name in NBD_BACKENDS:
+        if name in ALL_NBD:
+            # -e: as many clients as queues; with 2 or more qemu-nbd offers multi-conn and
+            # vhostmem opens one connection per queue (qsd's nbd driver opens one).
             server = subprocess.Popen(
                 ["qemu-nbd", "-t", "-f", "raw", "-x", NBD_EXPORT, "-k", nbd_sock,
-                 "--cache=writeback", image], stdin=subprocess.DEVNULL,
+                 "-e", str(num_queues), "--cache=writeback", image], stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             if server is not None:

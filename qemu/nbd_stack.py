@@ -2,7 +2,9 @@
 ``python -m qemu.nbd_stack --socket S --image RAW [--num-queues N] [--readonly]``.
 
 It converts the harness's raw image to qcow2 (``qemu-img convert``), serves that with
-``qemu-nbd`` on a Unix socket, and runs ``vhostmem serve --blk socket=S,nbd=URI`` on it. On
+``qemu-nbd`` on a Unix socket (``--shared`` as many clients as queues: with 2 or more it
+offers multi-conn, and vhostmem opens a connection per queue; fewer fails the run), and runs
+``vhostmem serve --blk socket=S,nbd=URI`` on it. On
 SIGTERM it stops vhostmem (which flushes the export), then qemu-nbd, checks the qcow2
 (``qemu-img check``) and converts it back over the raw image: the harness's ``host.image`` check
 then compares what the guest wrote through vhostmem, NBD and the qcow2 layer with its model.
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(args.image),
                     str(qcow2)], check=True)
     nbd_argv = ["qemu-nbd", "-t", "-f", "qcow2", "-k", str(nbd_sock), "-x", "disk",
-                "--discard=unmap", str(qcow2)]
+                "-e", str(args.num_queues), "--discard=unmap", str(qcow2)]
     if args.readonly:
         nbd_argv.insert(1, "-r")
     stopping = []
@@ -73,12 +75,24 @@ def main(argv: list[str] | None = None) -> int:
             f"num-queues={args.num_queues}")
     if args.readonly:
         spec += ",readonly=on"
-    serve = subprocess.Popen([sys.executable, "-m", "vhostmem.cli", "serve", "--blk", spec],
+    log = args.image.with_suffix(".vhostmem.log")
+    serve = subprocess.Popen([sys.executable, "-m", "vhostmem.cli", "serve", "--blk", spec,
+                              "--log-level", "INFO", "--log-file", str(log)],
                              stdin=subprocess.DEVNULL, cwd=ROOT)
     while not stopping and serve.poll() is None and server.poll() is None:
         time.sleep(0.05)
     status = _stop(serve)
     _stop(server)
+    text = log.read_text()
+    print(text, end="", flush=True)  # into the harness's backend log, as without --log-file
+    opened = 1 + sum(f"(connection {i + 1}): connected" in text
+                     for i in range(1, args.num_queues))
+    print(f"nbd_stack: vhostmem used {opened} NBD connection(s) for {args.num_queues} "
+          "queue(s)", flush=True)
+    if opened < args.num_queues:
+        print(f"nbd_stack: expected {args.num_queues} (qemu-nbd offers multi-conn)",
+              flush=True)
+        status = status or 1
     check = subprocess.run(["qemu-img", "check", "-q", "-f", "qcow2", str(qcow2)])
     if check.returncode:
         print(f"nbd_stack: qemu-img check {qcow2} failed ({check.returncode})", flush=True)

@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="SPEC",
         help=(
-            "a device: socket=P|client=P, disk=F|ram=SIZE, readonly=on, num-queues=N, "
+            "a device: socket=P|client=P, disk=F|ram=SIZE|nbd=URI (nbd-timeout=S, "
+            "nbd-conns=N), readonly=on, num-queues=N, "
             "serial=S, io-mode=inline|thread, share=NAME (devices naming the same share, or "
             "the same disk file, serve one disk; one frontend at a time runs rings on it)"
         ),

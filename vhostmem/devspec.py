@@ -26,7 +26,7 @@ TRUE_WORDS = {"on", "yes", "true", "1"}
 FALSE_WORDS = {"off", "no", "false", "0"}
 SOCKET_MODE_BITS = 0o777
 BLK_KEYS = {"socket", "client", "disk", "ram", "readonly", "num-queues", "serial", "io-mode",
-            "share", "fd", "fdname", "nbd", "nbd-timeout"}
+            "share", "fd", "fdname", "nbd", "nbd-timeout", "nbd-conns"}
 # nbd-timeout bounds: a request must fail before a departing frontend's drain gives up
 # (server.DRAIN_TIMEOUT_SECONDS, 30 s), so the guest sees an error, not a dropped connection.
 NBD_TIMEOUT_MIN = 0.1
@@ -48,6 +48,8 @@ class BlkSpec:
     ram: int | None = None
     nbd: str | None = None  # an NBD URI: the disk is that export (devices/nbd_backend.py)
     nbd_timeout: float = DEFAULT_NBD_TIMEOUT
+    # NBD connections on a multi-conn export (None: one per queue); one without multi-conn.
+    nbd_conns: int | None = None
     readonly: bool = False
     num_queues: int = 1
     serial: str = "vhostmem"
@@ -144,6 +146,12 @@ def parse_nbd_timeout(text: str) -> float:
     return value
 
 
+def parse_nbd_conns(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= MAX_QUEUES:
+        raise UsageError(f"nbd-conns={text!r}: expected 1..{MAX_QUEUES}")
+    return int(text)
+
+
 def parse_fd(text: str, option: str) -> int:
     if not text.isdigit():
         raise UsageError(f"{option} {text!r}: expected a file descriptor number")
@@ -171,6 +179,8 @@ def parse_blk_spec(text: str) -> BlkSpec:
             spec.nbd = parse_nbd_uri_setting(value)
         elif key == "nbd-timeout":
             spec.nbd_timeout = parse_nbd_timeout(value)
+        elif key == "nbd-conns":
+            spec.nbd_conns = parse_nbd_conns(value)
         else:
             spec.num_queues = parse_num_queues(value)
     return check_spec(spec, f"--blk {text!r}")
@@ -193,6 +203,12 @@ def check_spec(spec: BlkSpec, where: str) -> BlkSpec:
         if spec.io_mode != "inline":
             raise UsageError(f"{where}: io-mode does not apply to nbd (NBD requests are "
                              "always asynchronous on the event loop)")
+        if spec.nbd_conns is not None and spec.nbd_conns > spec.num_queues:
+            # A connection serves one queue or more: more connections than queues would idle.
+            raise UsageError(f"{where}: nbd-conns={spec.nbd_conns} is more than "
+                             f"num-queues={spec.num_queues}")
+    elif spec.nbd_conns is not None:
+        raise UsageError(f"{where}: nbd-conns goes with nbd")
     if spec.ram is None and spec.disk is None and spec.share is None and spec.nbd is None:
         spec.ram = DEFAULT_RAM_SIZE
     if len(spec.serial.encode()) > 20:
@@ -217,6 +233,7 @@ def make_device(spec: BlkSpec, shared: dict[str, tuple[BlkSpec, BlkBackend]] | N
         return BlkDevice(backend, **options)
     if spec.nbd is not None:
         backend = NbdBackend(spec.nbd, readonly=spec.readonly, timeout=spec.nbd_timeout,
+                             connections=spec.nbd_conns or spec.num_queues,
                              connection=nbd_connection)
         # The export's minimum block size is the guest's logical block size (NBD "Block size
         # constraints": smaller requests could be refused).
@@ -266,7 +283,7 @@ PARAM_KEYS = {
     "socket": "socket", "client": "client", "fd": "fd", "disk": "disk", "ram": "ram",
     "readonly": "readonly", "num_queues": "num-queues", "serial": "serial",
     "io_mode": "io-mode", "share": "share", "name": "name", "nbd": "nbd",
-    "nbd_timeout": "nbd-timeout",
+    "nbd_timeout": "nbd-timeout", "nbd_conns": "nbd-conns",
 }
 MAX_NAME_BYTES = 64
 
@@ -309,6 +326,8 @@ def spec_from_params(params: dict[str, Any]) -> BlkSpec:
         if isinstance(value, bool) or not isinstance(value, int | float | str):
             raise UsageError(f"nbd_timeout: expected seconds, got {value!r}")
         spec.nbd_timeout = _named("nbd_timeout", parse_nbd_timeout, str(value))
+    if "nbd_conns" in params:
+        spec.nbd_conns = _named("nbd_conns", parse_nbd_conns, str(_integer(params, "nbd_conns")))
     if "fd" in params:
         spec.fd = _integer(params, "fd")
         spec.fd_option = f"fd {spec.fd}"

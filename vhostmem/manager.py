@@ -186,6 +186,7 @@ class DeviceManager:
             "disk": spec.disk,
             "ram": device.disk_bytes if spec.disk is None and spec.nbd is None else None,
             "nbd": spec.nbd,
+            "nbd_connections": self._nbd_connections(device),
             "share": spec.share,
             "size": device.disk_bytes,
             "readonly": device.readonly,
@@ -211,6 +212,12 @@ class DeviceManager:
             snap = vq.stats(reset=reset)
             queues.append({"index": vq.index, **snap})
         return {"name": md.name, "queues": queues}
+
+    @staticmethod
+    def _nbd_connections(device: Any) -> list[dict[str, Any]] | None:
+        """Each NBD connection's state (NbdBackend.connection_states); None if not NBD."""
+        states = getattr(device.backend, "connection_states", None)
+        return states() if states is not None else None
 
     def _frontend(self, md: ManagedDevice) -> dict[str, int] | None:
         conn = md.endpoint.connection

@@ -3,7 +3,9 @@ scenario says (a wrong magic, an unknown cookie, a reply cut short, an oversized
 outside the request), or honestly (``honest``; ``silent-flush``: honest, but a FLUSH is
 never answered). Everything else it answers honestly; it counts
 connections and records every request (command, flags, offset, length). It offers only
-NBD_FLAG_SEND_FLUSH: no FUA, TRIM or WRITE_ZEROES."""
+NBD_FLAG_SEND_FLUSH (and NBD_FLAG_CAN_MULTI_CONN with ``multi_conn``): no FUA, TRIM or
+WRITE_ZEROES. The connections numbered in ``silent`` (1 the first) take requests and never
+answer any."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from nbd.constants import (
     NBD_CMD_FLUSH,
     NBD_CMD_READ,
     NBD_CMD_WRITE,
+    NBD_FLAG_CAN_MULTI_CONN,
     NBD_FLAG_FIXED_NEWSTYLE,
     NBD_FLAG_HAS_FLAGS,
     NBD_FLAG_NO_ZEROES,
@@ -61,14 +64,21 @@ def _chunk(cookie: int, ctype: int, payload: bytes, flags: int = NBD_REPLY_FLAG_
 
 
 class HostileServer:
-    def __init__(self, path: Path, scenario: str, size: int = 1 << 20) -> None:
+    def __init__(self, path: Path, scenario: str, size: int = 1 << 20,
+                 multi_conn: bool = False, silent: frozenset[int] = frozenset()) -> None:
         assert scenario in (*SCENARIOS, HONEST, SILENT_FLUSH)
         self.path, self.scenario, self.size = path, scenario, size
+        self.flags = NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH
+        if multi_conn:
+            self.flags |= NBD_FLAG_CAN_MULTI_CONN
+        self.silent = silent
+        self.unanswered = 0  # requests a silent connection took
         self.disk = bytearray(size)
         self.connections = 0
         self.bad_replies = 0
         self.hangups = 0  # connections the client closed
         self.requests: list[tuple[int, int, int, int]] = []  # command, flags, offset, length
+        self.commands: list[tuple[int, int]] = []  # connection number, command
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(str(path))
         self._listener.listen(8)
@@ -96,19 +106,27 @@ class HostileServer:
                 return
             self.connections += 1
             self._conns.append(conn)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+            number = self.connections
+            threading.Thread(target=self._serve, args=(conn, number), daemon=True).start()
 
-    def _serve(self, conn: socket.socket) -> None:
+    def _serve(self, conn: socket.socket, number: int) -> None:
+        silent = number in self.silent
         try:
             self._handshake(conn)
             while True:
                 _, flags, cmd, cookie, offset, length = REQUEST.unpack(
                     _recv_exact(conn, REQUEST.size))
                 self.requests.append((cmd, flags, offset, length))
+                self.commands.append((number, cmd))
                 if cmd == NBD_CMD_DISC:
                     return
                 if cmd == NBD_CMD_WRITE:
-                    self.disk[offset : offset + length] = _recv_exact(conn, length)
+                    data = _recv_exact(conn, length)
+                    if not silent:
+                        self.disk[offset : offset + length] = data
+                if silent:
+                    self.unanswered += 1
+                    continue
                 if cmd == NBD_CMD_FLUSH and self.scenario == SILENT_FLUSH:
                     continue
                 if cmd != NBD_CMD_READ:
@@ -135,7 +153,7 @@ class HostileServer:
             if option == NBD_OPT_STRUCTURED_REPLY:
                 conn.sendall(struct.pack(">QIII", OPT_REPLY_MAGIC, option, NBD_REP_ACK, 0))
             elif option == NBD_OPT_GO:
-                info = INFO_EXPORT.pack(0, self.size, NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH)
+                info = INFO_EXPORT.pack(0, self.size, self.flags)
                 conn.sendall(struct.pack(">QIII", OPT_REPLY_MAGIC, option, NBD_REP_INFO,
                                          len(info)) + info)
                 conn.sendall(struct.pack(">QIII", OPT_REPLY_MAGIC, option, NBD_REP_ACK, 0))

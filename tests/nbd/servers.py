@@ -47,9 +47,10 @@ def stop(proc: subprocess.Popen[bytes], sig_kill: bool = False) -> None:
 
 
 def start_qemu_nbd(image: Path, sock: Path, fmt: str = "qcow2", export: str = "disk",
-                   readonly: bool = False) -> subprocess.Popen[bytes]:
-    """qemu-nbd serving ``image`` on a Unix socket; -t: it outlives its clients."""
-    argv = ["qemu-nbd", "-t", "-f", fmt, "-k", str(sock), "-x", export,
+                   readonly: bool = False, shared: int = 1) -> subprocess.Popen[bytes]:
+    """qemu-nbd serving ``image`` on a Unix socket; -t: it outlives its clients. ``shared``
+    clients at once (-e): qemu-nbd 7.2 offers NBD_FLAG_CAN_MULTI_CONN when more than 1."""
+    argv = ["qemu-nbd", "-t", "-f", fmt, "-k", str(sock), "-x", export, "-e", str(shared),
             "--cache=writeback", "--discard=unmap", str(image)]
     if readonly:
         argv.insert(1, "-r")

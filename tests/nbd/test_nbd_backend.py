@@ -12,17 +12,16 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from nbd import ExportInfo
 from nbd.constants import (
     NBD_CMD_DISC,
     NBD_CMD_FLUSH,
     NBD_CMD_TRIM,
     NBD_CMD_WRITE,
-    NBD_FLAG_HAS_FLAGS,
 )
 from tests.nbd.hostile import HONEST, SILENT_FLUSH, HostileServer
 from tests.nbd.servers import (
@@ -36,7 +35,8 @@ from tests.nbd.servers import (
     vhostmem_on,
     wait_for_path,
 )
-from vhostmem.devices.nbd_backend import ZERO_CHUNK, NbdBackend
+from tests.vhostmem.rpc.rpcenv import RpcFailed, Serve, wait_until
+from vhostmem.devices.nbd_backend import ZERO_CHUNK, zero_fill
 from vhostmem.frontend import VhostUserBlk, VhostUserClient
 from vhostmem.frontend.queue import BlkError
 
@@ -293,13 +293,13 @@ def test_server_without_write_zeroes_is_not_offered_write_zeroes(tmp_path: Path)
 def test_write_zeroes_fallback_keeps_few_writes_in_flight() -> None:
     """Writes of zeroes (a reconnect lost the server's WRITE_ZEROES): one 2 GiB write-zeroes
     has a few writes out at a time (not 2048 at once), in order, and completes once all did."""
-    backend = NbdBackend.__new__(NbdBackend)
-    backend.info = ExportInfo("", 4 << 30, NBD_FLAG_HAS_FLAGS, True, 1, 4096, 32 << 20)
     pending: list[tuple[int, int, Callable[[bool], None]]] = []
-    backend.submit_write = (  # type: ignore[method-assign]
-        lambda views, offset, length, fua, done: pending.append((offset, length, done)))
+
+    def write(views: list[memoryview], offset: int, length: int,
+              done: Callable[[bool], None]) -> None:
+        pending.append((offset, length, done))
     results: list[bool] = []
-    backend.submit_write_zeroes(0, 2 << 30, False, False, results.append)
+    zero_fill(write, 0, 2 << 30, results.append)
     written = []
     while pending:
         assert len(pending) <= 16  # nbd_backend.ZERO_IN_FLIGHT: 4
@@ -309,7 +309,7 @@ def test_write_zeroes_fallback_keeps_few_writes_in_flight() -> None:
     assert results == [True]
     assert written == [(pos, ZERO_CHUNK) for pos in range(0, 2 << 30, ZERO_CHUNK)]
     # A failed piece: no more are sent, and the request fails once those out completed.
-    backend.submit_write_zeroes(0, 64 << 20, False, False, results.append)
+    zero_fill(write, 0, 64 << 20, results.append)
     pending.pop(0)[2](False)
     while pending:
         pending.pop(0)[2](True)
@@ -374,75 +374,55 @@ def test_device_add_waits_for_a_silent_server_without_holding_the_others(tmp_pat
     silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     silent.bind(str(tmp_path / "silent.sock"))
     silent.listen(1)  # connects complete in the backlog; nothing is ever sent
-    rpc_sock, asock, wsock = tmp_path / "r.sock", tmp_path / "a.sock", tmp_path / "w.sock"
-    cli = [sys.executable, "-m", "vhostmem.cli"]
-    serve = subprocess.Popen([*cli, "serve", "--rpc-socket", str(rpc_sock), "--blk",
-                              f"socket={asock},ram=4M"], stdin=subprocess.DEVNULL,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    asock, wsock = tmp_path / "a.sock", tmp_path / "w.sock"
     try:
-        wait_for_path(rpc_sock, serve, "vhostmem serve")
-        adding = subprocess.Popen(
-            [*cli, "rpc", "--socket", str(rpc_sock), "device_add", f"socket={wsock}",
-             f"nbd={unix_uri(tmp_path / 'silent.sock')}"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        slowest = 0.0
-        while adding.poll() is None:
-            started = time.monotonic()
-            with VhostUserClient.connect(str(asock)) as c:
-                c.get_features()
-            slowest = max(slowest, time.monotonic() - started)
-            time.sleep(0.05)
-        _, err = adding.communicate(timeout=30)
-        assert adding.returncode != 0 and "no handshake within" in err, err
+        with Serve(tmp_path, "--blk", f"socket={asock},ram=4M") as serve, \
+                ThreadPoolExecutor(1) as pool:
+            adding = pool.submit(serve.call, "device_add", socket=str(wsock),
+                                 nbd=unix_uri(tmp_path / "silent.sock"))
+            slowest = answering_while(asock, lambda: not adding.done())
+            with pytest.raises(RpcFailed, match="no handshake within"):
+                adding.result()
         assert slowest < 1.0, f"the served device stalled {slowest:.1f} s during device_add"
         assert not wsock.exists()
     finally:
-        stop(serve)
         silent.close()
+
+
+def answering_while(sock: Path, busy: Callable[[], bool]) -> float:
+    """Ask the device on ``sock`` for its features again and again while ``busy()``; the
+    slowest answer, in seconds."""
+    slowest = 0.0
+    while busy():
+        started = time.monotonic()
+        with VhostUserClient.connect(str(sock)) as c:
+            c.get_features()
+        slowest = max(slowest, time.monotonic() - started)
+        time.sleep(0.05)
+    return slowest
 
 
 def test_device_del_does_not_wait_on_a_server_that_never_answers_flush(tmp_path: Path) -> None:
     """device_del of an NBD device whose server never answers the final FLUSH: the FLUSH and
     DISC run as a task on the event loop, so the other device keeps answering (the old code
     waited blocking, up to 5 s, on the loop) and device_del returns at once."""
-    nbd_sock, rpc_sock = tmp_path / "h.sock", tmp_path / "r.sock"
-    asock, nsock = tmp_path / "a.sock", tmp_path / "n.sock"
+    nbd_sock, asock, nsock = tmp_path / "h.sock", tmp_path / "a.sock", tmp_path / "n.sock"
     server = HostileServer(nbd_sock, SILENT_FLUSH)
-    cli = [sys.executable, "-m", "vhostmem.cli"]
-    serve = subprocess.Popen([*cli, "serve", "--rpc-socket", str(rpc_sock), "--blk",
-                              f"socket={asock},ram=4M"], stdin=subprocess.DEVNULL,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for_path(rpc_sock, serve, "vhostmem serve")
-
-        def rpc(*args: str) -> subprocess.CompletedProcess[str]:
-            return subprocess.run([*cli, "rpc", "--socket", str(rpc_sock), *args],
-                                  capture_output=True, text=True, timeout=30)
-
-        added = rpc("device_add", f"socket={nsock}", f"nbd={unix_uri(nbd_sock)}")
-        assert added.returncode == 0, added.stderr
-        name = json.loads(added.stdout)["name"]
-        deleting = subprocess.Popen(
-            [*cli, "rpc", "--socket", str(rpc_sock), "device_del", f"name={name}"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        slowest, started_del = 0.0, time.monotonic()
-        while deleting.poll() is None or time.monotonic() - started_del < 2.0:
-            started = time.monotonic()
-            with VhostUserClient.connect(str(asock)) as c:
-                c.get_features()
-            slowest = max(slowest, time.monotonic() - started)
-            time.sleep(0.05)
-        _, err = deleting.communicate(timeout=30)
-        assert deleting.returncode == 0, err
-        assert slowest < 1.0, f"the served device stalled {slowest:.1f} s during device_del"
-        assert NBD_CMD_FLUSH in [cmd for cmd, _, _, _ in server.requests]
-        # The task gave up on the FLUSH after CLOSE_TIMEOUT and closed the connection.
-        deadline = time.monotonic() + 10
-        while not server.hangups and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert server.hangups == 1
+        with Serve(tmp_path, "--blk", f"socket={asock},ram=4M") as serve, \
+                ThreadPoolExecutor(1) as pool:
+            name = serve.call("device_add", socket=str(nsock), nbd=unix_uri(nbd_sock))["name"]
+            started_del = time.monotonic()
+            deleting = pool.submit(serve.call, "device_del", name=name)
+            slowest = answering_while(asock, lambda: not deleting.done() or
+                                      time.monotonic() - started_del < 2.0)
+            deleting.result()
+            assert slowest < 1.0, f"the served device stalled {slowest:.1f} s during device_del"
+            assert NBD_CMD_FLUSH in [cmd for cmd, _, _, _ in server.requests]
+            # The task gave up on the FLUSH after CLOSE_TIMEOUT and closed the connection.
+            wait_until(lambda: server.hangups > 0, "the connection closed")
+            assert server.hangups == 1
     finally:
-        stop(serve)
         server.close()
 
 
@@ -464,27 +444,13 @@ def test_sigterm_flushes_and_disconnects_cleanly(tmp_path: Path) -> None:
 def test_device_del_flushes_and_disconnects_cleanly(tmp_path: Path) -> None:
     """device_del of an NBD device on an answering server: FLUSH, then DISC (sent by the
     task on the event loop once the FLUSH was answered)."""
-    nbd_sock, rpc_sock, nsock = tmp_path / "h.sock", tmp_path / "r.sock", tmp_path / "n.sock"
+    nbd_sock, nsock = tmp_path / "h.sock", tmp_path / "n.sock"
     server = HostileServer(nbd_sock, HONEST)
-    cli = [sys.executable, "-m", "vhostmem.cli"]
-    serve = subprocess.Popen([*cli, "serve", "--rpc-socket", str(rpc_sock)],
-                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
     try:
-        wait_for_path(rpc_sock, serve, "vhostmem serve")
-
-        def rpc(*args: str) -> subprocess.CompletedProcess[str]:
-            return subprocess.run([*cli, "rpc", "--socket", str(rpc_sock), *args],
-                                  capture_output=True, text=True, timeout=30)
-
-        added = rpc("device_add", f"socket={nsock}", f"nbd={unix_uri(nbd_sock)}")
-        assert added.returncode == 0, added.stderr
-        deleted = rpc("device_del", f"name={json.loads(added.stdout)['name']}")
-        assert deleted.returncode == 0, deleted.stderr
-        deadline = time.monotonic() + 10
-        while len(server.requests) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        with Serve(tmp_path) as serve:
+            name = serve.call("device_add", socket=str(nsock), nbd=unix_uri(nbd_sock))["name"]
+            serve.call("device_del", name=name)
+            wait_until(lambda: len(server.requests) >= 2, "FLUSH and DISC")
         assert [cmd for cmd, _, _, _ in server.requests] == [NBD_CMD_FLUSH, NBD_CMD_DISC]
     finally:
-        stop(serve)
         server.close()

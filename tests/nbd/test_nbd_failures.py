@@ -140,11 +140,15 @@ def test_no_fd_left_after_a_hostile_episode(tmp_path: Path) -> None:
                 VhostUserBlk.open(str(vsock), ram_size=GUEST_RAM) as dev:
             q = dev.start_queue(0, size=64, depth=4)
             fds = f"/proc/{proc.pid}/fd"
+            # A write (answered honestly) before each count: the connection is up and idle,
+            # not between reconnect attempts (no socket) or in one (a socket for a while).
             q.run(0, 0, in_len=PAGE, timeout=10)
+            q.write(8, b"W" * PAGE)
             first = len(os.listdir(fds))
             for _ in range(3):
                 status, _ = q.run(0, 0, in_len=PAGE, timeout=10)
                 assert status == STATUS_IOERR
+            q.write(8, b"W" * PAGE)
             assert server.connections >= 4
             assert len(os.listdir(fds)) <= first
     finally:

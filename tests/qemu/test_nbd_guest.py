@@ -1,5 +1,5 @@
 """A real guest on vhostmem over NBD: qemu-nbd serves a qcow2 image, vhostmem serves it to
-QEMU 7.2 as vhost-user-blk (qemu/nbd_stack.py)."""
+QEMU 7.2 as vhost-user-blk (qemu/nbd_stack.py), 2 queues on 2 NBD connections (multi-conn)."""
 
 from __future__ import annotations
 
@@ -36,6 +36,9 @@ def test_guest_on_a_qcow2_image_over_nbd(guest_assets: GuestAssets, tmp_path: Pa
     assert result.passed, result.report()
     image = [c for c in result.checks if c.name == "host.image"]
     assert image and image[0].passed, result.report()  # the qcow2's data is the guest's
+    # qemu-nbd --shared=2 offers multi-conn: a connection per queue.
+    assert "vhostmem used 2 NBD connection(s) for 2 queue(s)" in result.backend_log, \
+        result.report()
     # The same guest on vhostmem with a raw file: the same disk, byte for byte.
     result = run_guest(stack("vhostmem-raw", raw, "--plain"), config, assets=guest_assets)
     assert result.passed, result.report()

@@ -1,7 +1,8 @@
 """vhost-user-blk requests on an asynchronous backend (``backend.asynchronous``, e.g. NBD):
 each chain popped is held (``Virtqueue.hold``), handed to the backend as one or more
 operations, and completed when the backend says the last of them is done; the completions of
-one event-loop turn are published together with one signal per queue
+one backend batch (a kick's requests, a receive wake's replies: ``cork``/``uncork``) or else
+of one event-loop turn are published together with one signal per queue
 (``Virtqueue.complete_many``). A request is acknowledged to the guest only after the backend
 acknowledged every operation of it.
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from time import monotonic_ns
 from typing import TYPE_CHECKING, Any
 
@@ -73,10 +75,14 @@ class _Request:
 
 
 class _Completions:
-    """Completions gathered during one event-loop turn, published at its end."""
+    """Completions gathered during a batch of the backend (a kick's requests, a receive
+    wake's replies: published when it ends, without another loop turn) or else during one
+    event-loop turn (published at its end)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, backend: Any) -> None:
         self.loop = loop
+        self.after_batch: Callable[[Callable[[], None]], bool] = getattr(
+            backend, "after_batch", lambda call: False)
         self.by_queue: dict[Virtqueue, list[tuple[int, int]]] = {}
         self.scheduled = False
 
@@ -87,7 +93,8 @@ class _Completions:
                 self.publish()  # the backend fails what is left as it closes: publish now
                 return
             self.scheduled = True
-            self.loop.call_soon(self.publish)
+            if not self.after_batch(self.publish):
+                self.loop.call_soon(self.publish)
 
     def publish(self) -> None:
         self.scheduled = False
@@ -102,20 +109,28 @@ class _Completions:
 
 def handle_queue_async(dev: BlkDevice, vq: Virtqueue) -> None:
     done_list: _Completions | None = getattr(dev, "_async_completions", None)
+    backend: Any = dev.backend
     if done_list is None:
-        done_list = _Completions(asyncio.get_running_loop())
+        done_list = _Completions(asyncio.get_running_loop(), backend)
         dev._async_completions = done_list  # type: ignore[attr-defined]
     started = monotonic_ns()
     popped = 0
+    # One batch: the requests go out together when it ends (one sendmsg per connection, no
+    # extra loop turn), and what completed at once is published then.
+    cork = getattr(backend, "cork", None)
+    if cork is not None:
+        cork()
     try:
         while (chain := vq.pop()) is not None:
             popped += 1
             _start(dev, vq, chain, started, done_list)
     finally:
-        # Held before any of them is published (completions wait for the end of the loop
-        # turn); in service at once, so whichever batch completes last signals.
+        # Held before any of them is published (completions wait for the end of the batch
+        # or loop turn); in service at once, so whichever batch completes last signals.
         if popped:
             vq.hold(popped, waiting=False)
+        if cork is not None:
+            backend.uncork()
 
 
 def _start(dev: BlkDevice, vq: Virtqueue, chain: DescChain, started: int,
@@ -164,18 +179,20 @@ def _submit(dev: BlkDevice, chain: DescChain, data_out: list[memoryview], out_le
             return VIRTIO_BLK_S_IOERR
         req.left += 1
         req.read_bytes = out_len
-        backend.submit_read(data_out, sector << SECTOR_SHIFT, out_len, req.op_done)
+        backend.submit_read(data_out, sector << SECTOR_SHIFT, out_len, req.op_done,
+                            req.vq.index)
         return None
     if rtype == VIRTIO_BLK_T_OUT:
         if dev.readonly or out_len or not dev._in_range(sector, in_len):
             return VIRTIO_BLK_S_IOERR
         req.left += 1
         req.write_bytes = in_len
-        backend.submit_write(data_in, sector << SECTOR_SHIFT, in_len, fua, req.op_done)
+        backend.submit_write(data_in, sector << SECTOR_SHIFT, in_len, fua, req.op_done,
+                             req.vq.index)
         return None
     if rtype == VIRTIO_BLK_T_FLUSH:
         req.left += 1
-        backend.submit_flush(req.op_done)
+        backend.submit_flush(req.op_done, req.vq.index)
         return None
     if rtype == VIRTIO_BLK_T_GET_ID:
         req.read_bytes = _copy_into(data_out, dev.serial)
@@ -203,8 +220,9 @@ def _discard_write_zeroes(dev: BlkDevice, backend: Any, rtype: int, payload: byt
             continue
         req.left += 1
         if is_discard:
-            backend.submit_trim(offset, nbytes, fua, req.op_done)
+            backend.submit_trim(offset, nbytes, fua, req.op_done, req.vq.index)
         else:
             unmap = bool(flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP)
-            backend.submit_write_zeroes(offset, nbytes, unmap, fua, req.op_done)
+            backend.submit_write_zeroes(offset, nbytes, unmap, fua, req.op_done,
+                                        req.vq.index)
     return None

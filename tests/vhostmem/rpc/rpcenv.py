@@ -85,11 +85,21 @@ class Serve:
             cwd=cwd or REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )
         deadline = time.monotonic() + TIMEOUT
-        while not self.rpc_path.exists():
+        # Until it accepts: the socket file appears at bind(), a moment before listen() (a
+        # connect in between is refused).
+        while not self._accepts():
             if self.proc.poll() is not None:
                 raise AssertionError(self.proc.stderr.read().decode())  # type: ignore[union-attr]
             assert time.monotonic() < deadline, "the management socket did not appear"
             time.sleep(0.05)
+
+    def _accepts(self) -> bool:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(str(self.rpc_path))
+            except (FileNotFoundError, ConnectionRefusedError):
+                return False
+        return True
 
     @property
     def pid(self) -> int:

@@ -1,0 +1,411 @@
+"""One NBD connection of an :class:`NbdBackend` on the event loop (docs/nbd.md).
+
+Requests are NBD commands, many in flight (one cookie each). A READ's data is received
+straight into the guest's buffers (``recv_into``/``recvmsg_into`` on the views
+:class:`nbd.Transmission` hands out, after it checked the reply against the request), and a
+WRITE goes out with ``sendmsg`` of its header and the guest's buffers: no payload is copied.
+Each operation calls its ``done(ok)`` once the server answered it, never before.
+
+Failure: a lost connection (closed, reset, a protocol error, or no reply within ``timeout``)
+is closed at once, so nothing more can land in the buffers of its requests; those requests wait
+for a reconnect (tried with backoff) and are sent again, and any request not answered within
+``timeout`` seconds of its submission fails (``done(False)``: the guest sees IOERR). Each
+connection of a multi-conn backend does this on its own: the others keep serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections import deque
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from nbd import ExportInfo, NbdAddress, NbdError, NbdProtocolError, Transmission
+from nbd.constants import NBD_CMD_DISC, NBD_CMD_FLUSH, NBD_CMD_READ, NBD_CMD_WRITE
+from nbd.transmission import COMMAND_NAMES, encode_request
+from vhostmem.devices.nbd_conn import connect_async
+
+log = logging.getLogger(__name__)
+
+Done = Callable[[bool], None]
+RECONNECT_FIRST = 0.1  # seconds before the first reconnect attempt, doubled up to the last
+RECONNECT_MAX = 2.0
+WATCH_INTERVAL_MAX = 1.0
+RECVS_PER_WAKE = 64  # bounded work per readable event: other devices get their turn
+IOV_MAX = 1024  # most buffers one sendmsg / recvmsg_into takes (Linux UIO_MAXIOV)
+CLOSE_TIMEOUT = 5.0
+
+
+@dataclass(eq=False)
+class Op:
+    command: int
+    offset: int
+    length: int
+    flags: int
+    views: list[memoryview] | None  # READ: where the data goes; WRITE: the payload
+    done: Done
+    deadline: float
+
+
+class LinkOwner(Protocol):
+    """What a link needs from its backend: settings, the export check, the send batching."""
+
+    name: str
+    address: NbdAddress
+    timeout: float
+    connect_timeout: float
+    readonly: bool
+
+    def export_changed(self, info: ExportInfo) -> str | None: ...
+    def cork(self) -> None: ...
+    def uncork(self) -> None: ...
+    def corked_send(self, link: NbdLink) -> bool: ...
+
+
+class NbdLink:
+    """Connection ``index`` of ``owner``: ``sock`` is one through the handshake, or None (the
+    link connects itself once attached to the loop)."""
+
+    def __init__(self, owner: LinkOwner, index: int, sock: socket.socket | None,
+                 info: ExportInfo) -> None:
+        """``info``: the export ``sock`` opened, or (no socket yet) the one expected."""
+        self.owner = owner
+        self.index = index
+        self.name = owner.name if index == 0 else f"{owner.name} (connection {index + 1})"
+        # What requests were split for: kept across reconnects (export_changed checks it).
+        self.max_payload = info.max_payload
+        self._sock: socket.socket | None = sock
+        self.info = info  # this connection's: its transmission flags decide FUA, FLUSH, ...
+        self._tx = Transmission(info.structured, self.max_payload)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ops: dict[int, Op] = {}  # sent, by cookie, oldest first
+        self._waiting: deque[Op] = deque()  # to send once connected
+        self._out: list[memoryview] = []  # bytes not sent yet, in order
+        self._writing = False
+        self._send_soon = False
+        self._watch: asyncio.TimerHandle | None = None
+        self._reconnect: asyncio.Task[None] | None = None
+        self.connected = sock is not None
+        self.ever_connected = self.connected
+        self.closed = False
+        self.reconnects = 0
+        # Reconnect backoff, kept across losses until a connection answers a request: a
+        # server that accepts and then breaks every connection (a protocol error each time)
+        # is not redialled ten times a second.
+        self._delay = RECONNECT_FIRST
+
+    @property
+    def busy(self) -> int:
+        """Requests sent or waiting to be."""
+        return len(self._ops) + len(self._waiting)
+
+    # ------------------------------------------------------------- sending
+
+    def issue(self, command: int, offset: int, length: int, flags: int,
+              views: list[memoryview] | None, done: Done) -> None:
+        assert self._loop is not None
+        self.take(Op(command, offset, length, flags, views, done,
+                     self._loop.time() + self.owner.timeout))
+
+    def take(self, op: Op) -> None:
+        """Send ``op`` (or keep it until connected), with the deadline it has."""
+        if self.closed:
+            op.done(False)
+        elif self.connected:
+            self._send(op)
+        else:
+            self._waiting.append(op)
+
+    def _send(self, op: Op) -> None:
+        into = op.views if op.command == NBD_CMD_READ else None
+        cookie, header = self._tx.request(op.command, op.offset, op.length, flags=op.flags,
+                                          into=into)
+        self._ops[cookie] = op
+        self._out.append(memoryview(header))
+        if op.command == NBD_CMD_WRITE and op.views:
+            self._out += op.views
+        if not self._send_soon and not self._writing:
+            self._send_soon = True
+            # Corked (the backend is taking a batch: a kick's requests, a wake's follow-ups):
+            # sent when the batch ends, in one sendmsg, without a loop turn in between.
+            if not self.owner.corked_send(self):
+                assert self._loop is not None
+                self._loop.call_soon(self.flush_out)
+
+    def flush_out(self) -> None:
+        """Send what is queued (one sendmsg for a batch's requests); what the socket does not
+        take waits for it to be writable, as views (no copy)."""
+        self._send_soon = False
+        sock, out = self._sock, self._out
+        if sock is None or not self.connected:
+            return
+        while out:
+            try:
+                sent = sock.sendmsg(out[:IOV_MAX])
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                self._lost(f"send failed: {exc}")
+                return
+            _consume(out, sent)
+        assert self._loop is not None
+        if out and not self._writing:
+            self._loop.add_writer(sock.fileno(), self.flush_out)
+            self._writing = True
+        elif not out and self._writing:
+            self._loop.remove_writer(sock.fileno())
+            self._writing = False
+
+    # ----------------------------------------------------------- receiving
+
+    def _on_readable(self) -> None:
+        # Follow-up requests (a FLUSH after a write-through write, the next writes of zeroes)
+        # and the guest's completions go out once this wake is over, together.
+        self.owner.cork()
+        try:
+            self._receive()
+        finally:
+            self.owner.uncork()
+
+    def _receive(self) -> None:
+        sock, tx = self._sock, self._tx
+        if sock is None:
+            return
+        for _ in range(RECVS_PER_WAKE):
+            bufs = tx.buffers()
+            try:
+                if len(bufs) == 1:
+                    wanted = len(bufs[0])
+                    n = sock.recv_into(bufs[0])
+                else:
+                    bufs = bufs[:IOV_MAX]
+                    wanted = sum(len(b) for b in bufs)
+                    n = sock.recvmsg_into(bufs)[0]
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._lost(f"receive failed: {exc}")
+                return
+            if not n:
+                self._lost("the server closed the connection")
+                return
+            try:
+                completed = tx.advance(n)
+            except NbdProtocolError as exc:
+                self._lost(f"protocol error: {exc.reason}")
+                return
+            if completed:
+                self._delay = RECONNECT_FIRST  # this connection works
+            for c in completed:
+                op = self._ops.pop(c.cookie)
+                if c.error:
+                    log.error("%s: %s of %d bytes at %d failed: NBD error %d%s", self.name,
+                              COMMAND_NAMES.get(c.command, c.command), op.length, op.offset,
+                              c.error, f" ({c.message})" if c.message else "")
+                op.done(not c.error)
+            if n < wanted or not tx.in_flight or self._sock is not sock:
+                # Drained; or nothing is awaited, so nothing more is due (at queue depth 1
+                # this saves a receive that would find nothing); or closed by a completion.
+                return
+
+    # ------------------------------------------------------------ failures
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        if self._sock is not None:
+            loop.add_reader(self._sock.fileno(), self._on_readable)
+        else:
+            self._reconnect = loop.create_task(self._reconnect_loop(first=True))
+        self._watch = loop.call_later(self._watch_interval(), self._check_deadlines)
+
+    def _watch_interval(self) -> float:
+        return min(WATCH_INTERVAL_MAX, self.owner.timeout / 4)
+
+    def _check_deadlines(self) -> None:
+        assert self._loop is not None
+        now = self._loop.time()
+        if self._ops:
+            oldest = next(iter(self._ops.values()))
+            if oldest.deadline <= now:
+                self._lost(f"no reply to {COMMAND_NAMES.get(oldest.command)} at "
+                           f"{oldest.offset} within {self.owner.timeout:g} s")
+        expired = [op for op in self._waiting if op.deadline <= now]
+        if expired:
+            self._waiting = deque(op for op in self._waiting if op.deadline > now)
+            log.error("%s: %d request(s) failed: no reply from the NBD server within %g s",
+                      self.name, len(expired), self.owner.timeout)
+        for op in expired:
+            op.done(False)
+        if not self.closed:
+            self._watch = self._loop.call_later(self._watch_interval(), self._check_deadlines)
+
+    def _detach_socket(self, sock: socket.socket) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(sock.fileno())
+            if self._writing:
+                self._loop.remove_writer(sock.fileno())
+        self._writing = False
+
+    def _drop_socket(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            self._detach_socket(sock)
+            sock.close()
+
+    def _lost(self, reason: str) -> None:
+        """Close the connection at once (no late reply can reach a request's buffers), keep
+        its requests for a reconnect, and start reconnecting."""
+        if not self.connected:
+            return
+        self.connected = False
+        self._drop_socket()
+        self._tx.forget_all()
+        self._out.clear()  # guest views: never sent now, and not kept pinned
+        resend = list(self._ops.values())
+        self._ops.clear()
+        self._waiting.extendleft(reversed(resend))
+        log.error("%s: connection lost: %s; %d request(s) wait up to %g s for a reconnect",
+                  self.name, reason, len(self._waiting), self.owner.timeout)
+        if not self.closed and self._loop is not None:
+            self._reconnect = self._loop.create_task(self._reconnect_loop())
+
+    async def _reconnect_loop(self, first: bool = False) -> None:
+        """Connect again (``first``: this extra connection's opening, tried once: a server
+        that takes fewer connections than it advertised leaves the backend with fewer)."""
+        while not self.closed:
+            if not first:
+                await asyncio.sleep(self._delay)
+                # Several attempts within the timeout, so that a short outage costs no request.
+                self._delay = min(self._delay * 2, RECONNECT_MAX, self.owner.timeout / 4)
+            try:
+                sock, info = await connect_async(self.owner.address,
+                                                 self.owner.connect_timeout)
+            except (OSError, NbdError, TimeoutError) as exc:
+                why = (f"no handshake within {self.owner.connect_timeout:g} s"
+                       if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__)
+                if first:
+                    self._give_up(f"cannot open it: {why}")
+                    return
+                log.warning("%s: reconnect failed: %s", self.name, why)
+                continue
+            changed = self.owner.export_changed(info)
+            if changed is not None or self.closed:
+                sock.close()
+                if self.closed:
+                    return
+                log.error("%s: the export changed (%s); not using it", self.name, changed)
+                if first:
+                    self._give_up("the export differs")
+                    return
+                continue
+            self._resume(sock, info)
+            return
+
+    def _give_up(self, reason: str) -> None:
+        log.warning("%s: %s; its queues use the other connections", self.name, reason)
+        self.closed = True
+        if self._watch is not None:
+            self._watch.cancel()
+        # Nothing waits here: a connection never opened gets no requests (NbdBackend._link).
+        assert not self._waiting and not self._ops
+
+    def _resume(self, sock: socket.socket, info: ExportInfo) -> None:
+        assert self._loop is not None
+        self._sock = sock
+        self.info = info
+        self._tx = Transmission(info.structured, self.max_payload)
+        self.connected = True
+        if self.ever_connected:
+            self.reconnects += 1
+        self.ever_connected = True
+        self._loop.add_reader(sock.fileno(), self._on_readable)
+        waiting, self._waiting = self._waiting, deque()
+        log.info("%s: %s; sending %d waiting request(s)", self.name,
+                 "reconnected" if self.reconnects else "connected", len(waiting))
+        self.owner.cork()
+        try:
+            for op in waiting:
+                self._send(op)
+        finally:
+            self.owner.uncork()
+
+    # -------------------------------------------------------------- close
+
+    def close(self, flush: bool) -> Coroutine[Any, Any, bool] | None:
+        """Fail what still waits and stop. The final exchange (NBD_CMD_FLUSH when ``flush``,
+        then NBD_CMD_DISC), if the connection can take one: a coroutine that owns the socket
+        from now on and closes it (true if it flushed)."""
+        if self.closed:
+            return None
+        self.closed = True
+        if self._watch is not None:
+            self._watch.cancel()
+        task, loop = self._reconnect, self._loop
+        if task is not None and not task.done():
+            task.cancel()
+            if loop is not None and not loop.is_running() and not loop.is_closed():
+                # Closed after the loop stopped (shutdown): let the task see its cancellation.
+                with contextlib.suppress(asyncio.CancelledError):
+                    loop.run_until_complete(task)
+        for op in [*self._ops.values(), *self._waiting]:
+            op.done(False)
+        self._ops.clear()
+        self._waiting.clear()
+        sock = self._sock
+        if sock is None or not self.connected or self._tx.in_flight:
+            self._drop_socket()  # a reply may still come: the socket cannot be reused
+            return None
+        self._detach_socket(sock)
+        self._sock = None
+        pending = b"".join(bytes(v) for v in self._out)  # no guest view kept
+        self._out.clear()
+        return self._final_exchange_within(sock, pending, flush)
+
+    async def _final_exchange_within(self, sock: socket.socket, pending: bytes,
+                                     flush: bool) -> bool:
+        try:
+            await asyncio.wait_for(self._final_exchange(sock, pending, flush), CLOSE_TIMEOUT)
+            return flush
+        except Exception as exc:  # best effort: logged, and the socket closed
+            log.warning("%s: no clean disconnect: %s", self.name,
+                        "no reply to the final FLUSH within "
+                        f"{CLOSE_TIMEOUT:g} s" if isinstance(exc, TimeoutError) else exc)
+            return False
+        finally:
+            sock.close()
+
+    async def _final_exchange(self, sock: socket.socket, pending: bytes, flush: bool) -> None:
+        loop = asyncio.get_running_loop()
+        if pending:
+            await loop.sock_sendall(sock, pending)
+        tx = self._tx
+        if flush:
+            _, header = tx.request(NBD_CMD_FLUSH, 0, 0)
+            await loop.sock_sendall(sock, header)
+            while tx.in_flight:
+                n = await loop.sock_recv_into(sock, tx.buffers()[0])
+                if not n:
+                    return
+                for c in tx.advance(n):
+                    if c.error:
+                        log.error("%s: flush at close failed: NBD error %d", self.name,
+                                  c.error)
+        await loop.sock_sendall(sock, encode_request(NBD_CMD_DISC, 0, 0, 0))
+
+
+def _consume(out: list[memoryview], sent: int) -> None:
+    """Drop ``sent`` bytes from the front of ``out``, in place."""
+    i = 0
+    while sent and i < len(out):
+        n = len(out[i])
+        if sent >= n:
+            sent -= n
+            i += 1
+        else:
+            out[i] = out[i][sent:]
+            sent = 0
+    del out[:i]
