@@ -17,7 +17,8 @@ backend's ``Virtqueue.pop`` and ``BlkDevice.handle_queue`` to record how many ch
 (each handle_queue call) served and whether it yielded (that slows the backend: timing runs should
 not use it). ``--micro``: instead of the blk bench, the backend's hot path alone in-process (see
 MICRO; ``--micro-ring packed``: MICRO_PACKED, and ``--micro-inflight-b`` tracks tree B's ring in
-an inflight region: A and B the same tree gives the cost of tracking), same slot order. Prints
+an inflight region, ``--micro-inflight-a`` tree A's: A and B the same tree with only B tracked
+gives the cost of tracking, two trees both tracked compare their tracking), same slot order. Prints
 one JSON object.
 """
 
@@ -328,6 +329,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="--micro on a split (default) or packed ring")
     ap.add_argument("--micro-inflight-b", action="store_true",
                     help="--micro-ring packed: tree B's ring tracked in an inflight region")
+    ap.add_argument("--micro-inflight-a", action="store_true",
+                    help="--micro-ring packed: tree A's ring tracked too (both tracked: "
+                         "compares two trees' tracking)")
     a = ap.parse_args(argv)
     if a.turn_log:
         os.environ["AB_TURN_LOG"] = "1"  # read by BOOT in the backend (qsd ignores it)
@@ -390,7 +394,8 @@ def run_micro(a: argparse.Namespace, trees: dict[str, Path], ignore: set[str],
         for side in ("A", "B", "B", "A"):
             busy = wait_quiet(a.wait_quiet, ignore)
             r = {"round": rnd, "side": side, "busy_before": busy} | micro(
-                trees[side], a.seconds, a.micro_ring, a.micro_inflight_b and side == "B")
+                trees[side], a.seconds, a.micro_ring,
+                a.micro_inflight_a if side == "A" else a.micro_inflight_b)
             r["src_sha256"] = tree_info(trees[side])["src_sha256"]
             print(json.dumps({k: r[k] for k in ("side", "min_ns", "median_ns", "busy_before")}),
                   file=sys.stderr, flush=True)

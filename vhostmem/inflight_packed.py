@@ -87,6 +87,11 @@ U16 = struct.Struct("<H")
 H16_FREE_HEAD = O_FREE_HEAD // 2
 H32_FREE_HEADS = O_FREE_HEAD // 4  # free_head | old_free_head
 H64_USED = O_USED_IDX // 8  # used_idx | old_used_idx | used_wrap | old_used_wrap | padding
+# Bit positions of those four fields in that u64 (little-endian: byte offset * 8).
+S_USED_IDX = (O_USED_IDX - O_USED_IDX) * 8
+S_OLD_USED_IDX = (O_OLD_USED_IDX - O_USED_IDX) * 8
+S_USED_WRAP = (O_USED_WRAP - O_USED_IDX) * 8
+S_OLD_USED_WRAP = (O_OLD_USED_WRAP - O_USED_IDX) * 8
 E16_0, E16 = HEADER_SIZE // 2, DESC_SIZE // 2
 E16_NEXT = D_NEXT // 2
 E64_0, E64 = HEADER_SIZE // 8, DESC_SIZE // 8
@@ -153,9 +158,23 @@ class PackedInflightQueue:
         self._head_of = [-1] * self.desc_num  # buffer id -> head entry (-1: none)
         # head entry -> (its chain's last entry, descriptors in the chain)
         self._extent: list[tuple[int, int]] = [(0, 0)] * self.desc_num
-        self._used = (0, 1)  # used position and wrap counter as last written
+        # The used word (H64_USED) as committed: its old_* half, and the whole word the
+        # pending completion commits (completing() computes both, completed() stores).
+        self._old_used = self._commit_used = 0
+        self._set_used(0, 1)
+        # Per entry: the u64 index of its descriptor copy, the u16 index of its next link,
+        # the byte offset of its inflight flag (looked up on the hot path, not computed).
+        entries = range(self.desc_num)
+        self._copy_q = [E64_0 + E64 * e + E64_ID_FLAGS_LEN for e in entries]
+        self._next_h = [E16_0 + E16 * e + E16_NEXT for e in entries]
+        self._inflight_b = [HEADER_SIZE + DESC_SIZE * e + D_INFLIGHT for e in entries]
 
     # ------------------------------------------------------------- fields
+
+    def _set_used(self, pos: int, wrap: int) -> None:
+        """The private copy of the committed used position (the region holds the same)."""
+        self._old_used = pos << S_OLD_USED_IDX | wrap << S_OLD_USED_WRAP
+        self._commit_used = pos << S_USED_IDX | wrap << S_USED_WRAP | self._old_used
 
     @property
     def version(self) -> int:
@@ -170,9 +189,10 @@ class PackedInflightQueue:
         """A chain was taken: ``descs`` are its ring descriptors (addr, len, id, flags) as
         the ring copied them. Written before the request is served, in whole words (the
         fields that share a u64 are stored together: fewer stores on the hot path, and an
-        x86 aligned store is seen whole)."""
+        x86 aligned store is seen whole). The u64 index of every entry's copy is looked up,
+        not computed: this runs once per descriptor of every request."""
         n = len(descs)
-        u64, nxt, head_of = self._u64, self._next, self._head_of
+        u64, nxt, head_of, copy_q = self._u64, self._next, self._head_of, self._copy_q
         lock = self.lock
         lock.acquire()
         try:
@@ -183,7 +203,7 @@ class PackedInflightQueue:
                 return
             head = entry = last = self._free_head
             for addr, length, desc_id, flags in descs:
-                q = E64_0 + E64 * entry + E64_ID_FLAGS_LEN
+                q = copy_q[entry]
                 u64[q] = desc_id | flags << 16 | length << 32
                 u64[q + 1] = addr  # E64_ADDR follows
                 last, entry = entry, nxt[entry]
@@ -191,9 +211,10 @@ class PackedInflightQueue:
             self._free -= n
             head_of[buffer_id] = head
             self._extent[head] = (last, n)
-            q = E64_0 + E64 * head
-            u64[q + E64_COUNTER] = self.counter
-            self.counter += 1
+            q = copy_q[head] - E64_ID_FLAGS_LEN
+            counter = self.counter
+            u64[q + E64_COUNTER] = counter
+            self.counter = counter + 1
             # inflight = 1 | next (unchanged) | last | num: one store
             u64[q] = 1 | nxt[head] << 16 | last << 32 | n << 48
             # free_head and old_free_head together: the fetch is committed
@@ -205,31 +226,35 @@ class PackedInflightQueue:
         """Before the ring stores the used flags of ``buffer_id``: its entries go back to the
         free list and the region's used position becomes (``used_pos``, ``used_wrap``), the
         position after it; the old_* fields keep the committed one. Returns the head entry
-        for :meth:`completed` (-1: not tracked)."""
+        for :meth:`completed` (-1: not tracked). The words :meth:`completed` stores are
+        computed here, with the values at hand."""
         head_of = self._head_of
         head = head_of[buffer_id] if buffer_id < self.desc_num else -1
+        u16 = self._u16
         if head >= 0:
             head_of[buffer_id] = -1
             last, n = self._extent[head]
-            self._next[last] = free = self._free_head
-            u16 = self._u16
-            u16[E16_0 + E16 * last + E16_NEXT] = free
+            nxt, free = self._next, self._free_head
+            if nxt[last] != free:  # a chain taken from the free list's front and returned
+                nxt[last] = free  # before any other is returned links there already
+                u16[self._next_h[last]] = free
             self._free_head = head
             self._free += n
             u16[H16_FREE_HEAD] = head
-        old_pos, old_wrap = self._used
-        self._u64[H64_USED] = used_pos | old_pos << 16 | used_wrap << 32 | old_wrap << 40
-        self._used = (used_pos, used_wrap)
+        used = used_pos << S_USED_IDX | used_wrap << S_USED_WRAP
+        self._u64[H64_USED] = used | self._old_used
+        self._old_used = old = used_pos << S_OLD_USED_IDX | used_wrap << S_OLD_USED_WRAP
+        self._commit_used = used | old
         return head
 
     def completed(self, head: int) -> None:
-        """After the used flags store: the completion is committed."""
+        """After the used flags store: the completion is committed (inflight cleared, the
+        old_* fields take the new values)."""
         if head >= 0:
-            self._bytes[HEADER_SIZE + DESC_SIZE * head + D_INFLIGHT] = 0
-        pos, wrap = self._used
+            self._bytes[self._inflight_b[head]] = 0
         free = self._free_head
         self._u32[H32_FREE_HEADS] = free | free << 16
-        self._u64[H64_USED] = pos | pos << 16 | wrap << 32 | wrap << 40
+        self._u64[H64_USED] = self._commit_used  # old_* = the new position
 
     # ------------------------------------------------------------- start
 
@@ -422,7 +447,7 @@ class PackedInflightQueue:
         self._next = links
         self._free_head, self._free = free_head, free
         self._head_of = [-1] * self.desc_num
-        self._used = (pos, wrap)
+        self._set_used(pos, wrap)
 
     def release(self) -> None:
         self._u16.release()
