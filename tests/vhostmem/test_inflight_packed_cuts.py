@@ -185,3 +185,35 @@ def test_a_kill_at_every_store_leaves_a_region_recovery_resolves(guest: Guest) -
     assert stores >= 5 * 3 + 2 * 11 + 5 * 4, stores
     for image in images:
         judge(image, guest, original)
+
+
+def test_a_chain_longer_than_the_free_entries_is_not_tracked_and_changes_nothing(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Cannot happen while the ring bounds what is in flight; if it did, the fetch is refused
+    whole: the header and flags as before, and the private free list still right."""
+    fd, p = create_inflight_fd(1, NUM, layout=PACKED_LAYOUT)
+    region = InflightRegion.attach(fd, p["mmap_size"], 0, 1, NUM, layout=PACKED_LAYOUT)
+    try:
+        tracker = region.queue(0)
+        assert isinstance(tracker, PackedInflightQueue)
+        assert tracker.recover(NUM, 0, 1, lambda i: 0) is None  # fresh
+        tracker.fetched(0, [(0x1000 + k, 8, 0, 0) for k in range(NUM - 1)])
+        before = bytes(region_bytes(tracker))
+        tracker.fetched(1, [(0x9000, 8, 1, 0), (0x9100, 8, 1, 0)])
+        assert "buffer 1 (2 descriptors) not tracked" in caplog.text
+        after = region_bytes(tracker)
+        assert after[:32] == before[:32]  # header: no fetch committed
+        flags = after[32::32]
+        assert flags[:NUM] == before[32::32][:NUM] and flags[0] == 1 and sum(flags[:NUM]) == 1
+        # The refused buffer was not taken: once buffer 0 is back it is tracked normally.
+        tracker.completed(tracker.completing(0, NUM - 1, 1))
+        tracker.fetched(1, [(0x9000, 8, 1, 0), (0x9100, 8, 1, 0)])
+        head = tracker.completing(1, 0, 0)
+        assert head >= 0
+        tracker.completed(head)
+    finally:
+        region.close()
+
+
+def region_bytes(tracker: PackedInflightQueue) -> bytes:
+    return bytes(tracker._bytes)
