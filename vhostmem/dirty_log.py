@@ -53,12 +53,16 @@ def log_bytes_for(gpa_end: int) -> int:
 class DirtyLog:
     """A mapped log: owns the fd and the mapping."""
 
-    def __init__(self, fd: int, mm: mmap.mmap) -> None:
+    def __init__(self, fd: int, mm: mmap.mmap, mmap_offset: int = 0) -> None:
         self.fd = fd
         self.mm = mm
         self.size = len(mm)
+        self.mmap_offset = mmap_offset  # where the log starts in fd (handed to workers)
         self.lock = threading.Lock()
         self.marks = 0  # mark() calls that set something (for tests and stats)
+        # Several processes mark this log (data-plane workers): the read-modify-write below is
+        # only safe under one process's lock, so every touched byte is stored whole (0xFF).
+        self.whole_bytes = False
 
     @classmethod
     def attach(cls, fd: int, mmap_size: int, mmap_offset: int, gpa_end: int) -> DirtyLog:
@@ -75,7 +79,7 @@ class DirtyLog:
                     f"to {gpa_end:#x} needs")
 
         return cls(fd, map_sealed(fd, mmap_size, mmap_offset, "dirty log", DirtyLogError,
-                                  check_size))
+                                  check_size), mmap_offset)
 
     def covers(self, gpa_end: int) -> bool:
         return log_bytes_for(gpa_end) <= self.size
@@ -99,6 +103,10 @@ class DirtyLog:
                 lo, hi = first >> BITS_PER_BYTE_SHIFT, last >> BITS_PER_BYTE_SHIFT
                 if gpa < 0 or hi >= size:
                     outside = (gpa, length)
+                elif self.whole_bytes:
+                    # Up to 7 neighbouring pages over-marked (sent once more), never a bit
+                    # lost to another process's read-modify-write of the same byte.
+                    mm[lo : hi + 1] = bytes([FULL_BYTE]) * (hi - lo + 1)
                 elif lo == hi:  # the common case: a buffer within 8 pages' byte
                     mm[lo] |= ((2 << (last & BYTE_BIT_MASK)) - 1) & ~(
                         (1 << (first & BYTE_BIT_MASK)) - 1)

@@ -132,6 +132,7 @@ class InflightRegion:
         self.num_queues = num_queues
         self.queue_size = queue_size
         self.mmap_size = len(mm)
+        self.mmap_offset = 0
         self._queues: list[InflightQueue | None] = [None] * num_queues
 
     @classmethod
@@ -159,6 +160,7 @@ class InflightRegion:
 
         mm = map_sealed(fd, mmap_size, mmap_offset, "inflight", InflightError, check_size)
         region = cls(fd, mm, num_queues, queue_size)
+        region.mmap_offset = mmap_offset  # handed on to data-plane workers
         stride = queue_region_size(queue_size)
         for i in range(num_queues):
             # Like libvhost-user: the frontend sizes every queue with queue_size.

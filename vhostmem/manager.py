@@ -108,6 +108,7 @@ class DeviceManager:
                 socket_mode=self.socket_mode,
                 socket_group=self.socket_group,
                 require_sealed_memory=self.require_sealed_memory,
+                workers=spec.workers,
             )
             endpoint = self.server.add(device, config, name=name, listener=listener)
         except BaseException:

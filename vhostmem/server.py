@@ -51,6 +51,8 @@ class EndpointConfig:
     socket_group: str | None = None
     # Refuse guest memory fds not sealed against shrinking (a truncation would SIGBUS us).
     require_sealed_memory: bool = False
+    # Started rings run in this many data-plane worker processes (0: on the event loop).
+    workers: int = 0
 
 
 class LoopKickWatcher:
@@ -60,16 +62,22 @@ class LoopKickWatcher:
     def __init__(self, loop: asyncio.AbstractEventLoop, name: str) -> None:
         self.loop = loop
         self.name = name
-        self.fds: set[int] = set()
+        self.fds: set[int] = set()  # kick eventfds
+        self.channels: set[int] = set()  # data-plane workers' control sockets
 
     def watch(self, fd: int, callback: Callable[[], None]) -> None:
         self.loop.add_reader(fd, self._guarded, fd, callback)
         self.fds.add(fd)
 
+    def watch_channel(self, fd: int, callback: Callable[[], None]) -> None:
+        self.loop.add_reader(fd, self._guarded, fd, callback)
+        self.channels.add(fd)
+
     def unwatch(self, fd: int) -> None:
-        if fd in self.fds:
+        if fd in self.fds or fd in self.channels:
             self.loop.remove_reader(fd)
             self.fds.discard(fd)
+            self.channels.discard(fd)
 
     def defer(self, callback: Callable[[], None]) -> None:
         self.loop.call_soon(self._guarded, -1, callback)
@@ -108,6 +116,7 @@ class Endpoint:
             self.watcher,
             name=self.name,
             require_sealed_memory=config.require_sealed_memory,
+            workers=config.workers,
         )
         self.listener: socket.socket | None = None
         self.connection: Connection | None = None

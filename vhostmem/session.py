@@ -41,7 +41,9 @@ from vhostmem.session_base import (
 from vhostmem.session_inflight import InflightRequests
 from vhostmem.session_log import LOG_ALL_BIT, LogRequests
 from vhostmem.session_memory import MemoryRequests
+from vhostmem.session_workers import WorkerRings
 from vhostmem.virtqueue import Virtqueue
+from vhostmem.worker_proto import Msg
 
 __all__ = [
     "BASE_PROTOCOL_FEATURES",
@@ -53,7 +55,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-class Session(MemoryRequests, LogRequests, InflightRequests):
+class Session(MemoryRequests, LogRequests, InflightRequests, WorkerRings):
     """The vhost-user message handler for one frontend connection to one device."""
 
     def __init__(
@@ -63,6 +65,7 @@ class Session(MemoryRequests, LogRequests, InflightRequests):
         watcher: KickWatcher,
         name: str = "vhostmem",
         require_sealed_memory: bool = False,
+        workers: int = 0,
     ) -> None:
         self.device = device
         self.name = name
@@ -82,6 +85,8 @@ class Session(MemoryRequests, LogRequests, InflightRequests):
         # Came up with LOG_ALL in its first SET_FEATURES: a backend restarted mid-migration,
         # which marks the whole log once (session_log.py, _catch_up).
         self.log_catch_up = False
+        # workers > 0: started rings run in that many worker processes (session_workers.py).
+        self._init_workers(workers)
         self._handlers: dict[FrontendRequest, Callable[[Message], object]] = {
             FrontendRequest.GET_FEATURES: self._get_features,
             FrontendRequest.SET_FEATURES: self._set_features,
@@ -118,6 +123,9 @@ class Session(MemoryRequests, LogRequests, InflightRequests):
 
     def offered_features(self) -> int:
         return self.device.features() | PROTOCOL_FEATURES_BIT | LOG_ALL_BIT
+
+    def _ring_features(self) -> int:
+        return self.state.features
 
     def offered_protocol_features(self) -> int:
         return BASE_PROTOCOL_FEATURES | self.device.protocol_features()
@@ -162,13 +170,16 @@ class Session(MemoryRequests, LogRequests, InflightRequests):
             return self._failed(msg, exc, wants_ack)
         if isinstance(result, Deferred):
             return result
+        replies: list[Reply] = []
         if isinstance(result, FdReply):
-            return [(encode_reply(msg.request, result.payload), result.fds)]
-        if result is not None:
-            return [(encode_reply(msg.request, result), [])]
-        if wants_ack:
-            return [(encode_reply(msg.request, ACK_OK), [])]
-        return []
+            replies = [(encode_reply(msg.request, result.payload), result.fds)]
+        elif result is not None:
+            replies = [(encode_reply(msg.request, result), [])]
+        elif wants_ack:
+            replies = [(encode_reply(msg.request, ACK_OK), [])]
+        if self.pool is None:
+            return replies
+        return self.gate(request_name(msg.request), replies)  # workers acknowledge first
 
     def _failed(self, msg: Message, exc: Exception, wants_ack: bool) -> list[Reply]:
         """The answer to a failed request, or SessionError when only a disconnect can tell."""
@@ -312,6 +323,9 @@ class Session(MemoryRequests, LogRequests, InflightRequests):
         addr = (a.flags, a.desc_user_addr, a.used_user_addr, a.avail_user_addr, a.log_guest_addr)
         self._resolve_ring(i, addr)  # all or nothing: a refused address changes nothing
         vq = self.queues[i]
+        if vq._addr is not None:
+            desc, avail, used = vq._addr
+            self._remote_send(i, Msg.ADDR, addr=[desc, used, avail], frontend_addr=list(addr))
         if not vq.started and vq.broken:
             # New addresses on a stopped ring (a driver restarting it after an error or a
             # guest reset): the old ring's corruption no longer applies.
@@ -341,7 +355,7 @@ class Session(MemoryRequests, LogRequests, InflightRequests):
         # (every used entry written), without blocking the event loop meanwhile.
         return Deferred(
             f"GET_VRING_BASE ring {i}",
-            self.queues[i].idle,
+            lambda: self.ring_idle(i),
             lambda: [(encode_reply(msg.request, self._vring_base(i)), [])],
         )
 
@@ -380,6 +394,7 @@ class Session(MemoryRequests, LogRequests, InflightRequests):
     def _set_vring_call(self, msg: Message) -> None:
         i, fd = self._vring_fd(msg)
         self.queues[i].set_call_fd(fd)  # never waits for I/O threads (see set_call_fd)
+        self._remote_send(i, Msg.CALL, [fd] if fd >= 0 else [])
 
     def _set_vring_err(self, msg: Message) -> None:
         i, fd = self._vring_fd(msg)
@@ -393,6 +408,9 @@ class Session(MemoryRequests, LogRequests, InflightRequests):
 
     def _enable_ring(self, i: int, enabled: bool) -> None:
         self.queues[i].enable(enabled)
+        if i in self._remote:
+            self._remote_send(i, Msg.ENABLE, on=enabled)
+            return
         if enabled and self.queues[i].started:
             # Requests may have been queued while the ring was disabled.
             self.process_queue(i)
@@ -400,6 +418,9 @@ class Session(MemoryRequests, LogRequests, InflightRequests):
     def _start_ring(self, i: int) -> None:
         vq = self.queues[i]
         self.device.claim(self.name, self._rings_busy)  # a shared disk serves one frontend
+        if self.pool is not None:
+            self._start_remote(i)
+            return
         vq.start()
         try:
             self.watcher.watch(vq.kick_fd, lambda: self.on_kick(i))
@@ -414,6 +435,10 @@ class Session(MemoryRequests, LogRequests, InflightRequests):
     def _stop_ring(self, i: int) -> bool:
         """Stop ring ``i``; whether it is idle (no request in flight on another thread)."""
         vq = self.queues[i]
+        if i in self._remote:
+            vq.stop()
+            self._stop_remote(i)
+            return self.ring_idle(i)
         if vq.started and vq.kick_fd >= 0:
             self.watcher.unwatch(vq.kick_fd)
         return vq.stop()
@@ -435,7 +460,7 @@ class Session(MemoryRequests, LogRequests, InflightRequests):
         """One turn of ring ``i``: the device serves what the turn's budget allows; if work is
         left, the next turn is scheduled after the loop has served everything else ready."""
         vq = self.queues[i]
-        if vq.broken or vq.paused:
+        if vq.broken or vq.paused or i in self._remote:
             return
         vq.new_turn()
         try:
@@ -465,7 +490,7 @@ class Session(MemoryRequests, LogRequests, InflightRequests):
         return idle
 
     def idle(self) -> bool:
-        return all(vq.idle() for vq in self.queues)
+        return all(vq.idle() for vq in self.queues) and self.workers_idle()
 
     def _rings_busy(self) -> bool:
         """Whether this frontend's rings still run on the device's storage."""
@@ -483,6 +508,8 @@ class Session(MemoryRequests, LogRequests, InflightRequests):
         self.drop_log()
         self.device.forget_guest()
         self.memory.clear()
+        if self.pool is not None:
+            self.pool.set_table([])
         close_fd(self.state.backend_req_fd)
         self.state = SessionState()
 
@@ -492,3 +519,4 @@ class Session(MemoryRequests, LogRequests, InflightRequests):
         for vq in self.queues:
             vq.close()
         self.memory.close()
+        self._close_workers()
