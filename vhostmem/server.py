@@ -125,6 +125,7 @@ class Endpoint:
         self._closing = False
         self._owns_path = False  # we created the socket file, so we unlink it
         self.draining = False  # a frontend left with requests in flight; not serving yet
+        self._next_sock: socket.socket | None = None  # accepted while draining
 
     # ---------------------------------------------------------------- listen mode
 
@@ -159,6 +160,11 @@ class Endpoint:
         if self.connection is not None and self.connection.peer_gone():
             # Its EOF is not read yet (e.g. a connect-and-close probe): serve the newcomer.
             self.connection.close()
+            if self.draining:
+                # Its rings are still stopping (requests on I/O threads, data-plane workers
+                # answering STOP): the newcomer is served once that is done.
+                self._next_sock = sock
+                return
         if self.connection is not None:
             log.warning("%s: refusing a second frontend while one is connected", self.name)
             sock.close()
@@ -205,6 +211,9 @@ class Endpoint:
         self._release()
         if self.listener is not None:
             self.loop.add_reader(self.listener.fileno(), self._on_accept)
+        sock, self._next_sock = self._next_sock, None
+        if sock is not None:
+            self._attach(sock)
 
     def _release(self) -> None:
         try:
@@ -274,6 +283,9 @@ class Endpoint:
     def close(self) -> None:
         self._closing = True
         self.stop_accepting()
+        if self._next_sock is not None:
+            self._next_sock.close()
+            self._next_sock = None
         if self.connection is not None:
             self.connection.close()
         self.session.close()

@@ -81,7 +81,8 @@ class LogRequests:
         except DirtyLogError as exc:
             raise SessionError(f"SET_LOG_BASE: {exc}") from None
         # Workers mark it too: whole-byte stores in every process (dirty_log.py).
-        new.whole_bytes = self.pool is not None
+        if self.pool is not None:
+            new.share()
         old, self.dirty_log = self.dirty_log, new
         if self.logging:
             for vq in self.queues:

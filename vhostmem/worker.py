@@ -298,7 +298,7 @@ class Worker:
         new = None
         if msg["on"]:
             new = DirtyLog.attach(msg.fds.pop(), msg["mmap_size"], msg["mmap_offset"], 0)
-            new.whole_bytes = True  # other processes mark the same log (docs/migration.md)
+            new.share()  # other processes mark the same log (docs/migration.md)
         old, self.dirty = self.dirty, new
         for vq in self.queues.values():
             vq.set_dirty_log(new)
