@@ -3,6 +3,9 @@
     python bench/blk_bench.py [--quick] [--table]
     python bench/blk_bench.py --backends vhostmem-nbd,qsd-nbd --storage shm --table
 
+``vhostmem-wN``: vhostmem with ``--workers N`` (data-plane worker processes; the CPU counted
+is the serve process's and its workers').
+
 ``vhostmem-nbd`` / ``qsd-nbd``: the same two backends over NBD, on one qemu-nbd serving the
 image on a Unix socket (vhostmem ``nbd=URI``; qemu-storage-daemon an ``nbd`` blockdev).
 
@@ -182,6 +185,17 @@ def table(cases: list[dict[str, Any]], pair: tuple[str, str] = BACKENDS,
     return "\n".join(rows)
 
 
+def cores_table(cases: list[dict[str, Any]], backends: list[str]) -> str:
+    """IOPS and backend cores (CPU seconds per wall second, workers included) per backend."""
+    rows = ["| storage | rw | qd | queues | " + " | ".join(
+        f"{b} IOPS | {b} cores" for b in backends) + " |",
+        "|" + "---|" * (4 + 2 * len(backends))]
+    for c in cases:
+        cells = " | ".join(f"{c[b]['iops']} | {c[b]['backend_cpu']}" for b in backends)
+        rows.append(f"| {c['storage']} | {c['rw']} | {c['qd']} | {c['queues']} | {cells} |")
+    return "\n".join(rows)
+
+
 def log_table(cases: list[dict[str, Any]], backends: list[str]) -> str:
     rows = ["| storage | rw | qd | queues | backend | IOPS off/on | CPU us/IO off | CPU us/IO "
             "LOG_ALL on | CPU ratio | p99 us off/on |", "|" + "---|" * 10]
@@ -250,6 +264,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     for pair, key in ((BACKENDS, "ratio"), (NBD_BACKENDS, "ratio_nbd")):
         if args.table and set(pair) <= set(backends):
             print(table(cases, pair, key), file=sys.stderr)
+    if args.table:
+        print(cores_table(cases, backends), file=sys.stderr)
     if args.table and args.log_all:
         print(log_table(cases, backends), file=sys.stderr)
     return out

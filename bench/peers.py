@@ -29,6 +29,7 @@ BACKENDS = ("vhostmem", "qsd")
 # backend's; qemu-nbd's is the same work for both.
 NBD_BACKENDS = ("vhostmem-nbd", "qsd-nbd")
 NBD_EXPORT = "disk"
+WORKERS_PREFIX = "vhostmem-w"
 
 
 class PeerStartError(RuntimeError):
@@ -50,6 +51,10 @@ def backend_argv(name: str, socket: str, image: str, num_queues: int,
     if name == "vhostmem":
         return [sys.executable, "-m", "vhostmem.cli", "serve", "--socket", socket,
                 "--disk", image, "--num-queues", str(num_queues), "--log-level", "WARNING"]
+    if name.startswith(WORKERS_PREFIX) and name[len(WORKERS_PREFIX):].isdigit():
+        # vhostmem-wN: rings served by N data-plane worker processes (--workers N).
+        return [*backend_argv("vhostmem", socket, image, num_queues),
+                "--workers", name[len(WORKERS_PREFIX):]]
     if name == "qsd":
         return [QSD,
                 "--blockdev", f"driver=file,node-name=f,filename={image},cache.direct=off",
@@ -60,10 +65,20 @@ def backend_argv(name: str, socket: str, image: str, num_queues: int,
 
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of every thread of ``pid``, in seconds."""
+    """utime + stime of every thread of ``pid`` and of its live child processes (vhostmem's
+    data-plane workers), in seconds."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[UTIME_AFTER_COMM]) + int(fields[UTIME_AFTER_COMM + 1])) / CLK_TCK
+    own = (int(fields[UTIME_AFTER_COMM]) + int(fields[UTIME_AFTER_COMM + 1])) / CLK_TCK
+    return own + sum(cpu_seconds(child) for child in _children(pid))
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except FileNotFoundError:
+        return []
 
 
 @contextlib.contextmanager

@@ -61,6 +61,11 @@ class WorkerRings:
             raise SessionError(f"{self.name}: this device cannot be served by workers "
                                "(an asynchronous backend or io-mode=thread)")
         self.pool = WorkerPool(workers, self.name, self.watcher, self)
+        # Spawned with the device: the first SET_VRING_KICK then waits for no interpreter to
+        # start (~0.4 s of imports), and the process's fds stay as they are across
+        # connections. A worker that dies is replaced at its next ring start.
+        for slot in range(workers):
+            self.pool.ensure(slot)
 
     # ----------------------------------------------------------- pool events
 
