@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from tests.hostile.guarded import GuardedRam
+from tests.peers import TEST_WORKERS
 from vhostmem import bounds
 from vhostmem.devices.blk import BlkDevice
 from vhostmem.frontend import VhostUserBlk
 from vhostmem.memmap import MemRegistry
-from tests.peers import TEST_WORKERS
 from vhostmem.server import Endpoint, EndpointConfig, Server, new_event_loop
 
 T = TypeVar("T")
