@@ -86,7 +86,7 @@ class Worker:
 
     def run(self) -> None:
         while True:
-            events = self.epoll.poll(0 if self._pending else -1)
+            events = self.epoll.poll(self._timeout())
             for fd, _ in events:
                 if fd == self.sock.fileno():
                     if not self._on_control():
@@ -98,6 +98,15 @@ class Worker:
                 if i in self.queues:
                     self._turn(i)
             self._push_stats()
+
+    def _timeout(self) -> float:
+        """epoll's timeout: none while rings have work left; while counts wait to be
+        reported, until they are due (device_stats sees them within STATS_PERIOD_S)."""
+        if self._pending:
+            return 0
+        if any(vq.stat_requests or vq.stat_kicks for vq in self.queues.values()):
+            return max(0.0, self._stats_at + STATS_PERIOD_S - monotonic())
+        return -1
 
     def _on_control(self) -> bool:
         """One control message; False at EOF."""
