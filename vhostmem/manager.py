@@ -193,6 +193,7 @@ class DeviceManager:
             "num_queues": device.num_queues,
             "serial": spec.serial,
             "io_mode": device.io_mode,
+            "workers": spec.workers,
             "frontend": self._frontend(md) if connected else None,
             "draining": endpoint.draining,
             "deleting": md.deleting,

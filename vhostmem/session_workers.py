@@ -198,12 +198,20 @@ class WorkerRings:
             self._sent_state = state
             self.pool.broadcast(Msg.GUEST_STATE, features=state[0], state=state[1].hex())
 
-    def gate(self, what: str, replies: list[Reply]) -> list[Reply] | Deferred:
-        """The replies of a request, held until every worker acknowledged what it changed."""
+    def gate(self, what: str, replies: list[Reply], failed: list[Reply],
+             losses: int) -> list[Reply] | Deferred:
+        """The replies of a request, held until every worker acknowledged what it changed;
+        ``failed`` instead if a worker was lost meanwhile (``losses`` counted before)."""
+        assert self.pool is not None
+        pool = self.pool
         self._sync_guest_state()
+
+        def answer() -> list[Reply]:
+            return replies if pool.losses == losses else failed
+
         if self.workers_idle():
-            return replies
-        return Deferred(what, self.workers_idle, lambda: replies)
+            return answer()
+        return Deferred(what, self.workers_idle, answer)
 
     def _close_workers(self) -> None:
         if self.pool is not None:

@@ -94,6 +94,7 @@ class WorkerPool:
         self.regions: dict[RegionKey, tuple[int, int]] = {}  # key -> (mmap_offset, fd dup)
         self._seq = 0
         self.spawned = 0  # workers started so far (tests, logs)
+        self.losses = 0  # workers lost so far (a request answered meanwhile failed)
 
     # ------------------------------------------------------------ workers
 
@@ -242,6 +243,7 @@ class WorkerPool:
         if self.links[link.slot] is not link:
             return
         self.links[link.slot] = None
+        self.losses += 1
         self.watcher.unwatch(link.sock.fileno())
         link.sock.close()
         status = _reap(link.proc)
