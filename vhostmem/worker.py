@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 import select
+import signal
 import socket
 import sys
 from time import monotonic
@@ -342,6 +343,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format=f"%(asctime)s worker[{os.getpid()}] %(levelname)s %(name)s: "
                                "%(message)s")
+    # The main process coordinates shutdown (it stops the rings here, then closes the control
+    # socket, and this process leaves at EOF): a terminal's Ctrl-C or systemd's SIGTERM to the
+    # whole control group must not end a worker in the middle of a drain.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
     sock = socket.socket(fileno=args.fd)
     Worker(sock).run()
     return 0

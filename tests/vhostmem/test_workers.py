@@ -197,3 +197,20 @@ def test_shared_dirty_log_marks_exactly_what_a_private_one_does() -> None:
         results.append(bytes(log.mm))
         log.close()
     assert results[0] == results[1] and any(results[0])
+
+
+def test_sigterm_to_the_process_group_is_left_to_the_main_process(served) -> None:
+    """systemd's SIGTERM reaches every process of the unit: the workers leave only when the
+    main process has stopped their rings and closed their control sockets."""
+    handle, initial = served
+    with VhostUserBlk.open(handle.socket_path) as dev:
+        q0 = dev.start_queue(0)
+        pids = _worker_pids(handle)
+        for pid in pids.values():
+            os.kill(pid, signal.SIGTERM)
+        assert q0.read(0, 4096) == initial[:4096]  # its worker still serves
+    handle.proc.send_signal(signal.SIGTERM)
+    assert handle.proc.wait(SETTLE_S) == 0
+    assert "lost" not in handle.log()
+    for pid in pids.values():
+        _wait(lambda pid=pid: not os.path.exists(f"/proc/{pid}"), f"worker {pid} to exit")
