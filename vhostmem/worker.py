@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import array
 import contextlib
+import ctypes
 import logging
 import os
 import select
@@ -40,6 +41,7 @@ log = logging.getLogger("vhostmem.worker")
 RECV_BYTES = 1 << 20  # a whole memory table part fits (253 regions of JSON)
 FD_SIZE = array.array("i").itemsize
 ANCILLARY_BYTES = socket.CMSG_SPACE(256 * FD_SIZE)
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 # Statistics are pushed to the main process at most this often per ring (device_stats).
 STATS_PERIOD_S = 0.25
 # Failures a request may raise that are answered with FAILED (anything else is a bug: logged).
@@ -335,10 +337,23 @@ def _close_all(fds: list[int]) -> None:
             os.close(fd)
 
 
+def die_with_parent(parent: int) -> None:
+    """SIGKILL this worker the moment the main process dies (prctl PR_SET_PDEATHSIG). A
+    main process killed with SIGKILL is restarted and its frontend reconnects: a worker left
+    running until it notices EOF could pop from a ring the new process already serves."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        log.warning("worker %d: prctl(PR_SET_PDEATHSIG): %s", os.getpid(),
+                    os.strerror(ctypes.get_errno()))
+    if parent and os.getppid() != parent:  # it died before the prctl took effect
+        os._exit(1)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vhostmem.worker")
     parser.add_argument("--fd", type=int, required=True, help="the control socket")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--parent", type=int, default=0, help="the main process's pid")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format=f"%(asctime)s worker[{os.getpid()}] %(levelname)s %(name)s: "
@@ -348,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     # whole control group must not end a worker in the middle of a drain.
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)
+    die_with_parent(args.parent)
     sock = socket.socket(fileno=args.fd)
     Worker(sock).run()
     return 0

@@ -122,6 +122,7 @@ class WorkerPool:
             for s in (ours, theirs):
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
             argv = [sys.executable, "-m", "vhostmem.worker", "--fd", str(theirs.fileno()),
+                    "--parent", str(os.getpid()),
                     "--log-level", logging.getLevelName(logging.getLogger().getEffectiveLevel())]
             proc = subprocess.Popen(argv, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
         except BaseException:

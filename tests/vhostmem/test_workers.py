@@ -214,3 +214,25 @@ def test_sigterm_to_the_process_group_is_left_to_the_main_process(served) -> Non
     assert "lost" not in handle.log()
     for pid in pids.values():
         _wait(lambda pid=pid: not os.path.exists(f"/proc/{pid}"), f"worker {pid} to exit")
+
+
+def test_workers_die_with_a_killed_main_process(served) -> None:
+    """A main process killed with SIGKILL takes its workers with it at once: its restarted
+    successor must be the only one popping the rings the frontend hands over again."""
+    handle, _ = served
+    with VhostUserBlk.open(handle.socket_path) as dev:
+        dev.start_queue(0)
+        pids = _worker_pids(handle)
+        handle.proc.kill()
+        handle.proc.wait(SETTLE_S)
+        for pid in pids.values():
+            _wait(lambda pid=pid: not os.path.exists(f"/proc/{pid}")
+                  or _state(pid) == "Z", f"worker {pid} to die with the main process")
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "gone"
