@@ -25,11 +25,13 @@ Command line: ``python -m qemu.reconnect [--backend vhostmem|qsd] [--kills 20] [
 from __future__ import annotations
 
 import argparse
+import contextlib
 import mmap
 import os
 import queue
 import random
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -223,7 +225,13 @@ class _Run:
                 until = time.monotonic() + AIM_WINDOW
                 while not (seen := _any_inflight(region)) and time.monotonic() < until:
                     pass
-        self.backend_proc.kill()  # SIGKILL: no cleanup of any kind
+        # SIGKILL: no cleanup of any kind. A backend's child processes first (vhostmem's
+        # data-plane workers, which hold the requests in flight; they would otherwise finish
+        # their turn before dying with their parent).
+        for child in _children(self.backend_proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+        self.backend_proc.kill()
         self.backend_proc.wait()
         self.socket.unlink(missing_ok=True)  # so that start_backend waits for the new one
         return seen
@@ -315,6 +323,14 @@ class _Run:
             for stream in (self.qemu_proc.stdin, self.qemu_proc.stdout):
                 if stream is not None:
                     stream.close()
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
 
 
 def _map_inflight_region(pid: int) -> mmap.mmap | None:
