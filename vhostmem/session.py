@@ -41,6 +41,7 @@ from vhostmem.session_base import (
 from vhostmem.session_inflight import InflightRequests
 from vhostmem.session_log import LOG_ALL_BIT, LogRequests
 from vhostmem.session_memory import MemoryRequests
+from vhostmem.session_turns import RingTurns
 from vhostmem.session_workers import WorkerRings
 from vhostmem.virtqueue import Virtqueue
 from vhostmem.worker_proto import Msg
@@ -55,7 +56,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-class Session(MemoryRequests, LogRequests, InflightRequests, WorkerRings):
+class Session(RingTurns, MemoryRequests, LogRequests, InflightRequests, WorkerRings):
     """The vhost-user message handler for one frontend connection to one device."""
 
     def __init__(
@@ -446,42 +447,6 @@ class Session(MemoryRequests, LogRequests, InflightRequests, WorkerRings):
         if vq.started and vq.kick_fd >= 0:
             self.watcher.unwatch(vq.kick_fd)
         return vq.stop()
-
-    def on_kick(self, i: int) -> None:
-        """The ring's kick eventfd is readable: drain it and process the ring."""
-        vq = self.queues[i]
-        vq.stat_kicks += 1
-        try:
-            vq.drain_kick()  # the kick is consumed; what its counter said does not matter
-        except OSError as exc:
-            self.watcher.unwatch(vq.kick_fd)
-            vq.mark_broken(f"kick eventfd unreadable: {exc}")
-            return
-        if vq.enabled:
-            self.process_queue(i)
-
-    def process_queue(self, i: int) -> None:
-        """One turn of ring ``i``: the device serves what the turn's budget allows; if work is
-        left, the next turn is scheduled after the loop has served everything else ready."""
-        vq = self.queues[i]
-        if vq.broken or vq.paused or i in self._remote:
-            return
-        vq.new_turn()
-        try:
-            self.device.handle_queue(vq)
-        except Exception as exc:  # a device bug stops its queue, not the connection
-            log.exception("%s: device failed serving ring %d", self.name, i)
-            vq.mark_broken(f"device error: {exc!r}")
-            return
-        if vq.yielded and i not in self._turn_pending:
-            self._turn_pending.add(i)
-            self.watcher.defer(lambda: self._next_turn(i))
-
-    def _next_turn(self, i: int) -> None:
-        self._turn_pending.discard(i)
-        vq = self.queues[i]
-        if vq.started and vq.enabled:
-            self.process_queue(i)
 
     # ---------------------------------------------------------------- teardown
 
