@@ -174,10 +174,12 @@ class WorkerRings:
             view.release()
 
     def ring_idle(self, i: int) -> bool:
-        return self.queues[i].idle() and i not in self._stopping
+        busy = self.pool is not None and self.pool.busy()  # gives up on a stuck worker
+        return self.queues[i].idle() and i not in self._stopping and not busy
 
     def workers_idle(self) -> bool:
-        return not self._stopping and (self.pool is None or not self.pool.busy())
+        busy = self.pool is not None and self.pool.busy()  # gives up on a stuck worker
+        return not busy and not self._stopping
 
     def _remote_send(self, i: int, kind: Msg, fds: list[int] | None = None,
                      **fields: object) -> None:

@@ -30,6 +30,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -43,6 +44,11 @@ RECV_BYTES = 65536
 FD_SIZE = array.array("i").itemsize
 ANCILLARY_BYTES = socket.CMSG_SPACE(8 * FD_SIZE)
 MAX_MESSAGES_PER_TURN = 64
+# A worker answers each request after at most one turn of its rings (a few ms; a slow disk's
+# fdatasync longer). One that owes an answer this long is killed and handled as lost; well
+# below the 30 s after which a Deferred reply disconnects the frontend
+# (connection.DRAIN_TIMEOUT_SECONDS).
+ANSWER_TIMEOUT_S = float(os.environ.get("VHOSTMEM_WORKER_ANSWER_TIMEOUT", "10"))
 # After SIGKILL a process is gone at once; this only bounds a kernel-held exit (D state).
 REAP_TIMEOUT_S = 2.0
 # A worker asked to leave (the device closes) gets this long to exit on EOF before SIGKILL.
@@ -74,6 +80,7 @@ class WorkerLink:
     sock: socket.socket
     rings: set[int] = field(default_factory=set)  # started in this worker
     pending: dict[int, Reply | None] = field(default_factory=dict)  # seq -> on_reply
+    waiting_since: float = 0.0  # monotonic time its oldest unanswered request was sent
 
     @property
     def pid(self) -> int:
@@ -153,6 +160,8 @@ class WorkerPool:
         ancillary = []
         if fds:
             ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+        if not link.pending:
+            link.waiting_since = time.monotonic()
         link.pending[seq] = on_reply
         try:
             link.sock.sendmsg([data], ancillary)
@@ -165,7 +174,13 @@ class WorkerPool:
             self.send(link, msg_type, fds, None, **fields)
 
     def busy(self) -> bool:
-        """Whether a worker still owes an answer."""
+        """Whether a worker still owes an answer. A worker that owes one for longer than
+        ``ANSWER_TIMEOUT_S`` (stopped, stuck in the kernel, looping) is given up: killed and
+        handled as lost, so whatever waits for it completes."""
+        now = time.monotonic()
+        for link in self.live():
+            if link.pending and now - link.waiting_since > ANSWER_TIMEOUT_S:
+                self._died(link, f"no answer for {ANSWER_TIMEOUT_S:.0f} s")
         return any(link.pending for link in self.live())
 
     # ------------------------------------------------------- guest memory
@@ -231,6 +246,7 @@ class WorkerPool:
             self.events.worker_stats(msg["index"], msg["counts"], msg["latency"])
         elif msg.type in (Msg.ACK, Msg.STOPPED):
             on_reply = link.pending.pop(msg["seq"])
+            link.waiting_since = time.monotonic()  # the next answer is awaited from now
             if on_reply is not None:
                 on_reply(msg)
         elif msg.type is Msg.FAILED:

@@ -18,6 +18,7 @@ import pytest
 from tests.peers import VhostmemHandle, make_image, start_vhostmem
 from vhostmem.devspec import UsageError, parse_blk_spec, spec_from_params
 from vhostmem.dirty_log import DirtyLog
+from vhostmem.frontend.client import VhostUserError
 from vhostmem.frontend.device import VhostUserBlk
 from vhostmem.frontend.memory import GuestRam
 from vhostmem.worker_proto import Msg, WorkerProtocolError, decode, encode
@@ -236,3 +237,29 @@ def _state(pid: int) -> str:
             return f.read().rsplit(")", 1)[1].split()[0]
     except FileNotFoundError:
         return "gone"
+
+
+def test_a_stopped_worker_is_given_up_and_nothing_hangs(tmp_path: Path, monkeypatch) -> None:
+    """A worker that stops answering (SIGSTOP here; stuck in the kernel alike) is killed after
+    the answer timeout: GET_VRING_BASE of its ring is answered, its ring is broken."""
+    monkeypatch.setenv("VHOSTMEM_WORKER_ANSWER_TIMEOUT", "1")
+    image = str(tmp_path / "disk.raw")
+    initial = make_image(image, IMAGE_SIZE)
+    handle = start_vhostmem(image, str(tmp_path / "blk.sock"), num_queues=2, workers=2)
+    try:
+        with VhostUserBlk.open(handle.socket_path) as dev:
+            q0, q1 = dev.start_queue(0), dev.start_queue(1)
+            assert q0.read(0, 4096) == initial[:4096]
+            victim = _worker_pids(handle)[0]
+            os.kill(victim, signal.SIGSTOP)
+            started = time.monotonic()
+            # The worker never acknowledges the change: the request fails (REPLY_ACK 1) once
+            # it is given up, instead of waiting for it forever.
+            with pytest.raises(VhostUserError, match="SET_VRING_ENABLE: REPLY_ACK 1"):
+                dev.client.set_vring_enable(0, False)
+            assert dev.stop_queue(0, disable=False) == 1  # the used index: its worker is gone
+            assert time.monotonic() - started < SETTLE_S
+            assert "no answer for 1 s" in handle.log() and "killed by SIGKILL" in handle.log()
+            assert q1.read(8, 4096) == initial[4096:8192]
+    finally:
+        handle.stop()
