@@ -161,6 +161,7 @@ class Session(RingTurns, MemoryRequests, LogRequests, InflightRequests, WorkerRi
         handler = self._handlers.get(msg.request)
         wants_ack = self._acks(msg)
         losses = self.pool.losses if self.pool is not None else 0
+        mark = self.pool.last_seq if self.pool is not None else 0
         try:
             if msg.invalid is not None:  # framed, but its payload or fds failed validation
                 raise SessionError(f"{request_name(msg.request)}: {msg.invalid}")
@@ -184,7 +185,7 @@ class Session(RingTurns, MemoryRequests, LogRequests, InflightRequests, WorkerRi
         # Workers acknowledge first; a request a worker failed (it is replaced, its rings are
         # broken) is answered as failed where REPLY_ACK can say so.
         failed = [(encode_reply(msg.request, ACK_FAILED), [])] if wants_ack else replies
-        return self.gate(request_name(msg.request), replies, failed, losses)
+        return self.gate(request_name(msg.request), replies, failed, losses, mark)
 
     def _failed(self, msg: Message, exc: Exception, wants_ack: bool) -> list[Reply]:
         """The answer to a failed request, or SessionError when only a disconnect can tell."""

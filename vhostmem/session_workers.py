@@ -201,9 +201,10 @@ class WorkerRings:
             self.pool.broadcast(Msg.GUEST_STATE, features=state[0], state=state[1].hex())
 
     def gate(self, what: str, replies: list[Reply], failed: list[Reply],
-             losses: int) -> list[Reply] | Deferred:
-        """The replies of a request, held until every worker acknowledged what it changed;
-        ``failed`` instead if a worker was lost meanwhile (``losses`` counted before)."""
+             losses: int, mark: int) -> list[Reply] | Deferred:
+        """The replies of a request, held until every worker acknowledged what it changed
+        (what was sent after ``mark``); ``failed`` instead if a worker was lost meanwhile
+        (``losses`` counted before)."""
         assert self.pool is not None
         pool = self.pool
         self._sync_guest_state()
@@ -211,9 +212,12 @@ class WorkerRings:
         def answer() -> list[Reply]:
             return replies if pool.losses == losses else failed
 
-        if self.workers_idle():
+        def acknowledged() -> bool:
+            return not pool.owes_after(mark) and not self._stopping
+
+        if acknowledged():
             return answer()
-        return Deferred(what, self.workers_idle, answer)
+        return Deferred(what, acknowledged, answer)
 
     def _close_workers(self) -> None:
         if self.pool is not None:

@@ -183,6 +183,17 @@ class WorkerPool:
                 self._died(link, f"no answer for {ANSWER_TIMEOUT_S:.0f} s")
         return any(link.pending for link in self.live())
 
+    @property
+    def last_seq(self) -> int:
+        """The sequence number of the last request sent (a mark for :meth:`owes_after`)."""
+        return self._seq
+
+    def owes_after(self, mark: int) -> bool:
+        """Whether a request sent after ``mark`` is still unanswered (requests sent earlier,
+        e.g. a new worker's setup, do not hold a reply that needs none of them)."""
+        self.busy()  # gives up on a stuck worker
+        return any(seq > mark for link in self.live() for seq in link.pending)
+
     # ------------------------------------------------------- guest memory
 
     def set_table(self, regions: list[tuple[int, int, int, int, int]]) -> None:
