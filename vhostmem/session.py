@@ -184,7 +184,9 @@ class Session(RingTurns, MemoryRequests, LogRequests, InflightRequests, WorkerRi
             return replies
         # Workers acknowledge first; a request a worker failed (it is replaced, its rings are
         # broken) is answered as failed where REPLY_ACK can say so.
-        failed = [(encode_reply(msg.request, ACK_FAILED), [])] if wants_ack else replies
+        failed = replies
+        if wants_ack and msg.request not in OWN_REPLY_REQUESTS:  # a u64 ack is its reply
+            failed = [(encode_reply(msg.request, ACK_FAILED), [])]
         return self.gate(request_name(msg.request), replies, failed, losses, mark)
 
     def _failed(self, msg: Message, exc: Exception, wants_ack: bool) -> list[Reply]:

@@ -69,6 +69,12 @@ class LogRequests:
     def _acks(msg: Message) -> bool:
         raise NotImplementedError
 
+    def _threads_idle(self) -> bool:
+        """No request of a ring served here is in flight on an I/O thread. (Rings in
+        data-plane workers switch between two turns; the LOG message they acknowledge holds
+        the reply: session_workers.py.)"""
+        return all(vq.idle() for vq in self.queues)
+
     def _gpa_end(self) -> int:
         return max((r.gpa_end for r in self.memory.regions), default=0)
 
@@ -127,7 +133,7 @@ class LogRequests:
             log.warning("%s: VHOST_F_LOG_ALL acked before SET_LOG_BASE", self.name)
         elif not self.dirty_log.covers(self._gpa_end()):
             raise SessionError("SET_FEATURES: the dirty log does not cover guest memory")
-        if self.idle():
+        if self._threads_idle():
             self._apply_logging(True)
             return None
         for vq in self.queues:
@@ -138,7 +144,7 @@ class LogRequests:
             self._apply_logging(True)
             return [(encode_reply(msg.request, ACK_OK), [])] if ack else []
 
-        return Deferred("SET_FEATURES (VHOST_F_LOG_ALL on)", self.idle, finish)
+        return Deferred("SET_FEATURES (VHOST_F_LOG_ALL on)", self._threads_idle, finish)
 
     def _apply_logging(self, on: bool) -> None:
         self.logging = on

@@ -76,8 +76,9 @@ class WorkerRings:
         assert settings is not None
         fields, fds = settings
         pool.send(link, Msg.DEVICE, fds, None, **fields)
-        pool.send(link, Msg.GUEST_STATE, None, None, features=self.device.acked_features,
-                  state=self.device.guest_state().hex())
+        state = (self.device.acked_features, self.device.guest_state())
+        pool.send(link, Msg.GUEST_STATE, None, None, features=state[0], state=state[1].hex())
+        self._sent_state = state  # what every worker has (the others got it before)
         target = self._log_target()
         if target is not None:
             pool.send(link, Msg.LOG, [target.fd], None, on=True, mmap_size=target.size,
@@ -204,7 +205,9 @@ class WorkerRings:
              losses: int, mark: int) -> list[Reply] | Deferred:
         """The replies of a request, held until every worker acknowledged what it changed
         (what was sent after ``mark``); ``failed`` instead if a worker was lost meanwhile
-        (``losses`` counted before)."""
+        (``losses`` counted before). Only while a ring runs in a worker: otherwise no worker
+        touches guest memory, the log or the disk before its next START, which it reads after
+        the change (one ordered socket), and a worker still starting holds no reply."""
         assert self.pool is not None
         pool = self.pool
         self._sync_guest_state()
@@ -213,7 +216,7 @@ class WorkerRings:
             return replies if pool.losses == losses else failed
 
         def acknowledged() -> bool:
-            return not pool.owes_after(mark) and not self._stopping
+            return not (self._remote and pool.owes_after(mark)) and not self._stopping
 
         if acknowledged():
             return answer()
