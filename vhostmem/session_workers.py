@@ -27,7 +27,7 @@ from vhostmem.inflight import InflightState
 from vhostmem.session_base import Deferred, KickWatcher, Reply, SessionError
 from vhostmem.virtqueue import Virtqueue
 from vhostmem.worker_pool import WorkerPool
-from vhostmem.worker_proto import Msg, WorkerMessage
+from vhostmem.worker_proto import STATS_COUNTERS, Msg, WorkerMessage
 
 log = logging.getLogger("vhostmem.session")
 
@@ -89,15 +89,11 @@ class WorkerRings:
             self.queues[index].mark_broken(reason)  # logs it and signals the err eventfd
 
     def worker_stats(self, index: int, counts: list[int], latency: list[int]) -> None:
-        if not 0 <= index < len(self.queues) or len(counts) != 6:
+        if not 0 <= index < len(self.queues) or len(counts) != len(STATS_COUNTERS):
             return
         vq = self.queues[index]
-        vq.stat_requests += counts[0]
-        vq.stat_read_bytes += counts[1]
-        vq.stat_write_bytes += counts[2]
-        vq.stat_errors += counts[3]
-        vq.stat_kicks += counts[4]
-        vq.stat_interrupts += counts[5]
+        for name, count in zip(STATS_COUNTERS, counts, strict=True):
+            setattr(vq, name, getattr(vq, name) + count)
         for n, count in enumerate(latency[: len(vq.stat_latency)]):
             vq.stat_latency[n] += count
 

@@ -34,7 +34,14 @@ from vhostmem.guest_memory import GuestMemory, GuestMemoryError
 from vhostmem.inflight import InflightError, InflightRegion
 from vhostmem.split_ring import VirtqueueError
 from vhostmem.virtqueue import Virtqueue
-from vhostmem.worker_proto import Msg, WorkerMessage, WorkerProtocolError, decode, encode
+from vhostmem.worker_proto import (
+    STATS_COUNTERS,
+    Msg,
+    WorkerMessage,
+    WorkerProtocolError,
+    decode,
+    encode,
+)
 
 log = logging.getLogger("vhostmem.worker")
 
@@ -182,8 +189,7 @@ class Worker:
         for i, vq in self.queues.items():
             if force_index is not None and i != force_index:
                 continue
-            counts = [vq.stat_requests, vq.stat_read_bytes, vq.stat_write_bytes,
-                      vq.stat_errors, vq.stat_kicks, vq.stat_interrupts]
+            counts = [getattr(vq, name) for name in STATS_COUNTERS]
             if any(counts):
                 self._send(encode(Msg.STATS, index=i, counts=counts,
                                   latency=list(vq.stat_latency)))

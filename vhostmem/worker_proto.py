@@ -41,6 +41,9 @@ class Msg(IntEnum):
     STATS = 24  # counters since the last STATS of that ring: "index", "counts", "latency"
 
 
+# The counters of a STATS message, in order (vhostmem/queue_stats.py's attributes).
+STATS_COUNTERS = ("stat_requests", "stat_read_bytes", "stat_write_bytes", "stat_errors",
+                  "stat_kicks", "stat_interrupts")
 # SCM_RIGHTS carries at most this many fds per message (Linux SCM_MAX_FD).
 MAX_FDS = 253
 _TYPE = struct.Struct("<H")
