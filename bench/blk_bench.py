@@ -40,7 +40,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.peers import BACKENDS, NBD_BACKENDS, cpu_seconds, running
+from bench.peers import BACKENDS, NBD_BACKENDS, cpu_seconds, running, runqueue_wait_seconds
 from bench.ringdriver import FastQueue, drive, ram_bytes_for, sector_table
 from vhostmem.frontend import VhostUserBlk
 
@@ -86,13 +86,14 @@ def run_once(variant: str, image: str, rw: str, qd: int, queues: int,
             if variant.endswith(LOG_SUFFIX):
                 dev.set_logging(True)
             drive(qs, WARMUP_S)
-            cpu0 = cpu_seconds(proc.pid)
+            cpu0, wait0 = cpu_seconds(proc.pid), runqueue_wait_seconds(proc.pid)
             res = drive(qs, seconds)
-            cpu1 = cpu_seconds(proc.pid)
+            cpu1, wait1 = cpu_seconds(proc.pid), runqueue_wait_seconds(proc.pid)
         finally:
             for q in qs:
                 q.release()
     return {"ops": res.ops, "seconds": res.seconds, "backend_cpu_s": cpu1 - cpu0,
+            "backend_wait_s": wait1 - wait0,
             "loadgen_cpu_s": res.loadgen_cpu_s, "kicks": res.kicks, "sleeps": res.sleeps,
             "batches": res.batches, "lat": res.latencies}
 
@@ -111,6 +112,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "p99_us": round(float(np.percentile(lat, 99)) * US, 1),
         "backend_cpu_us_per_io": round(cpu / ops * US, 2),
         "backend_cpu": round(cpu / secs, 2),
+        # Runnable but waiting for a CPU (other jobs on the machine): cores it could have used.
+        "backend_runqueue_wait": round(sum(r["backend_wait_s"] for r in runs) / secs, 2),
         "loadgen_cpu": round(lg / secs, 2),
         "loadgen_cpu_us_per_io": round(lg / ops * US, 2),
         "loadgen_saturated": lg / secs >= SATURATED,
@@ -186,12 +189,14 @@ def table(cases: list[dict[str, Any]], pair: tuple[str, str] = BACKENDS,
 
 
 def cores_table(cases: list[dict[str, Any]], backends: list[str]) -> str:
-    """IOPS and backend cores (CPU seconds per wall second, workers included) per backend."""
+    """IOPS and backend cores (CPU seconds per wall second, workers included) per backend,
+    with the cores' worth of time its processes waited runnable for a CPU."""
     rows = ["| storage | rw | qd | queues | " + " | ".join(
-        f"{b} IOPS | {b} cores" for b in backends) + " |",
+        f"{b} IOPS | {b} cores (+ runqueue wait)" for b in backends) + " |",
         "|" + "---|" * (4 + 2 * len(backends))]
     for c in cases:
-        cells = " | ".join(f"{c[b]['iops']} | {c[b]['backend_cpu']}" for b in backends)
+        cells = " | ".join(f"{c[b]['iops']} | {c[b]['backend_cpu']} "
+                           f"(+{c[b]['backend_runqueue_wait']})" for b in backends)
         rows.append(f"| {c['storage']} | {c['rw']} | {c['qd']} | {c['queues']} | {cells} |")
     return "\n".join(rows)
 

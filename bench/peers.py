@@ -73,6 +73,19 @@ def cpu_seconds(pid: int) -> float:
     return own + sum(cpu_seconds(child) for child in _children(pid))
 
 
+def runqueue_wait_seconds(pid: int) -> float:
+    """Seconds the threads of ``pid`` and of its live child processes spent runnable but
+    waiting for a CPU (/proc/PID/task/TID/schedstat, second field): on a machine other jobs
+    keep busy, what a backend lost to them."""
+    total = 0
+    with contextlib.suppress(FileNotFoundError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(FileNotFoundError), \
+                    open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[1])
+    return total / 1e9 + sum(runqueue_wait_seconds(child) for child in _children(pid))
+
+
 def _children(pid: int) -> list[int]:
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as f:
