@@ -150,6 +150,12 @@ class WorkerRings:
         if msg is not None:
             vq.set_base(msg["base"])
             return
+        if vq.packed:
+            # A packed ring's position is the worker's own (positions and wrap counters that
+            # no ring field records): the base it started from is what is known.
+            log.error("%s: ring %d: its worker is gone; the packed ring's base stays %#x (the "
+                      "start position)", self.name, i, vq.get_base())
+            return
         try:
             base = self._used_idx_now(vq)
         except GuestMemoryError as exc:

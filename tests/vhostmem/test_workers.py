@@ -19,7 +19,7 @@ from tests.peers import VhostmemHandle, make_image, start_vhostmem
 from vhostmem.devspec import UsageError, parse_blk_spec, spec_from_params
 from vhostmem.dirty_log import DirtyLog
 from vhostmem.frontend.client import VhostUserError
-from vhostmem.frontend.device import VhostUserBlk
+from vhostmem.frontend.device import FRESH_BASE, VhostUserBlk
 from vhostmem.frontend.memory import GuestRam
 from vhostmem.worker_proto import Msg, WorkerProtocolError, decode, encode
 
@@ -263,3 +263,17 @@ def test_a_stopped_worker_is_given_up_and_nothing_hangs(tmp_path: Path, monkeypa
             assert q1.read(8, 4096) == initial[4096:8192]
     finally:
         handle.stop()
+
+
+def test_sigkilled_worker_of_a_packed_ring(served) -> None:
+    """Packed rings keep their position in the worker only: a dead worker's ring reports the
+    position it started from, and GET_VRING_BASE is answered all the same."""
+    handle, initial = served
+    with VhostUserBlk.open(handle.socket_path, packed=True) as dev:
+        q0, q1 = dev.start_queue(0), dev.start_queue(1)
+        assert q0.read(0, 4096) == initial[:4096]
+        os.kill(_worker_pids(handle)[0], signal.SIGKILL)
+        assert dev.queues[0].err.wait(SETTLE_S)
+        assert q1.read(8, 4096) == initial[4096:8192]
+        assert dev.stop_queue(0) == FRESH_BASE
+        assert "the packed ring's base stays" in handle.log()
