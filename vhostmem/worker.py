@@ -36,6 +36,7 @@ from vhostmem.split_ring import VirtqueueError
 from vhostmem.virtqueue import Virtqueue
 from vhostmem.worker_proto import (
     STATS_COUNTERS,
+    WORKER_IGNORED_SIGNALS,
     Msg,
     WorkerMessage,
     WorkerProtocolError,
@@ -367,8 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     # The main process coordinates shutdown (it stops the rings here, then closes the control
     # socket, and this process leaves at EOF): a terminal's Ctrl-C or systemd's SIGTERM to the
     # whole control group must not end a worker in the middle of a drain.
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for signum in WORKER_IGNORED_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_IGNORED_SIGNALS)  # blocked by the spawn
     die_with_parent(args.parent)
     sock = socket.socket(fileno=args.fd)
     Worker(sock).run()

@@ -36,7 +36,15 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from vhostmem.session_base import KickWatcher
-from vhostmem.worker_proto import MAX_FDS, Msg, WorkerMessage, WorkerProtocolError, decode, encode
+from vhostmem.worker_proto import (
+    MAX_FDS,
+    WORKER_IGNORED_SIGNALS,
+    Msg,
+    WorkerMessage,
+    WorkerProtocolError,
+    decode,
+    encode,
+)
 
 log = logging.getLogger("vhostmem.workers")
 
@@ -131,7 +139,14 @@ class WorkerPool:
             argv = [sys.executable, "-m", "vhostmem.worker", "--fd", str(theirs.fileno()),
                     "--parent", str(os.getpid()),
                     "--log-level", logging.getLevelName(logging.getLogger().getEffectiveLevel())]
-            proc = subprocess.Popen(argv, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+            # Blocked across the exec (the mask is inherited): a SIGTERM to the whole group
+            # while the worker still imports stays pending, and is dropped once it ignores it.
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_IGNORED_SIGNALS)
+            try:
+                proc = subprocess.Popen(argv, pass_fds=[theirs.fileno()],
+                                        stdin=subprocess.DEVNULL)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         except BaseException:
             ours.close()
             raise

@@ -14,6 +14,7 @@ Every request of the main process carries ``seq``; the worker answers each one, 
 from __future__ import annotations
 
 import json
+import signal
 import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -44,6 +45,9 @@ class Msg(IntEnum):
 # The counters of a STATS message, in order (vhostmem/queue_stats.py's attributes).
 STATS_COUNTERS = ("stat_requests", "stat_read_bytes", "stat_write_bytes", "stat_errors",
                   "stat_kicks", "stat_interrupts")
+# Signals a worker leaves to the main process (it stops the rings, then closes the control
+# socket): blocked from before the worker's exec until it ignores them (vhostmem/worker.py).
+WORKER_IGNORED_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
 # SCM_RIGHTS carries at most this many fds per message (Linux SCM_MAX_FD).
 MAX_FDS = 253
 _TYPE = struct.Struct("<H")
