@@ -117,6 +117,10 @@ class WorkerRings:
                      "num_queues": region.num_queues, "queue_size": region.queue_size}
         assert vq._addr is not None and vq.frontend_addr is not None
         desc, avail, used = vq._addr
+        # Recorded first: a worker lost while this is sent breaks the ring (never a ring
+        # that looks started with nobody serving it).
+        link.rings.add(i)
+        self._remote.add(i)
         self.pool.send(link, Msg.START, fds, None, index=i, num=vq.num,
                        features=self._ring_features(), addr=[desc, used, avail],
                        frontend_addr=list(vq.frontend_addr), base=vq.get_base(),
@@ -124,8 +128,6 @@ class WorkerRings:
                        inflight=region is not None,
                        failure_status=vq.failure_status.hex(),
                        indirect_floor=vq.indirect_floor, **extra)
-        link.rings.add(i)
-        self._remote.add(i)
         log.info("%s: ring %d started in data-plane worker %d (pid %d, size %d, avail index "
                  "%d)", self.name, i, link.slot, link.pid, vq.num, vq.get_base())
 
