@@ -7,10 +7,11 @@ date by the session (device, guest state, memory table, dirty log) before the ri
 pool keeps a duplicate of every guest-memory region fd (the session's own mapping closes its
 fds) so that a worker spawned later, or one replacing a dead one, maps the same table.
 
-Every request carries a sequence number and is answered by the worker in order; ``busy()``
-says whether an answer is still outstanding: the session answers the frontend only then
-(a Deferred reply), so a memory-table change or a ring stop reaches every worker before it is
-acknowledged. The event loop never waits: the control sockets are non-blocking and read from
+Every request carries a sequence number and is answered by the worker in order;
+``owes_after(mark)`` says whether an answer to something sent after ``mark`` is outstanding:
+while a ring runs in a worker the session answers the frontend only then (a Deferred reply),
+so a memory-table change or a ring stop reaches every worker before it is acknowledged.
+The event loop never waits: the control sockets are non-blocking and read from
 ``KickWatcher.watch`` callbacks, at most ``MAX_MESSAGES_PER_TURN`` messages per turn.
 
 A worker that dies (EOF on its socket), stops taking messages (its socket is full) or fails a
