@@ -12,7 +12,7 @@ Every request carries a sequence number and is answered by the worker in order;
 while a ring runs in a worker the session answers the frontend only then (a Deferred reply),
 so a memory-table change or a ring stop reaches every worker before it is acknowledged.
 The event loop never waits: the control sockets are non-blocking and read from
-``KickWatcher.watch`` callbacks, at most ``MAX_MESSAGES_PER_TURN`` messages per turn.
+``KickWatcher.watch_channel`` callbacks, at most ``MAX_MESSAGES_PER_TURN`` messages per turn.
 
 A worker that dies (EOF on its socket), stops taking messages (its socket is full) or fails a
 request is logged with its pid and exit status, reaped (SIGKILL, then a bounded wait), each of
