@@ -277,3 +277,14 @@ def test_sigkilled_worker_of_a_packed_ring(served) -> None:
         assert q1.read(8, 4096) == initial[4096:8192]
         assert dev.stop_queue(0) == FRESH_BASE
         assert "the packed ring's base stays" in handle.log()
+
+
+def test_vhostmem_blk_takes_workers() -> None:
+    """The backend-program entry point (vhost-user.rst conventions) passes --workers on."""
+    from vhostmem.launch import blk_specs, build_blk_parser
+
+    args = build_blk_parser().parse_args(["--socket-path", "x.sock", "--workers", "2"])
+    assert blk_specs(args, [])[0].workers == 2
+    with pytest.raises(UsageError, match="workers='x'"):
+        blk_specs(build_blk_parser().parse_args(["--socket-path", "x.sock", "--workers", "x"]),
+                  [])
