@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-deps run test test-unit test-qemu lint bench vm fuzz clean
+.PHONY: install system-deps run test test-unit test-qemu test-workers lint bench vm fuzz clean
 
 install: $(STAMP)
 
@@ -33,6 +33,11 @@ test-unit: install
 
 test-qemu: install system-deps
 	$(PY) -m pytest -q -m qemu
+
+# The suites that drive served rings, with every vhostmem ring in data-plane worker processes.
+test-workers: install system-deps
+	VHOSTMEM_TEST_WORKERS=2 $(PY) -m pytest -q tests/conformance tests/hostile tests/qemu \
+		tests/vhostmem/test_workers.py -k "not qsd"
 
 bench: install system-deps
 	$(PY) bench/run_all.py

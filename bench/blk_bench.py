@@ -3,6 +3,9 @@
     python bench/blk_bench.py [--quick] [--table]
     python bench/blk_bench.py --backends vhostmem-nbd,qsd-nbd --storage shm --table
 
+``vhostmem-wN``: vhostmem with ``--workers N`` (data-plane worker processes; the CPU counted
+is the serve process's and its workers').
+
 ``vhostmem-nbd`` / ``qsd-nbd``: the same two backends over NBD, on one qemu-nbd serving the
 image on a Unix socket (vhostmem ``nbd=URI``; qemu-storage-daemon an ``nbd`` blockdev).
 ``vhostmem-nbd-1conn``: vhostmem-nbd with ``nbd-conns=1``; with 2 queues qemu-nbd offers
@@ -39,7 +42,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.peers import BACKENDS, NBD_BACKENDS, NBD_CONNS, cpu_seconds, running
+from bench.peers import (
+    BACKENDS,
+    NBD_BACKENDS,
+    NBD_CONNS,
+    cpu_seconds,
+    running,
+    runqueue_wait_seconds,
+)
 from bench.ringdriver import FastQueue, drive, ram_bytes_for, sector_table
 from vhostmem.frontend import VhostUserBlk
 
@@ -85,13 +95,14 @@ def run_once(variant: str, image: str, rw: str, qd: int, queues: int,
             if variant.endswith(LOG_SUFFIX):
                 dev.set_logging(True)
             drive(qs, WARMUP_S)
-            cpu0 = cpu_seconds(proc.pid)
+            cpu0, wait0 = cpu_seconds(proc.pid), runqueue_wait_seconds(proc.pid)
             res = drive(qs, seconds)
-            cpu1 = cpu_seconds(proc.pid)
+            cpu1, wait1 = cpu_seconds(proc.pid), runqueue_wait_seconds(proc.pid)
         finally:
             for q in qs:
                 q.release()
     return {"ops": res.ops, "seconds": res.seconds, "backend_cpu_s": cpu1 - cpu0,
+            "backend_wait_s": wait1 - wait0,
             "loadgen_cpu_s": res.loadgen_cpu_s, "kicks": res.kicks, "sleeps": res.sleeps,
             "batches": res.batches, "lat": res.latencies}
 
@@ -110,6 +121,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "p99_us": round(float(np.percentile(lat, 99)) * US, 1),
         "backend_cpu_us_per_io": round(cpu / ops * US, 2),
         "backend_cpu": round(cpu / secs, 2),
+        # Runnable but waiting for a CPU (other jobs on the machine): cores it could have used.
+        "backend_runqueue_wait": round(sum(r["backend_wait_s"] for r in runs) / secs, 2),
         "loadgen_cpu": round(lg / secs, 2),
         "loadgen_cpu_us_per_io": round(lg / ops * US, 2),
         "loadgen_saturated": lg / secs >= SATURATED,
@@ -188,6 +201,19 @@ def table(cases: list[dict[str, Any]], pair: tuple[str, str] = BACKENDS,
     return "\n".join(rows)
 
 
+def cores_table(cases: list[dict[str, Any]], backends: list[str]) -> str:
+    """IOPS and backend cores (CPU seconds per wall second, workers included) per backend,
+    with the cores' worth of time its processes waited runnable for a CPU."""
+    rows = ["| storage | rw | qd | queues | " + " | ".join(
+        f"{b} IOPS | {b} cores (+ runqueue wait)" for b in backends) + " |",
+        "|" + "---|" * (4 + 2 * len(backends))]
+    for c in cases:
+        cells = " | ".join(f"{c[b]['iops']} | {c[b]['backend_cpu']} "
+                           f"(+{c[b]['backend_runqueue_wait']})" for b in backends)
+        rows.append(f"| {c['storage']} | {c['rw']} | {c['qd']} | {c['queues']} | {cells} |")
+    return "\n".join(rows)
+
+
 def log_table(cases: list[dict[str, Any]], backends: list[str]) -> str:
     rows = ["| storage | rw | qd | queues | backend | IOPS off/on | CPU us/IO off | CPU us/IO "
             "LOG_ALL on | CPU ratio | p99 us off/on |", "|" + "---|" * 10]
@@ -256,6 +282,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     for pair, key in PAIRS:
         if args.table and set(pair) <= set(backends):
             print(table(cases, pair, key), file=sys.stderr)
+    if args.table:
+        print(cores_table(cases, backends), file=sys.stderr)
     if args.table and args.log_all:
         print(log_table(cases, backends), file=sys.stderr)
     return out

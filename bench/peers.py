@@ -33,6 +33,7 @@ NBD_BACKENDS = ("vhostmem-nbd", "qsd-nbd")
 NBD_CONNS = ("vhostmem-nbd", "vhostmem-nbd-1conn")
 ALL_NBD = (*NBD_BACKENDS, NBD_CONNS[1])
 NBD_EXPORT = "disk"
+WORKERS_PREFIX = "vhostmem-w"
 
 
 class PeerStartError(RuntimeError):
@@ -55,6 +56,10 @@ def backend_argv(name: str, socket: str, image: str, num_queues: int,
     if name == "vhostmem":
         return [sys.executable, "-m", "vhostmem.cli", "serve", "--socket", socket,
                 "--disk", image, "--num-queues", str(num_queues), "--log-level", "WARNING"]
+    if name.startswith(WORKERS_PREFIX) and name[len(WORKERS_PREFIX):].isdigit():
+        # vhostmem-wN: rings served by N data-plane worker processes (--workers N).
+        return [*backend_argv("vhostmem", socket, image, num_queues),
+                "--workers", name[len(WORKERS_PREFIX):]]
     if name == "qsd":
         return [QSD,
                 "--blockdev", f"driver=file,node-name=f,filename={image},cache.direct=off",
@@ -65,10 +70,33 @@ def backend_argv(name: str, socket: str, image: str, num_queues: int,
 
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of every thread of ``pid``, in seconds."""
+    """utime + stime of every thread of ``pid`` and of its live child processes (vhostmem's
+    data-plane workers), in seconds."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[UTIME_AFTER_COMM]) + int(fields[UTIME_AFTER_COMM + 1])) / CLK_TCK
+    own = (int(fields[UTIME_AFTER_COMM]) + int(fields[UTIME_AFTER_COMM + 1])) / CLK_TCK
+    return own + sum(cpu_seconds(child) for child in _children(pid))
+
+
+def runqueue_wait_seconds(pid: int) -> float:
+    """Seconds the threads of ``pid`` and of its live child processes spent runnable but
+    waiting for a CPU (/proc/PID/task/TID/schedstat, second field): on a machine other jobs
+    keep busy, what a backend lost to them."""
+    total = 0
+    with contextlib.suppress(FileNotFoundError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(FileNotFoundError), \
+                    open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[1])
+    return total / 1e9 + sum(runqueue_wait_seconds(child) for child in _children(pid))
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except FileNotFoundError:
+        return []
 
 
 @contextlib.contextmanager

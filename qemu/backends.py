@@ -113,11 +113,12 @@ def qsd_backend() -> Backend:
 
 def vhostmem_backend(
     executable: Path = VHOSTMEM_BIN, on_hotplug: HotplugHook = no_hotplug_checks,
-    extra: tuple[str, ...] = (),
+    extra: tuple[str, ...] = (), workers: int = 0,
 ) -> Backend:
     """``vhostmem serve`` on the image, or on its own RAM disk (``--ram-size``) for
     storage="ram"; pass ``on_hotplug`` for registration assertions, ``extra`` for more
-    arguments (e.g. ``("--io-mode", "thread")``)."""
+    arguments (e.g. ``("--io-mode", "thread")``); ``workers``: the rings run in that many
+    data-plane worker processes (``--workers``)."""
 
     def command(req: BackendRequest) -> list[str]:
         argv = [str(executable), "serve", "--socket", str(req.socket)]
@@ -127,6 +128,8 @@ def vhostmem_backend(
             argv += ["--disk", str(req.disk)]
         if req.readonly:
             argv.append("--readonly")
+        if workers:
+            argv += ["--workers", str(workers)]
         return [*argv, "--num-queues", str(req.num_queues), *extra]
 
     return Backend(name="vhostmem", command=command, on_hotplug=on_hotplug, ram_disk=True)

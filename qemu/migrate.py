@@ -77,6 +77,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import queue
 import re
@@ -179,17 +180,21 @@ def backend_pythonpath() -> dict[str, str]:
     return {"PYTHONPATH": f"{ROOT}{os.pathsep}{path}" if path else str(ROOT)}
 
 
-def _vhostmem_command(req: MigrationRequest) -> list[str]:
+def _vhostmem_command(req: MigrationRequest, workers: int = 0) -> list[str]:
     argv = [sys.executable, "-m", "vhostmem.cli", "serve"]
+    extra = f",workers={workers}" if workers else ""
     for sock in req.sockets:
-        argv += ["--blk", f"socket={sock},disk={req.image},num-queues={req.num_queues}"]
+        argv += ["--blk", f"socket={sock},disk={req.image},num-queues={req.num_queues}{extra}"]
     return argv
 
 
-def vhostmem_migration_backend() -> MigrationBackend:
-    """``vhostmem serve`` with two --blk specs on the same disk file (one disk, two sockets)."""
-    return MigrationBackend("vhostmem", _vhostmem_command, backend_pythonpath(),
-                            "vhostmem serve, two --blk sockets on one disk file")
+def vhostmem_migration_backend(workers: int = 0) -> MigrationBackend:
+    """``vhostmem serve`` with two --blk specs on the same disk file (one disk, two sockets);
+    ``workers``: each device's rings in that many data-plane worker processes."""
+    return MigrationBackend("vhostmem", functools.partial(_vhostmem_command, workers=workers),
+                            backend_pythonpath(),
+                            "vhostmem serve, two --blk sockets on one disk file"
+                            + (f", workers={workers}" if workers else ""))
 
 
 def command_migration_backend(name: str, template: str,

@@ -25,6 +25,7 @@ Command line: ``python -m qemu.reconnect [--backend vhostmem|qsd] [--kills 20] [
 from __future__ import annotations
 
 import argparse
+import contextlib
 import mmap
 import os
 import queue
@@ -223,13 +224,19 @@ class _Run:
             with region:
                 until = time.monotonic() + AIM_WINDOW
                 packed = self.config.packed
+                # vhostmem's data-plane workers hold the rings: they are frozen too.
+                pids = [proc.pid, *_children(proc.pid)]
                 while not seen and time.monotonic() < until:
                     if _any_inflight(region, packed):
-                        proc.send_signal(signal.SIGSTOP)
-                        seen = _frozen(proc.pid) and _any_inflight(region, packed)
+                        _signal_all(pids, signal.SIGSTOP)
+                        seen = all(_frozen(p) for p in pids) and _any_inflight(region, packed)
                         if not seen:
-                            proc.send_signal(signal.SIGCONT)
-        proc.kill()  # SIGKILL: no cleanup of any kind
+                            _signal_all(pids, signal.SIGCONT)
+        # SIGKILL: no cleanup of any kind. A backend's child processes first (vhostmem's
+        # data-plane workers, which hold the requests in flight; they would otherwise finish
+        # their turn before dying with their parent).
+        _signal_all(_children(proc.pid), signal.SIGKILL)
+        proc.kill()
         proc.wait()
         self.socket.unlink(missing_ok=True)  # so that start_backend waits for the new one
         return seen
@@ -336,6 +343,20 @@ def _frozen(pid: int) -> bool:
         if state in ("T", "t"):
             return True
     return False
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+def _signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
 
 
 def _map_inflight_region(pid: int) -> mmap.mmap | None:

@@ -4,6 +4,7 @@ torn down after the test."""
 
 from __future__ import annotations
 
+import functools
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -25,7 +26,9 @@ def _peer_factory(kind: str, prefix: str) -> Iterator[PeerFactory]:
     `handle.kind` names the backend."""
     workdir = Path(tempfile.mkdtemp(prefix=prefix))  # short: socket paths max 107 bytes
     handles: list[PeerHandle] = []
-    launch = start_vhostmem if kind == "vhostmem" else start_qsd
+    launch = {"vhostmem": start_vhostmem, "qsd": start_qsd,
+              # vhostmem with its rings in two data-plane worker processes (--workers 2)
+              "vhostmem-workers": functools.partial(start_vhostmem, workers=2)}[kind]
 
     def start(size: int = DEFAULT_IMAGE_SIZE, num_queues: int = 1, readonly: bool = False,
               image: str | None = None) -> PeerHandle:

@@ -113,18 +113,28 @@ def start_qsd(image_path: str, socket_path: str, num_queues: int = 1,
     return handle
 
 
+# `VHOSTMEM_TEST_WORKERS=N`: every vhostmem peer serves its rings in N data-plane worker
+# processes (the suites in both modes: docs/architecture.md, "Data plane").
+TEST_WORKERS = int(os.environ.get("VHOSTMEM_TEST_WORKERS", "0"))
+
+
 def vhostmem_command(image_path: str, socket_path: str, num_queues: int = 1,
-                     readonly: bool = False, serial: str = VHOSTMEM_SERIAL) -> list[str]:
+                     readonly: bool = False, serial: str = VHOSTMEM_SERIAL,
+                     workers: int | None = None) -> list[str]:
     argv = [sys.executable, "-m", "vhostmem.cli", "serve", "--socket", socket_path,
             "--disk", image_path, "--num-queues", str(num_queues), "--serial", serial]
+    workers = TEST_WORKERS if workers is None else workers
+    if workers:
+        argv += ["--workers", str(workers)]
     return [*argv, "--readonly"] if readonly else argv
 
 
 def start_vhostmem(image_path: str, socket_path: str, num_queues: int = 1,
-                   readonly: bool = False, serial: str = VHOSTMEM_SERIAL) -> VhostmemHandle:
+                   readonly: bool = False, serial: str = VHOSTMEM_SERIAL,
+                   workers: int | None = None) -> VhostmemHandle:
     """Start `vhostmem serve` on the image and wait until its vhost-user socket exists."""
     log_path = socket_path + ".log"
-    argv = vhostmem_command(image_path, socket_path, num_queues, readonly, serial)
+    argv = vhostmem_command(image_path, socket_path, num_queues, readonly, serial, workers)
     handle = VhostmemHandle(_spawn(argv, log_path), image_path, socket_path, num_queues,
                             readonly, log_path)
     _wait_for_socket(handle, "vhostmem serve")

@@ -48,6 +48,7 @@ from vhostmem.devspec import (  # noqa: F401  (re-exported: the parsing used to 
     parse_num_queues,
     parse_size,
     parse_socket_mode,
+    parse_workers,
     share_key,
 )
 from vhostmem.launch import (
@@ -96,15 +97,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="inline (serve on the event loop, the default) or thread (file I/O on a pool)",
     )
     serve.add_argument(
+        "--workers",
+        help="serve started rings in N worker processes (ring i in worker i %% N; 0: on the "
+             "event loop, the default); needs inline I/O on a disk or RAM disk",
+    )
+    serve.add_argument(
         "--blk",
         action="append",
         default=[],
         metavar="SPEC",
         help=(
             "a device: socket=P|client=P, disk=F|ram=SIZE|nbd=URI (nbd-timeout=S, "
-            "nbd-conns=N), readonly=on, num-queues=N, "
-            "serial=S, io-mode=inline|thread, share=NAME (devices naming the same share, or "
-            "the same disk file, serve one disk; one frontend at a time runs rings on it)"
+            "nbd-conns=N), readonly=on, num-queues=N, serial=S, io-mode=inline|thread, "
+            "workers=N, share=NAME (devices naming the same share, or the same disk file, "
+            "serve one disk; one frontend at a time runs rings on it)"
         ),
     )
     serve.add_argument(
@@ -169,6 +175,7 @@ def specs_from_args(args: argparse.Namespace) -> list[BlkSpec]:
             ("--num-queues", args.num_queues != "1"),
             ("--serial", args.serial is not None),
             ("--io-mode", args.io_mode is not None),
+            ("--workers", args.workers is not None),
         )
         if given
     ]
@@ -176,7 +183,7 @@ def specs_from_args(args: argparse.Namespace) -> list[BlkSpec]:
         raise UsageError(
             f"--blk cannot be combined with {', '.join(simple)}: give them as settings of "
             "each --blk (socket=, client=, disk=, ram=, readonly=, num-queues=, serial=, "
-            "io-mode=)"
+            "io-mode=, workers=)"
         )
     if not args.blk and not simple and args.rpc_socket:
         return []  # devices come from the management socket (device_add) or systemd
@@ -194,6 +201,7 @@ def specs_from_args(args: argparse.Namespace) -> list[BlkSpec]:
             num_queues=parse_num_queues(args.num_queues),
             serial=BlkSpec.serial if args.serial is None else args.serial,
             io_mode=parse_io_mode(args.io_mode or BlkSpec.io_mode),
+            workers=parse_workers(args.workers or str(BlkSpec.workers)),
         )
         specs = [check_spec(spec, "serve")]
     # Devices naming no socket may still get one each from systemd (checked again then).

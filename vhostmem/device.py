@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from typing import Any
 
 from vhostmem.virtqueue import (
     VIRTIO_F_RING_PACKED,
@@ -107,6 +108,11 @@ class VhostUserDevice(ABC):
         """Take back :meth:`guest_state` of an earlier backend; DeviceConfigError if invalid."""
         if data:
             raise DeviceConfigError(f"unexpected saved device state ({len(data)} bytes)")
+
+    def worker_settings(self) -> tuple[dict[str, Any], list[int]] | None:
+        """How a data-plane worker process builds a copy of this device (vhostmem/worker.py):
+        its settings and the fds it needs, or None when the device cannot run in one."""
+        return None
 
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release the device's own resources (backing files); the server calls it at exit."""

@@ -26,7 +26,8 @@ TRUE_WORDS = {"on", "yes", "true", "1"}
 FALSE_WORDS = {"off", "no", "false", "0"}
 SOCKET_MODE_BITS = 0o777
 BLK_KEYS = {"socket", "client", "disk", "ram", "readonly", "num-queues", "serial", "io-mode",
-            "share", "fd", "fdname", "nbd", "nbd-timeout", "nbd-conns"}
+            "share", "fd", "fdname", "nbd", "nbd-timeout", "nbd-conns",
+            "workers"}
 # nbd-timeout bounds: a request must fail before a departing frontend's drain gives up
 # (server.DRAIN_TIMEOUT_SECONDS, 30 s), so the guest sees an error, not a dropped connection.
 NBD_TIMEOUT_MIN = 0.1
@@ -34,6 +35,10 @@ NBD_TIMEOUT_MAX = 25.0
 # inline: requests are served on the event loop (fastest on RAM and page cache);
 # thread: file I/O runs on a thread pool so a slow disk cannot stall the control plane.
 IO_MODES = ("inline", "thread")
+# Data-plane worker processes per device (docs/architecture.md, "Data plane"); 0: none, the
+# rings run on the event loop (the default: see bench/RESULTS.md for when workers pay off).
+MAX_WORKERS = MAX_QUEUES
+DEFAULT_WORKERS = 0
 
 
 class UsageError(Exception):
@@ -54,6 +59,7 @@ class BlkSpec:
     num_queues: int = 1
     serial: str = "vhostmem"
     io_mode: str = "inline"
+    workers: int = DEFAULT_WORKERS
     # Devices naming the same share serve one disk (a RAM disk, too); so do devices given the
     # same disk file. Only one frontend at a time may run rings on it (live migration).
     share: str | None = None
@@ -127,6 +133,12 @@ def parse_num_queues(text: str) -> int:
     return int(text)
 
 
+def parse_workers(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= MAX_WORKERS:
+        raise UsageError(f"workers={text!r}: expected 0..{MAX_WORKERS}")
+    return int(text)
+
+
 def parse_nbd_uri_setting(text: str) -> str:
     try:
         parse_nbd_uri(text)
@@ -181,6 +193,8 @@ def parse_blk_spec(text: str) -> BlkSpec:
             spec.nbd_timeout = parse_nbd_timeout(value)
         elif key == "nbd-conns":
             spec.nbd_conns = parse_nbd_conns(value)
+        elif key == "workers":
+            spec.workers = parse_workers(value)
         else:
             spec.num_queues = parse_num_queues(value)
     return check_spec(spec, f"--blk {text!r}")
@@ -209,6 +223,9 @@ def check_spec(spec: BlkSpec, where: str) -> BlkSpec:
                              f"num-queues={spec.num_queues}")
     elif spec.nbd_conns is not None:
         raise UsageError(f"{where}: nbd-conns goes with nbd")
+    if spec.workers and (spec.nbd is not None or spec.io_mode != "inline"):
+        raise UsageError(f"{where}: workers= needs io-mode=inline and a disk or ram (NBD and "
+                         "thread-mode requests are served by this process only)")
     if spec.ram is None and spec.disk is None and spec.share is None and spec.nbd is None:
         spec.ram = DEFAULT_RAM_SIZE
     if len(spec.serial.encode()) > 20:
@@ -283,7 +300,7 @@ PARAM_KEYS = {
     "socket": "socket", "client": "client", "fd": "fd", "disk": "disk", "ram": "ram",
     "readonly": "readonly", "num_queues": "num-queues", "serial": "serial",
     "io_mode": "io-mode", "share": "share", "name": "name", "nbd": "nbd",
-    "nbd_timeout": "nbd-timeout", "nbd_conns": "nbd-conns",
+    "nbd_timeout": "nbd-timeout", "nbd_conns": "nbd-conns", "workers": "workers",
 }
 MAX_NAME_BYTES = 64
 
@@ -319,6 +336,8 @@ def spec_from_params(params: dict[str, Any]) -> BlkSpec:
                                  str(_integer(params, "num_queues")))
     if "io_mode" in params:
         spec.io_mode = _named("io_mode", parse_io_mode, _string(params, "io_mode"))
+    if "workers" in params:
+        spec.workers = _named("workers", parse_workers, str(_integer(params, "workers")))
     if "nbd" in params:
         spec.nbd = _named("nbd", parse_nbd_uri_setting, _string(params, "nbd"))
     if "nbd_timeout" in params:

@@ -24,10 +24,12 @@ for a guest address outside guest memory, which no write of ours reaches.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import mmap
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from vhostmem.sealed_region import map_sealed
 
@@ -36,6 +38,25 @@ BITS_PER_BYTE_SHIFT = 3
 BYTE_PAGES = 1 << BITS_PER_BYTE_SHIFT
 BYTE_BIT_MASK = BYTE_PAGES - 1  # a page's bit within its byte
 FULL_BYTE = 0xFF
+# __atomic_fetch_or_1(ptr, value, memorder) from libatomic (GCC's runtime), for logs several
+# processes mark (DirtyLog.share); None when the library is not installed.
+ATOMIC_SEQ_CST = 5
+
+
+def _load_atomic_or() -> Callable[[int, int, int], int] | None:
+    name = ctypes.util.find_library("atomic")
+    if name is None:
+        return None
+    try:
+        fn = ctypes.CDLL(name).__atomic_fetch_or_1
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_uint8, ctypes.c_int]
+    fn.restype = ctypes.c_uint8
+    return fn  # type: ignore[no-any-return]
+
+
+_ATOMIC_OR = _load_atomic_or()
 # Largest log accepted: 2^48 bytes of guest memory at one bit per 4 KiB.
 MAX_LOG_SIZE = 1 << (48 - LOG_PAGE_SHIFT - BITS_PER_BYTE_SHIFT)
 
@@ -53,12 +74,16 @@ def log_bytes_for(gpa_end: int) -> int:
 class DirtyLog:
     """A mapped log: owns the fd and the mapping."""
 
-    def __init__(self, fd: int, mm: mmap.mmap) -> None:
+    def __init__(self, fd: int, mm: mmap.mmap, mmap_offset: int = 0) -> None:
         self.fd = fd
         self.mm = mm
         self.size = len(mm)
+        self.mmap_offset = mmap_offset  # where the log starts in fd (handed to workers)
         self.lock = threading.Lock()
         self.marks = 0  # mark() calls that set something (for tests and stats)
+        # Several processes mark this log (data-plane workers): see share().
+        self.shared = False
+        self._base = 0  # the mapping's address, for atomic ORs (shared)
 
     @classmethod
     def attach(cls, fd: int, mmap_size: int, mmap_offset: int, gpa_end: int) -> DirtyLog:
@@ -75,7 +100,7 @@ class DirtyLog:
                     f"to {gpa_end:#x} needs")
 
         return cls(fd, map_sealed(fd, mmap_size, mmap_offset, "dirty log", DirtyLogError,
-                                  check_size))
+                                  check_size), mmap_offset)
 
     def covers(self, gpa_end: int) -> bool:
         return log_bytes_for(gpa_end) <= self.size
@@ -99,6 +124,8 @@ class DirtyLog:
                 lo, hi = first >> BITS_PER_BYTE_SHIFT, last >> BITS_PER_BYTE_SHIFT
                 if gpa < 0 or hi >= size:
                     outside = (gpa, length)
+                elif self.shared:
+                    self._mark_shared(first, last, lo, hi)
                 elif lo == hi:  # the common case: a buffer within 8 pages' byte
                     mm[lo] |= ((2 << (last & BYTE_BIT_MASK)) - 1) & ~(
                         (1 << (first & BYTE_BIT_MASK)) - 1)
@@ -109,6 +136,40 @@ class DirtyLog:
                     mm[hi] |= _span_mask(hi << BITS_PER_BYTE_SHIFT, last)
             self.marks += 1
         return outside
+
+    def share(self) -> None:
+        """Other processes mark this log too (data-plane workers, docs/migration.md). The
+        read-modify-write of a partial byte is only safe under one process's lock: across
+        processes it is one atomic OR instruction (libatomic's ``__atomic_fetch_or_1``, a
+        ``lock or`` on x86-64), and without libatomic every touched byte is stored whole
+        (0xFF: up to 7 neighbouring pages over-marked, i.e. sent once more; never a bit lost).
+        Whole bytes are plain stores in both cases: setting all eight bits loses nothing."""
+        self.shared = True
+        if _ATOMIC_OR is not None:
+            self._base = ctypes.addressof(ctypes.c_char.from_buffer(self.mm))
+
+    def _mark_shared(self, first: int, last: int, lo: int, hi: int) -> None:
+        mm = self.mm
+        if _ATOMIC_OR is None:
+            mm[lo : hi + 1] = bytes([FULL_BYTE]) * (hi - lo + 1)
+            return
+        if lo == hi:
+            self._or_byte(lo, _span_mask(first, last))
+            return
+        self._or_byte(lo, _span_mask(first, (lo << BITS_PER_BYTE_SHIFT) + BYTE_PAGES - 1))
+        if hi - lo > 1:
+            mm[lo + 1 : hi] = bytes([FULL_BYTE]) * (hi - lo - 1)
+        self._or_byte(hi, _span_mask(hi << BITS_PER_BYTE_SHIFT, last))
+
+    def _or_byte(self, index: int, mask: int) -> None:
+        """Set ``mask`` in byte ``index`` atomically, unless it is set already: the guest
+        write being logged is globally visible before this check (mark_ranges took the lock
+        after it: a locked instruction, a full fence on x86-64, so the check cannot pass the
+        write), so a bit still set is collected by QEMU after that write, and a bit QEMU
+        clears after the check reports the write too. A hot buffer's page (a driver's request
+        slots) costs one read instead of a call."""
+        if self.mm[index] & mask != mask:
+            _ATOMIC_OR(self._base + index, mask, ATOMIC_SEQ_CST)
 
     def mark_all(self) -> None:
         """Every page the log covers: bits only set, as in mark()."""

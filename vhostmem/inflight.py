@@ -159,6 +159,7 @@ class InflightRegion:
         self.layout = layout or SPLIT_LAYOUT
         self.mmap_size = len(mm)
         self._queues: list[Any] = [None] * num_queues
+        self.mmap_offset = 0
 
     @classmethod
     def attach(
@@ -188,6 +189,7 @@ class InflightRegion:
 
         mm = map_sealed(fd, mmap_size, mmap_offset, "inflight", InflightError, check_size)
         region = cls(fd, mm, num_queues, queue_size, layout)
+        region.mmap_offset = mmap_offset  # handed on to data-plane workers
         for i in range(num_queues):
             # Like libvhost-user: the frontend sizes every queue with queue_size (desc_num has
             # the same offset in both layouts).

@@ -57,8 +57,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vhostmem.descriptors import VRING_DESC_F_NEXT
-from vhostmem.inflight import REGION_VERSION, InflightError, QueueLayout
-from vhostmem.packed_ring import VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED
+from vhostmem.inflight import REGION_VERSION, SPLIT_LAYOUT, InflightError, QueueLayout
+from vhostmem.packed_ring import VIRTIO_F_RING_PACKED, VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED
 
 log = logging.getLogger("vhostmem.inflight")
 
@@ -457,3 +457,9 @@ class PackedInflightQueue:
 
 
 PACKED_LAYOUT = QueueLayout("packed", HEADER_SIZE, DESC_SIZE, PackedInflightQueue)
+
+
+def layout_for(features: int) -> QueueLayout:
+    """The region layout of the ring layout ``features`` negotiated (the session and a
+    data-plane worker map one region the same way)."""
+    return PACKED_LAYOUT if features >> VIRTIO_F_RING_PACKED & 1 else SPLIT_LAYOUT

@@ -220,6 +220,7 @@ def build_blk_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-queues", default="1", help=f"1..{MAX_QUEUES} queues")
     parser.add_argument("--serial", help="GET_ID serial (<= 20 bytes, default vhostmem)")
     parser.add_argument("--io-mode", help="inline (the default) or thread")
+    parser.add_argument("--workers", help="serve the rings in N worker processes (default 0)")
     # The same names and meanings as in `vhostmem serve` (cli.serve_specs reads them).
     parser.add_argument("--socket-mode", default=f"{DEFAULT_SOCKET_MODE:o}",
                         help="octal mode of the socket file")
@@ -240,6 +241,7 @@ def blk_specs(args: argparse.Namespace, inherited: list[InheritedSocket]) -> lis
         parse_io_mode,
         parse_num_queues,
         parse_size,
+        parse_workers,
     )
 
     spec = BlkSpec(
@@ -252,6 +254,7 @@ def blk_specs(args: argparse.Namespace, inherited: list[InheritedSocket]) -> lis
         num_queues=parse_num_queues(args.num_queues),
         serial=BlkSpec.serial if args.serial is None else args.serial,
         io_mode=parse_io_mode(args.io_mode or BlkSpec.io_mode),
+        workers=parse_workers(args.workers or str(BlkSpec.workers)),
     )
     if spec.socket is None and spec.fd is None and not inherited:
         raise UsageError("give --socket-path=PATH or --fd=FDNUM (or start from a systemd "

@@ -108,6 +108,7 @@ class DeviceManager:
                 socket_mode=self.socket_mode,
                 socket_group=self.socket_group,
                 require_sealed_memory=self.require_sealed_memory,
+                workers=spec.workers,
             )
             endpoint = self.server.add(device, config, name=name, listener=listener)
         except BaseException:
@@ -193,6 +194,7 @@ class DeviceManager:
             "num_queues": device.num_queues,
             "serial": spec.serial,
             "io_mode": device.io_mode,
+            "workers": spec.workers,
             "frontend": self._frontend(md) if connected else None,
             "draining": endpoint.draining,
             "deleting": md.deleting,

@@ -51,6 +51,8 @@ class EndpointConfig:
     socket_group: str | None = None
     # Refuse guest memory fds not sealed against shrinking (a truncation would SIGBUS us).
     require_sealed_memory: bool = False
+    # Started rings run in this many data-plane worker processes (0: on the event loop).
+    workers: int = 0
 
 
 class LoopKickWatcher:
@@ -60,16 +62,22 @@ class LoopKickWatcher:
     def __init__(self, loop: asyncio.AbstractEventLoop, name: str) -> None:
         self.loop = loop
         self.name = name
-        self.fds: set[int] = set()
+        self.fds: set[int] = set()  # kick eventfds
+        self.channels: set[int] = set()  # data-plane workers' control sockets
 
     def watch(self, fd: int, callback: Callable[[], None]) -> None:
         self.loop.add_reader(fd, self._guarded, fd, callback)
         self.fds.add(fd)
 
+    def watch_channel(self, fd: int, callback: Callable[[], None]) -> None:
+        self.loop.add_reader(fd, self._guarded, fd, callback)
+        self.channels.add(fd)
+
     def unwatch(self, fd: int) -> None:
-        if fd in self.fds:
+        if fd in self.fds or fd in self.channels:
             self.loop.remove_reader(fd)
             self.fds.discard(fd)
+            self.channels.discard(fd)
 
     def defer(self, callback: Callable[[], None]) -> None:
         self.loop.call_soon(self._guarded, -1, callback)
@@ -108,6 +116,7 @@ class Endpoint:
             self.watcher,
             name=self.name,
             require_sealed_memory=config.require_sealed_memory,
+            workers=config.workers,
         )
         self.listener: socket.socket | None = None
         self.connection: Connection | None = None
@@ -116,6 +125,7 @@ class Endpoint:
         self._closing = False
         self._owns_path = False  # we created the socket file, so we unlink it
         self.draining = False  # a frontend left with requests in flight; not serving yet
+        self._next_sock: socket.socket | None = None  # accepted while draining
 
     # ---------------------------------------------------------------- listen mode
 
@@ -150,6 +160,11 @@ class Endpoint:
         if self.connection is not None and self.connection.peer_gone():
             # Its EOF is not read yet (e.g. a connect-and-close probe): serve the newcomer.
             self.connection.close()
+            if self.draining:
+                # Its rings are still stopping (requests on I/O threads, data-plane workers
+                # answering STOP): the newcomer is served once that is done.
+                self._next_sock = sock
+                return
         if self.connection is not None:
             log.warning("%s: refusing a second frontend while one is connected", self.name)
             sock.close()
@@ -196,6 +211,9 @@ class Endpoint:
         self._release()
         if self.listener is not None:
             self.loop.add_reader(self.listener.fileno(), self._on_accept)
+        sock, self._next_sock = self._next_sock, None
+        if sock is not None:
+            self._attach(sock)
 
     def _release(self) -> None:
         try:
@@ -265,6 +283,9 @@ class Endpoint:
     def close(self) -> None:
         self._closing = True
         self.stop_accepting()
+        if self._next_sock is not None:
+            self._next_sock.close()
+            self._next_sock = None
         if self.connection is not None:
             self.connection.close()
         self.session.close()

@@ -41,7 +41,10 @@ from vhostmem.session_base import (
 from vhostmem.session_inflight import InflightRequests
 from vhostmem.session_log import LOG_ALL_BIT, LogRequests
 from vhostmem.session_memory import MemoryRequests
+from vhostmem.session_turns import RingTurns
+from vhostmem.session_workers import WorkerRings
 from vhostmem.virtqueue import Virtqueue
+from vhostmem.worker_proto import Msg
 
 __all__ = [
     "BASE_PROTOCOL_FEATURES",
@@ -53,7 +56,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-class Session(MemoryRequests, LogRequests, InflightRequests):
+class Session(RingTurns, MemoryRequests, LogRequests, InflightRequests, WorkerRings):
     """The vhost-user message handler for one frontend connection to one device."""
 
     def __init__(
@@ -63,6 +66,7 @@ class Session(MemoryRequests, LogRequests, InflightRequests):
         watcher: KickWatcher,
         name: str = "vhostmem",
         require_sealed_memory: bool = False,
+        workers: int = 0,
     ) -> None:
         self.device = device
         self.name = name
@@ -82,6 +86,8 @@ class Session(MemoryRequests, LogRequests, InflightRequests):
         # Came up with LOG_ALL in its first SET_FEATURES: a backend restarted mid-migration,
         # which marks the whole log once (session_log.py, _catch_up).
         self.log_catch_up = False
+        # workers > 0: started rings run in that many worker processes (session_workers.py).
+        self._init_workers(workers)
         self._handlers: dict[FrontendRequest, Callable[[Message], object]] = {
             FrontendRequest.GET_FEATURES: self._get_features,
             FrontendRequest.SET_FEATURES: self._set_features,
@@ -119,6 +125,9 @@ class Session(MemoryRequests, LogRequests, InflightRequests):
     def offered_features(self) -> int:
         return self.device.features() | PROTOCOL_FEATURES_BIT | LOG_ALL_BIT
 
+    def _ring_features(self) -> int:
+        return self.state.features
+
     def offered_protocol_features(self) -> int:
         return BASE_PROTOCOL_FEATURES | self.device.protocol_features()
 
@@ -151,6 +160,8 @@ class Session(MemoryRequests, LogRequests, InflightRequests):
                                "on the frontend request channel")
         handler = self._handlers.get(msg.request)
         wants_ack = self._acks(msg)
+        losses = self.pool.losses if self.pool is not None else 0
+        mark = self.pool.last_seq if self.pool is not None else 0
         try:
             if msg.invalid is not None:  # framed, but its payload or fds failed validation
                 raise SessionError(f"{request_name(msg.request)}: {msg.invalid}")
@@ -162,13 +173,21 @@ class Session(MemoryRequests, LogRequests, InflightRequests):
             return self._failed(msg, exc, wants_ack)
         if isinstance(result, Deferred):
             return result
+        replies: list[Reply] = []
         if isinstance(result, FdReply):
-            return [(encode_reply(msg.request, result.payload), result.fds)]
-        if result is not None:
-            return [(encode_reply(msg.request, result), [])]
-        if wants_ack:
-            return [(encode_reply(msg.request, ACK_OK), [])]
-        return []
+            replies = [(encode_reply(msg.request, result.payload), result.fds)]
+        elif result is not None:
+            replies = [(encode_reply(msg.request, result), [])]
+        elif wants_ack:
+            replies = [(encode_reply(msg.request, ACK_OK), [])]
+        if self.pool is None:
+            return replies
+        # Workers acknowledge first; a request a worker failed (it is replaced, its rings are
+        # broken) is answered as failed where REPLY_ACK can say so.
+        failed = replies
+        if wants_ack and msg.request not in OWN_REPLY_REQUESTS:  # a u64 ack is its reply
+            failed = [(encode_reply(msg.request, ACK_FAILED), [])]
+        return self.gate(request_name(msg.request), replies, failed, losses, mark)
 
     def _failed(self, msg: Message, exc: Exception, wants_ack: bool) -> list[Reply]:
         """The answer to a failed request, or SessionError when only a disconnect can tell."""
@@ -312,6 +331,9 @@ class Session(MemoryRequests, LogRequests, InflightRequests):
         addr = (a.flags, a.desc_user_addr, a.used_user_addr, a.avail_user_addr, a.log_guest_addr)
         self._resolve_ring(i, addr)  # all or nothing: a refused address changes nothing
         vq = self.queues[i]
+        if vq._addr is not None:
+            desc, avail, used = vq._addr
+            self._remote_send(i, Msg.ADDR, addr=[desc, used, avail], frontend_addr=list(addr))
         if not vq.started and vq.broken:
             # New addresses on a stopped ring (a driver restarting it after an error or a
             # guest reset): the old ring's corruption no longer applies.
@@ -342,7 +364,7 @@ class Session(MemoryRequests, LogRequests, InflightRequests):
         # (every used entry written), without blocking the event loop meanwhile.
         return Deferred(
             f"GET_VRING_BASE ring {i}",
-            self.queues[i].idle,
+            lambda: self.ring_idle(i),
             lambda: [(encode_reply(msg.request, self._vring_base(i)), [])],
         )
 
@@ -381,6 +403,7 @@ class Session(MemoryRequests, LogRequests, InflightRequests):
     def _set_vring_call(self, msg: Message) -> None:
         i, fd = self._vring_fd(msg)
         self.queues[i].set_call_fd(fd)  # never waits for I/O threads (see set_call_fd)
+        self._remote_send(i, Msg.CALL, [fd] if fd >= 0 else [])
 
     def _set_vring_err(self, msg: Message) -> None:
         i, fd = self._vring_fd(msg)
@@ -394,6 +417,9 @@ class Session(MemoryRequests, LogRequests, InflightRequests):
 
     def _enable_ring(self, i: int, enabled: bool) -> None:
         self.queues[i].enable(enabled)
+        if i in self._remote:
+            self._remote_send(i, Msg.ENABLE, on=enabled)
+            return
         if enabled and self.queues[i].started:
             # Requests may have been queued while the ring was disabled.
             self.process_queue(i)
@@ -401,6 +427,9 @@ class Session(MemoryRequests, LogRequests, InflightRequests):
     def _start_ring(self, i: int) -> None:
         vq = self.queues[i]
         self.device.claim(self.name, self._rings_busy)  # a shared disk serves one frontend
+        if self.pool is not None:
+            self._start_remote(i)
+            return
         vq.start()
         try:
             self.watcher.watch(vq.kick_fd, lambda: self.on_kick(i))
@@ -415,45 +444,13 @@ class Session(MemoryRequests, LogRequests, InflightRequests):
     def _stop_ring(self, i: int) -> bool:
         """Stop ring ``i``; whether it is idle (no request in flight on another thread)."""
         vq = self.queues[i]
+        if i in self._remote:
+            vq.stop()
+            self._stop_remote(i)
+            return self.ring_idle(i)
         if vq.started and vq.kick_fd >= 0:
             self.watcher.unwatch(vq.kick_fd)
         return vq.stop()
-
-    def on_kick(self, i: int) -> None:
-        """The ring's kick eventfd is readable: drain it and process the ring."""
-        vq = self.queues[i]
-        vq.stat_kicks += 1
-        try:
-            vq.drain_kick()  # the kick is consumed; what its counter said does not matter
-        except OSError as exc:
-            self.watcher.unwatch(vq.kick_fd)
-            vq.mark_broken(f"kick eventfd unreadable: {exc}")
-            return
-        if vq.enabled:
-            self.process_queue(i)
-
-    def process_queue(self, i: int) -> None:
-        """One turn of ring ``i``: the device serves what the turn's budget allows; if work is
-        left, the next turn is scheduled after the loop has served everything else ready."""
-        vq = self.queues[i]
-        if vq.broken or vq.paused:
-            return
-        vq.new_turn()
-        try:
-            self.device.handle_queue(vq)
-        except Exception as exc:  # a device bug stops its queue, not the connection
-            log.exception("%s: device failed serving ring %d", self.name, i)
-            vq.mark_broken(f"device error: {exc!r}")
-            return
-        if vq.yielded and i not in self._turn_pending:
-            self._turn_pending.add(i)
-            self.watcher.defer(lambda: self._next_turn(i))
-
-    def _next_turn(self, i: int) -> None:
-        self._turn_pending.discard(i)
-        vq = self.queues[i]
-        if vq.started and vq.enabled:
-            self.process_queue(i)
 
     # ---------------------------------------------------------------- teardown
 
@@ -466,7 +463,7 @@ class Session(MemoryRequests, LogRequests, InflightRequests):
         return idle
 
     def idle(self) -> bool:
-        return all(vq.idle() for vq in self.queues)
+        return all(vq.idle() for vq in self.queues) and self.workers_idle()
 
     def _rings_busy(self) -> bool:
         """Whether this frontend's rings still run on the device's storage."""
@@ -484,6 +481,8 @@ class Session(MemoryRequests, LogRequests, InflightRequests):
         self.drop_log()
         self.device.forget_guest()
         self.memory.clear()
+        if self.pool is not None:
+            self.pool.set_table([])
         close_fd(self.state.backend_req_fd)
         self.state = SessionState()
 
@@ -493,3 +492,4 @@ class Session(MemoryRequests, LogRequests, InflightRequests):
         for vq in self.queues:
             vq.close()
         self.memory.close()
+        self._close_workers()

@@ -69,6 +69,10 @@ class KickWatcher(TypingProtocol):
     def defer(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` on this thread soon, after the I/O already waiting is served."""
 
+    def watch_channel(self, fd: int, callback: Callable[[], None]) -> None:
+        """Like :meth:`watch` for a data-plane worker's control socket, which outlives the
+        frontend connection (``unwatch_all`` on a disconnect leaves it; ``unwatch`` ends it)."""
+
 
 Reply = tuple[bytes, list[int]]
 

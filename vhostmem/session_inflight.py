@@ -13,10 +13,10 @@ import logging
 
 from protocol import Message
 from vhostmem.device import DeviceConfigError, VhostUserDevice
-from vhostmem.inflight import SPLIT_LAYOUT, InflightError, InflightState, QueueLayout
-from vhostmem.inflight_packed import PACKED_LAYOUT
+from vhostmem.inflight import InflightError, InflightState, QueueLayout
+from vhostmem.inflight_packed import layout_for
 from vhostmem.session_base import FdReply, SessionError, SessionState, take_fds
-from vhostmem.virtqueue import VIRTIO_F_RING_PACKED, Virtqueue
+from vhostmem.virtqueue import Virtqueue
 
 log = logging.getLogger("vhostmem.session")
 
@@ -33,7 +33,7 @@ class InflightRequests:
     def _layout(self) -> QueueLayout:
         """The region layout of the negotiated ring layout (QEMU sends SET_FEATURES before
         GET_INFLIGHT_FD and SET_INFLIGHT_FD: vhost_dev_prepare_inflight)."""
-        return PACKED_LAYOUT if self.state.features >> VIRTIO_F_RING_PACKED & 1 else SPLIT_LAYOUT
+        return layout_for(self.state.features)
 
     def _get_inflight_fd(self, msg: Message) -> FdReply:
         p = msg.payload

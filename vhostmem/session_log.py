@@ -31,6 +31,8 @@ from vhostmem.session_base import (
     take_fds,
 )
 from vhostmem.virtqueue import Virtqueue
+from vhostmem.worker_pool import WorkerPool
+from vhostmem.worker_proto import Msg
 
 log = logging.getLogger("vhostmem.session")
 
@@ -55,6 +57,7 @@ class LogRequests:
     log_fd: int
     log_catch_up: bool
     state: SessionState
+    pool: WorkerPool | None
 
     def process_queue(self, i: int) -> None:
         raise NotImplementedError
@@ -65,6 +68,12 @@ class LogRequests:
     @staticmethod
     def _acks(msg: Message) -> bool:
         raise NotImplementedError
+
+    def _threads_idle(self) -> bool:
+        """No request of a ring served here is in flight on an I/O thread. (Rings in
+        data-plane workers switch between two turns; the LOG message they acknowledge holds
+        the reply: session_workers.py.)"""
+        return all(vq.idle() for vq in self.queues)
 
     def _gpa_end(self) -> int:
         return max((r.gpa_end for r in self.memory.regions), default=0)
@@ -77,10 +86,14 @@ class LogRequests:
             new = DirtyLog.attach(take_fds(msg)[0], p.mmap_size, p.mmap_offset, self._gpa_end())
         except DirtyLogError as exc:
             raise SessionError(f"SET_LOG_BASE: {exc}") from None
+        # Workers mark it too: whole-byte stores in every process (dirty_log.py).
+        if self.pool is not None:
+            new.share()
         old, self.dirty_log = self.dirty_log, new
         if self.logging:
             for vq in self.queues:
                 vq.set_dirty_log(new)
+            self._send_log()
         if old is not None:
             old.close()
         log.info("%s: dirty log of %d bytes attached", self.name, new.size)
@@ -120,7 +133,7 @@ class LogRequests:
             log.warning("%s: VHOST_F_LOG_ALL acked before SET_LOG_BASE", self.name)
         elif not self.dirty_log.covers(self._gpa_end()):
             raise SessionError("SET_FEATURES: the dirty log does not cover guest memory")
-        if self.idle():
+        if self._threads_idle():
             self._apply_logging(True)
             return None
         for vq in self.queues:
@@ -131,7 +144,7 @@ class LogRequests:
             self._apply_logging(True)
             return [(encode_reply(msg.request, ACK_OK), [])] if ack else []
 
-        return Deferred("SET_FEATURES (VHOST_F_LOG_ALL on)", self.idle, finish)
+        return Deferred("SET_FEATURES (VHOST_F_LOG_ALL on)", self._threads_idle, finish)
 
     def _apply_logging(self, on: bool) -> None:
         self.logging = on
@@ -142,6 +155,7 @@ class LogRequests:
             target = None
         for vq in self.queues:
             vq.set_dirty_log(target)
+        self._send_log()
         log.info("%s: dirty logging %s", self.name, "on" if on else "off")
         if on:
             self._catch_up()
@@ -150,6 +164,23 @@ class LogRequests:
                 vq.paused = False
                 if vq.started and vq.enabled:
                     self.process_queue(i)
+
+    def _log_target(self) -> DirtyLog | None:
+        """The log the rings mark into now (None: logging off)."""
+        if not self.logging or DEBUG_NO_MARKING:
+            return None
+        return self.dirty_log
+
+    def _send_log(self) -> None:
+        """Tell the workers which log to mark (they map it themselves)."""
+        if self.pool is None:
+            return
+        target = self._log_target()
+        if target is None:
+            self.pool.broadcast(Msg.LOG, on=False)
+        else:
+            self.pool.broadcast(Msg.LOG, [target.fd], on=True, mmap_size=target.size,
+                                mmap_offset=target.mmap_offset)
 
     def _catch_up(self) -> None:
         """A session whose first SET_FEATURES has LOG_ALL is QEMU reconnecting during a
@@ -171,6 +202,7 @@ class LogRequests:
         self.log_catch_up = False
         for vq in self.queues:
             vq.set_dirty_log(None)
+        self._send_log()
         if self.dirty_log is not None:
             self.dirty_log.close()
             self.dirty_log = None

@@ -9,6 +9,7 @@ starts).
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +23,7 @@ from vhostmem.session_base import (
     take_fds,
 )
 from vhostmem.virtqueue import Virtqueue
+from vhostmem.worker_pool import WorkerPool
 
 log = logging.getLogger("vhostmem.session")
 
@@ -33,6 +35,7 @@ class MemoryRequests:
     memory: GuestMemory
     queues: list[Virtqueue]
     state: SessionState
+    pool: WorkerPool | None  # session_workers.py: the workers map the same table
 
     def _resolve_ring(self, i: int, addr: tuple[int, int, int, int, int]) -> None:
         raise NotImplementedError  # the session translates ring addresses
@@ -53,7 +56,14 @@ class MemoryRequests:
             (r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset, fd)
             for r, fd in zip(table.regions, take_fds(msg), strict=True)
         ]
-        self.memory.set_table(regions)
+        kept = self._keep_fds([fd for *_, fd in regions])
+        try:
+            self.memory.set_table(regions)
+        except BaseException:
+            close_fds(kept)
+            raise
+        if self.pool is not None:
+            self.pool.set_table([(*r[:4], fd) for r, fd in zip(regions, kept, strict=True)])
         self._log_regions("SET_MEM_TABLE")
         self._reresolve_rings()
 
@@ -82,9 +92,17 @@ class MemoryRequests:
             raise SessionError(f"ADD_MEM_REG: all {MAX_MEM_SLOTS} memory slots are in use")
         r = msg.payload.region
         self._check_log_covers(r.guest_phys_addr + r.memory_size, "ADD_MEM_REG")
-        self.memory.add_region(
-            r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset, take_fds(msg)[0]
-        )
+        fd = take_fds(msg)[0]
+        kept = self._keep_fds([fd])
+        try:
+            self.memory.add_region(
+                r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset, fd)
+        except BaseException:
+            close_fds(kept)
+            raise
+        if self.pool is not None:
+            self.pool.add_region(r.guest_phys_addr, r.memory_size, r.userspace_addr,
+                                 r.mmap_offset, kept[0])
         log.info(
             "%s: ADD_MEM_REG registered region gpa=%#x size=%#x",
             self.name,
@@ -98,6 +116,8 @@ class MemoryRequests:
         r = msg.payload.region
         self._check_rings_outside(r.guest_phys_addr, r.memory_size)
         self.memory.remove_region(r.guest_phys_addr, r.memory_size, r.userspace_addr)
+        if self.pool is not None:
+            self.pool.remove_region(r.guest_phys_addr, r.memory_size, r.userspace_addr)
         self._unmap_stopped_rings()
         log.info(
             "%s: REM_MEM_REG unregistered region gpa=%#x size=%#x",
@@ -105,6 +125,20 @@ class MemoryRequests:
             r.guest_phys_addr,
             r.memory_size,
         )
+
+    def _keep_fds(self, fds: list[int]) -> list[int]:
+        """Duplicates of region fds for the workers (the mapping here closes the originals)."""
+        if self.pool is None:
+            return []
+        kept: list[int] = []
+        try:
+            for fd in fds:
+                kept.append(os.dup(fd))
+        except OSError:
+            close_fds(kept)
+            close_fds(fds)
+            raise
+        return kept
 
     def _log_regions(self, what: str) -> None:
         for region in self.memory.regions:

@@ -299,6 +299,20 @@ class Virtqueue(SplitRing, QueueStats):
         self._start_layout()
         self.started = True
 
+    def start_elsewhere(self) -> None:
+        """Mark the ring started while another process serves it (a data-plane worker,
+        vhostmem/session_workers.py): its structures are checked to lie in guest memory, but
+        neither mapped nor read here (the worker reads the ring; this copy is the record)."""
+        if not self.ready_to_start() or self._addr is None:
+            raise VirtqueueError(f"queue {self.index}: start without size or addresses")
+        for view in self._resolve(self._addr):
+            view.release()
+        self.started = True
+
+    def tracked(self) -> bool:
+        """Whether an inflight region tracks this queue (INFLIGHT_SHMFD)."""
+        return self._inflight is not None
+
     def stop(self) -> bool:
         """Stop processing (nothing more is popped); whether no request is in flight on other
         threads. Never waits: the caller awaits :meth:`idle` before it reports the ring's

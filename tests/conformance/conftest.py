@@ -18,7 +18,10 @@ def num_queues(request: pytest.FixtureRequest) -> int:
 
 # The ring-layout axis: qemu-storage-daemon serves split rings only (its vhost-user library has
 # no packed layout), so packed cases run against vhostmem alone, named as such.
-RING_PEERS = [("vhostmem", False), ("vhostmem", True), ("qsd", False)]
+# vhostmem-workers: the request cases once more with the rings in two worker processes (the
+# whole suite runs in that mode with VHOSTMEM_TEST_WORKERS=2: `make test-workers`).
+RING_PEERS = [("vhostmem", False), ("vhostmem", True), ("qsd", False),
+              ("vhostmem-workers", False)]
 
 
 @pytest.fixture(params=RING_PEERS, ids=lambda p: f"{p[0]}-{'packed' if p[1] else 'split'}")
@@ -26,7 +29,7 @@ def ring_peer(request: pytest.FixtureRequest) -> Iterator[tuple[PeerFactory, boo
     """(peer factory, packed): every peer on split rings, plus vhostmem on packed rings (open
     the device with ``packed=packed``)."""
     kind, packed = request.param
-    for factory in _peer_factory(kind, f"vhm-{kind[:3]}-"):
+    for factory in _peer_factory(kind, f"vhm-{kind[:3]}-{kind[-1]}"):
         yield factory, packed
 
 

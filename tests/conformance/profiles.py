@@ -8,6 +8,7 @@ docs/conformance.md lists the same differences with their reasons.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -148,7 +149,9 @@ QSD = Profile(
     logs_used_ring_without_log_flag=True,
     logs_avail_event=False,
 )
-PROFILES = {p.name: p for p in (VHOSTMEM, QSD)}
+# vhostmem with --workers 2 documents exactly what vhostmem does (docs/architecture.md).
+VHOSTMEM_WORKERS = dataclasses.replace(VHOSTMEM, name="vhostmem-workers")
+PROFILES = {p.name: p for p in (VHOSTMEM, QSD, VHOSTMEM_WORKERS)}
 # What vhostmem documents beyond qsd, whatever else the server grows.
 VHOSTMEM_PROTOCOL_MINIMUM = COMMON_PROTOCOL | mask(ProtocolFeature.RESET_DEVICE,
                                                    ProtocolFeature.STATUS)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from tests.hostile.guarded import GuardedRam
+from tests.peers import TEST_WORKERS
 from vhostmem import bounds
 from vhostmem.devices.blk import BlkDevice
 from vhostmem.frontend import VhostUserBlk
@@ -91,7 +92,9 @@ class ServerThread:
     def add(self, name: str, num_queues: int, io_mode: str = "inline") -> Endpoint:
         device = BlkDevice.from_file(str(self.images[name].path), num_queues=num_queues,
                                      io_mode=io_mode)
-        config = EndpointConfig(str(self.dir / f"{name}.sock"))
+        # VHOSTMEM_TEST_WORKERS=N: the inline devices serve their rings in worker processes.
+        workers = TEST_WORKERS if io_mode == "inline" else 0
+        config = EndpointConfig(str(self.dir / f"{name}.sock"), workers=workers)
         return self.call(self.server.add, device, config)
 
     def call(self, fn: Callable[..., T], *args: Any) -> T:

@@ -19,6 +19,7 @@ import pytest
 from qemu.assets import GuestAssets, prepare
 from qemu.backends import PLUGGED, Backend, HotplugEvent, qsd_backend, vhostmem_backend
 from qemu.guestlog import Check
+from tests.peers import TEST_WORKERS
 
 REGISTERED = re.compile(r"ADD_MEM_REG registered region gpa=(0x[0-9a-f]+) size=(0x[0-9a-f]+)")
 UNREGISTERED = re.compile(
@@ -67,7 +68,9 @@ def vhostmem_hotplug_checks(event: HotplugEvent) -> list[Check]:
     return [Check("host.vhostmem-unregisters-dimm", ok, detail)]
 
 
-BACKENDS: list[Backend] = [qsd_backend(), vhostmem_backend(on_hotplug=vhostmem_hotplug_checks)]
+# VHOSTMEM_TEST_WORKERS=N: vhostmem serves the guests' rings in N worker processes.
+BACKENDS: list[Backend] = [qsd_backend(), vhostmem_backend(on_hotplug=vhostmem_hotplug_checks,
+                                                           workers=TEST_WORKERS)]
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import pytest
 
 from qemu.accel import kvm_verdict
 from qemu.assets import GuestAssets
-from qemu.backends import RAM, Backend
+from qemu.backends import RAM, Backend, vhostmem_backend
 from qemu.launch import GuestConfig, GuestResult, run_guest
 from qemu.vhost_tap import ring_lifecycle
 from tests.qemu.conftest import BACKENDS
@@ -114,6 +114,20 @@ def test_memory_hotplug_and_unplug(backend: Backend, guest_assets: GuestAssets) 
 
 
 VHOSTMEM = next(b for b in BACKENDS if b.name == "vhostmem")
+
+
+def test_two_queues_in_two_workers(guest_assets: GuestAssets) -> None:
+    """vhostmem --workers 2: each of the guest's two queues is served by its own worker
+    process (SeaBIOS's start/stop/start of ring 0 included) and the disk passes every check."""
+    result = boot(vhostmem_backend(workers=2), guest_assets, num_queues=2, smp=2)
+    assert check(result, "boot.queues") == "value=2"
+    counts = queue_interrupts(result)
+    assert sorted(counts) == [0, 1] and all(n > 0 for n in counts.values()), counts
+    for ring, slot in ((0, 0), (1, 1)):
+        assert f"ring {ring} started in data-plane worker {slot}" in result.backend_log
+    assert "lost" not in result.backend_log
+    assert "image matches" in check(result, "host.image")
+    check(result, "host.r1.md5")
 
 
 @pytest.mark.parametrize("queues", [1, 2], ids=["vhostmem-1-queue", "vhostmem-2-queues"])

@@ -54,8 +54,11 @@ from qemu.migrate import (
     vhostmem_migration_backend,
 )
 from qemu.migrate_oracle import decoy_log_fd
+from tests.peers import TEST_WORKERS
 
-MIGRATION_BACKENDS: list[MigrationBackend] = [vhostmem_migration_backend(),
+# VHOSTMEM_TEST_WORKERS=N: vhostmem's rings in N data-plane workers (the dirty log marked by
+# several processes: docs/migration.md).
+MIGRATION_BACKENDS: list[MigrationBackend] = [vhostmem_migration_backend(TEST_WORKERS),
                                                qsd_migration_backend()]
 
 @pytest.fixture(params=MIGRATION_BACKENDS, ids=lambda b: b.name)

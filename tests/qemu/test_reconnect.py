@@ -8,6 +8,7 @@ import pytest
 from qemu.assets import GuestAssets
 from qemu.backends import vhostmem_backend
 from qemu.reconnect import CrashConfig, check_writer_image, run_crash_test
+from tests.peers import TEST_WORKERS
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 
@@ -17,7 +18,9 @@ STALE_BASE = "the frontend's base"  # logged when the inflight region overrides 
 
 
 def test_guest_survives_backend_kills(guest_assets: GuestAssets) -> None:
-    result = run_crash_test(vhostmem_backend(), CrashConfig(kills=KILLS), assets=guest_assets)
+    # VHOSTMEM_TEST_WORKERS=N: the killed backend's rings run in workers, which die with it.
+    result = run_crash_test(vhostmem_backend(workers=TEST_WORKERS), CrashConfig(kills=KILLS),
+                            assets=guest_assets)
     print(result.report(with_logs=False))
     assert result.passed, result.report()
     assert result.kills == KILLS and result.resumed == KILLS

@@ -240,6 +240,17 @@ class BlkDevice(VhostUserDevice):
     def claim(self, who: str, busy: Callable[[], bool]) -> None:
         self.backend.claim(who, busy)
 
+    def worker_settings(self) -> tuple[dict[str, Any], list[int]] | None:
+        """A worker serves the same disk fd (its open file: O_DIRECT or not, as here) with
+        inline I/O; an asynchronous backend (NBD) or a thread pool stays in this process."""
+        if self.backend.asynchronous or self._pool is not None:
+            return None
+        fields = {"kind": "blk", "disk_size": self.backend.size, "readonly": self.readonly,
+                  "name": self.backend.name, "num_queues": self.num_queues,
+                  "max_queue_size": self.max_queue_size, "serial": self.serial.rstrip(b"\0")
+                  .decode(), "blk_size": self.blk_size, "seg_max": self.seg_max}
+        return fields, [self.backend.fd]
+
     # ------------------------------------------------------------- config
 
     def config_bytes(self) -> bytes:

@@ -146,11 +146,14 @@ def test_device_del_safe_refuses_while_connected_and_hard_disconnects(tmp_path: 
         assert data[(9 + i) * SECTOR : (10 + i) * SECTOR] == bytes([65 + i]) * SECTOR
 
 
-@pytest.mark.parametrize("io_mode", ["inline", "thread"])
+@pytest.mark.parametrize("io_mode", ["inline", "thread", "workers"])
 def test_device_stats_count_what_the_guest_did(tmp_path: Path, io_mode: str) -> None:
+    """``workers``: the rings run in two data-plane workers, which report their counts at
+    most STATS_PERIOD_S later: the snapshot is taken once they arrived."""
     path = tmp_path / "s.sock"
     with Serve(tmp_path) as serve, serve.rpc() as rpc:
-        rpc.call("device_add", socket=str(path), ram="4M", num_queues=2, io_mode=io_mode)
+        mode = {"workers": 2} if io_mode == "workers" else {"io_mode": io_mode}
+        rpc.call("device_add", socket=str(path), ram="4M", num_queues=2, **mode)
         with VhostUserBlk.open(str(path), ram_size=GUEST_RAM) as dev:
             q0 = dev.start_queue(0, size=16)
             q1 = dev.start_queue(1, size=16)
@@ -162,6 +165,8 @@ def test_device_stats_count_what_the_guest_did(tmp_path: Path, io_mode: str) -> 
             assert status == BlkStatus.IOERR
             q1.write(100, b"x" * SECTOR)
             q1.flush()
+            wait_until(lambda: [q["requests"] for q in rpc.call(
+                "device_stats", name="s.sock")["queues"]] == [9, 2], "the workers' counts")
             stats = rpc.call("device_stats", name="s.sock")
             again = rpc.call("device_stats", name="s.sock", reset=True)
             after_reset = rpc.call("device_stats", name="s.sock")
