@@ -16,7 +16,8 @@ these, e.g. a long job known to hold one core). ``--turn-log`` wraps the
 backend's ``Virtqueue.pop`` and ``BlkDevice.handle_queue`` to record how many chains each turn
 (each handle_queue call) served and whether it yielded (that slows the backend: timing runs should
 not use it). ``--micro``: instead of the blk bench, the backend's hot path alone in-process (see
-MICRO), same slot order. Prints one JSON object.
+MICRO; ``--micro-ring packed`` / ``--micro-layout indirect``: MICRO_PACKED), same slot order.
+Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -132,9 +133,41 @@ print(json.dumps({"imported": vhostmem.__file__, "batches": len(per), "per_batch
                   "median_ns": round(per[len(per) // 2], 1)}))
 """
 
+# The same on a packed ring (bench_blk.build_packed: 85 direct chains, or 256 indirect ones):
+# the driver writes each chain's descriptors again between batches (not timed).
+MICRO_PACKED = r"""
+import json, sys, time
+tree, seconds, layout = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+sys.path.insert(0, tree)
+import vhostmem
+from tests.vhostmem.devices.bench_blk import build_packed, republish_packed
+dev, vq, ring, chains, ram = build_packed(layout, "inline")
+per = []
+clock = time.perf_counter_ns
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    republish_packed(ring, chains, layout == "indirect")
+    done0 = vq._returned
+    t0 = clock()
+    vq.new_turn()
+    dev.handle_queue(vq)
+    t1 = clock()
+    assert vq._returned - done0 == len(chains) * (1 if layout == "indirect" else 3), "not served"
+    per.append((t1 - t0) / len(chains))
+per.sort()
+print(json.dumps({"imported": vhostmem.__file__, "batches": len(per), "per_batch": len(chains),
+                  "min_ns": round(per[0], 1), "p10_ns": round(per[len(per) // 10], 1),
+                  "median_ns": round(per[len(per) // 2], 1)}))
+"""
 
-def micro(tree: Path, seconds: float) -> dict[str, Any]:
-    out = subprocess.run([sys.executable, "-c", MICRO, str(tree), str(seconds)], cwd=tree,
+
+def micro(tree: Path, seconds: float, ring: str = "split", layout: str = "direct",
+          ) -> dict[str, Any]:
+    if ring == "split" and layout != "direct":
+        raise ValueError("the split micro-benchmark has direct chains only")
+    script, extra = (MICRO, []) if ring == "split" else (MICRO_PACKED, [layout])
+    out = subprocess.run([sys.executable, "-c", script, str(tree), str(seconds), *extra],
+                         cwd=tree,
                          env=dict(os.environ, PYTHONPATH=str(tree)), capture_output=True,
                          text=True, check=True).stdout
     res = json.loads(out)
@@ -259,6 +292,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--turn-log", action="store_true", help="record chains per turn (slower)")
     ap.add_argument("--micro", action="store_true",
                     help="instead: the in-process hot-path micro-benchmark, --seconds per slot")
+    ap.add_argument("--micro-ring", default="split", choices=["split", "packed"])
+    ap.add_argument("--micro-layout", default="direct", choices=["direct", "indirect"],
+                    help="chains of the packed micro-benchmark")
     a = ap.parse_args(argv)
     if a.turn_log:
         os.environ["AB_TURN_LOG"] = "1"  # read by BOOT in the backend (qsd ignores it)
@@ -320,7 +356,8 @@ def run_micro(a: argparse.Namespace, trees: dict[str, Path], ignore: set[str],
     for rnd in range(a.rounds):
         for side in ("A", "B", "B", "A"):
             busy = wait_quiet(a.wait_quiet, ignore)
-            r = {"round": rnd, "side": side, "busy_before": busy} | micro(trees[side], a.seconds)
+            r = {"round": rnd, "side": side, "busy_before": busy} | micro(
+                trees[side], a.seconds, a.micro_ring, a.micro_layout)
             r["src_sha256"] = tree_info(trees[side])["src_sha256"]
             print(json.dumps({k: r[k] for k in ("side", "min_ns", "median_ns", "busy_before")}),
                   file=sys.stderr, flush=True)

@@ -116,10 +116,10 @@ def _checked_walk(method: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _checked_packed_walk(method: Callable[..., Any]) -> Callable[..., Any]:
-    def checked(self: Virtqueue, pos: int) -> tuple[DescChain, int]:
-        chain, count = method(self, pos)
-        check_chain(self, chain)
-        return chain, count
+    def checked(self: Virtqueue, pos: int) -> tuple[Any, ...]:
+        result = method(self, pos)  # (chain, descriptors it took, dirty ranges)
+        check_chain(self, result[0])
+        return result
 
     checked.__wrapped__ = method  # type: ignore[attr-defined]
     return checked
