@@ -25,7 +25,7 @@ import random
 import select
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -76,7 +76,22 @@ def ram_bytes_for(qd: int, queues: int, block: int) -> int:
 class SlotBuffers:
     """What both ring layouts' queues share: ``qd`` request slots, each a header, a data
     buffer and a status byte in three contiguous blocks of guest RAM, the sector table and the
-    submission times. Subclasses write the chains and drive the ring."""
+    submission times. Subclasses map the ring (``_map_ring``), write the chains
+    (``_write_chains``) and drive the ring."""
+
+    def __init__(self, dev: VhostUserBlk, index: int, qd: int, block: int, write: bool,
+                 sectors: np.ndarray) -> None:
+        size = queue_size_for(qd)
+        bq = dev.start_queue(index, size=size, depth=1, max_data=PAGE)
+        self.kick_fd, self.call_fd = bq.kick_fd, bq.call_fd
+        self._map_ring(dev, bq.ring, size)
+        self._write_chains(*self._init_slots(dev, qd, block, write, sectors, size), write)
+
+    def _map_ring(self, dev: VhostUserBlk, ring: Any, size: int) -> None:
+        raise NotImplementedError
+
+    def _write_chains(self, hdr_gpa: int, data_gpa: int, st_gpa: int, write: bool) -> None:
+        raise NotImplementedError
 
     def _init_slots(self, dev: VhostUserBlk, qd: int, block: int, write: bool,
                     sectors: np.ndarray, size: int) -> tuple[int, int, int]:
@@ -116,12 +131,7 @@ class SlotBuffers:
 class FastQueue(SlotBuffers):
     """One started split virtqueue driven with fixed chains and vectorized ring updates."""
 
-    def __init__(self, dev: VhostUserBlk, index: int, qd: int, block: int, write: bool,
-                 sectors: np.ndarray) -> None:
-        size = queue_size_for(qd)
-        bq = dev.start_queue(index, size=size, depth=1, max_data=PAGE)
-        ring = bq.ring
-        self.kick_fd, self.call_fd = bq.kick_fd, bq.call_fd
+    def _map_ring(self, dev: VhostUserBlk, ring: Any, size: int) -> None:
         ram = dev.ram
         region, desc_off = ram.locate(ring.addr.desc, size * DESC_SIZE)
         mm = region.mm
@@ -140,7 +150,6 @@ class FastQueue(SlotBuffers):
         self.used_idx_mv = memoryview(ubytes[:RING_HEADER]).cast("H")
         self.used_event_at = 2 + size
         self.avail_event_mv = memoryview(ubytes[ring_end:]).cast("H")
-        self._write_chains(*self._init_slots(dev, qd, block, write, sectors, size), write)
         self.next_avail = 0
         self.published = 0
         self.last_used = 0

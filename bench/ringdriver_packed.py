@@ -20,6 +20,7 @@ indexing, as the split queue does; smaller ones take a scalar path.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import numpy as np
 
@@ -28,14 +29,12 @@ from bench.ringdriver import (
     DESCS_PER_REQ,
     HEADER_SIZE,
     OFFSET_TABLE,
-    PAGE,
     STATUS_UNSET,
     VECTOR_MIN,
     VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
     DriveError,
     SlotBuffers,
-    queue_size_for,
 )
 from vhostmem.frontend import VhostUserBlk
 from vhostmem.frontend.ring import memory_barrier, vring_need_event
@@ -62,12 +61,7 @@ PDESC_DTYPE = np.dtype([("addr", "<u8"), ("len", "<u4"), ("id", "<u2"), ("flags"
 class PackedFastQueue(SlotBuffers):
     """One started packed virtqueue driven with pre-built chains (VIRTIO_F_RING_PACKED)."""
 
-    def __init__(self, dev: VhostUserBlk, index: int, qd: int, block: int, write: bool,
-                 sectors: np.ndarray) -> None:
-        size = queue_size_for(qd)
-        bq = dev.start_queue(index, size=size, depth=1, max_data=PAGE)
-        ring = bq.ring
-        self.kick_fd, self.call_fd = bq.kick_fd, bq.call_fd
+    def _map_ring(self, dev: VhostUserBlk, ring: Any, size: int) -> None:
         self.event_idx = ring.event_idx
         region, off = dev.ram.locate(ring.addr.desc, size * DESC_SIZE + 2 * EVENT_AREA_SIZE)
         buf = np.frombuffer(region.mm, dtype=np.uint8)[off:off + size * DESC_SIZE
@@ -78,7 +72,6 @@ class PackedFastQueue(SlotBuffers):
         self.ring16 = memoryview(ring_bytes).cast("H")
         self.driver_mv = memoryview(buf[size * DESC_SIZE:size * DESC_SIZE + 4]).cast("H")
         self.device_mv = memoryview(buf[size * DESC_SIZE + 4:]).cast("H")
-        self._build_chains(*self._init_slots(dev, qd, block, write, sectors, size), write)
         self._build_tables(size)
         self.next_avail, self.avail_wrap = 0, 1  # both wrap counters start at 1 (2.8.1)
         self.last_used, self.used_wrap = 0, 1
@@ -87,7 +80,7 @@ class PackedFastQueue(SlotBuffers):
             self.driver_mv[EVENT_OFF_WRAP] = 1 << WRAP_SHIFT
             self.driver_mv[EVENT_FLAGS] = RING_EVENT_FLAGS_DESC
 
-    def _build_chains(self, hdr_gpa: int, data_gpa: int, st_gpa: int, write: bool) -> None:
+    def _write_chains(self, hdr_gpa: int, data_gpa: int, st_gpa: int, write: bool) -> None:
         """Every slot's 3 descriptors without AVAIL/USED (``slot_descs``), and per wrap
         counter as 48 bytes whose head is not available yet (``chain_bytes[wrap][slot]``)."""
         qd, block = self.qd, self.block

@@ -288,10 +288,10 @@ class PackedRing(ChainWalker):
 
     def _walk_packed(self, pos: int) -> tuple[DescChain, int, list[tuple[int, int]] | None]:
         """The chain starting at ring position ``pos``, how many ring descriptors it takes,
-        and (while migrating) the guest ranges of its writable buffers. Each descriptor is
-        copied once (one unpack) and decided on from the copy; the buffer id is the last
-        descriptor's (2.8.6). Buffers in the cached region are sliced here, as in
-        ChainWalker._walk; others go through :meth:`_translate_into`."""
+        and (while migrating) the guest ranges of its writable buffers. Each descriptor (and
+        indirect table entry) is copied once (one unpack) and decided on from the copy; the
+        buffer id is the last ring descriptor's (2.8.6). Buffers in the cached region are
+        sliced here, as in ChainWalker._walk; others go through :meth:`_translate_into`."""
         ring = self._ring
         num = self.num
         readable: list[memoryview] = []
@@ -300,78 +300,54 @@ class PackedRing(ChainWalker):
         bad: str | None = None
         gpas: list[tuple[int, int]] | None = None if self.dirty is None else []
         lo, hi, rview, rbase = self._region_cache
-        count = 0
-        while True:
-            count += 1
-            if count > num:
-                raise ChainError(f"no descriptor without NEXT within the ring of {num}")
-            addr, length, buffer_id, flags = _PDESC.unpack_from(ring, pos * DESC_SIZE)  # type: ignore[arg-type]
-            pos = pos + 1 if pos + 1 < num else 0
-            if flags & VRING_DESC_F_INDIRECT:
-                rlen, wlen, bad, last = self._walk_table(
-                    addr, length, flags, readable, writable, (rlen, wlen, bad), gpas)
-                break
-            if flags & VRING_DESC_F_WRITE:
-                wlen += length
-                target = writable
-                if gpas is not None:
-                    gpas.append((addr, length))
-            else:
-                if wlen:
-                    raise ChainError("a device-readable descriptor follows a writable one")
-                rlen += length
-                target = readable
-            if length and bad is None:
-                if lo <= addr and addr + length <= hi:
-                    off = addr - rbase
-                    target.append(rview[off: off + length])  # type: ignore[index]
-                else:
-                    bad = self._translate_into(target, addr, length)
-                    lo, hi, rview, rbase = self._region_cache
-            if not flags & VRING_DESC_F_NEXT:
-                last = (addr, length, flags)
-                break
-        if bad is not None:
-            raise PackedOutsideMemoryError(bad, last, buffer_id, count)
-        # The writable ranges go to _written in pop once _take accepted the buffer id: an id
-        # out of range or in flight must not replace those of the request holding it.
-        return DescChain(buffer_id, readable, rlen, writable, wlen), count, gpas
-
-    def _walk_table(self, addr: int, length: int, flags: int, readable: list[memoryview],
-                    writable: list[memoryview], so_far: tuple[int, int, str | None],
-                    gpas: list[tuple[int, int]] | None,
-                    ) -> tuple[int, int, str | None, tuple[int, int, int]]:
-        """The buffers of an indirect table (2.8.8): consecutive packed descriptors, WRITE the
-        only flag that counts. ``so_far``: the chain's readable and writable bytes and first
-        buffer outside guest memory before the table (an indirect descriptor ends a chain).
-        Returns those with the table's buffers added, and the last entry (addr, len, flags)."""
-        table = self._indirect_table(addr, length, flags, False)
-        rlen, wlen, bad = so_far
-        last = (0, 0, 0)
-        lo, hi, rview, rbase = self._region_cache
+        count = 0  # ring descriptors taken
+        table: memoryview | None = None  # an indirect table, once the chain reached one
+        entry = entries = 0
         try:
-            for k in range(length // DESC_SIZE):
-                a, n, _, f = _PDESC.unpack_from(table, k * DESC_SIZE)
-                if f & VRING_DESC_F_WRITE:
-                    wlen += n
+            while True:
+                if table is None:
+                    count += 1
+                    if count > num:
+                        raise ChainError(f"no descriptor without NEXT within the ring of {num}")
+                    addr, length, buffer_id, flags = _PDESC.unpack_from(ring, pos * DESC_SIZE)  # type: ignore[arg-type]
+                    pos = pos + 1 if pos + 1 < num else 0
+                    if flags & VRING_DESC_F_INDIRECT:  # ends the chain (2.8.8)
+                        table = self._indirect_table(addr, length, flags, False)
+                        entries = length // DESC_SIZE
+                        continue
+                elif entry < entries:
+                    addr, length, _, flags = _PDESC.unpack_from(table, entry * DESC_SIZE)
+                    flags &= VRING_DESC_F_WRITE  # a table entry's only flag (2.8.8)
+                    entry += 1
+                else:
+                    break
+                if flags & VRING_DESC_F_WRITE:
+                    wlen += length
                     target = writable
                     if gpas is not None:
-                        gpas.append((a, n))
+                        gpas.append((addr, length))
                 else:
                     if wlen:
                         raise ChainError("a device-readable descriptor follows a writable one")
-                    rlen += n
+                    rlen += length
                     target = readable
-                if n and bad is None:
-                    if lo <= a and a + n <= hi:
-                        target.append(rview[a - rbase: a - rbase + n])  # type: ignore[index]
+                if length and bad is None:
+                    if lo <= addr and addr + length <= hi:
+                        off = addr - rbase
+                        target.append(rview[off: off + length])  # type: ignore[index]
                     else:
-                        bad = self._translate_into(target, a, n)
+                        bad = self._translate_into(target, addr, length)
                         lo, hi, rview, rbase = self._region_cache
-                last = (a, n, f & VRING_DESC_F_WRITE)
+                if table is None and not flags & VRING_DESC_F_NEXT:
+                    break
         finally:
-            table.release()
-        return rlen, wlen, bad, last
+            if table is not None:
+                table.release()
+        if bad is not None:
+            raise PackedOutsideMemoryError(bad, (addr, length, flags), buffer_id, count)
+        # The writable ranges go to _written in pop once _take accepted the buffer id: an id
+        # out of range or in flight must not replace those of the request holding it.
+        return DescChain(buffer_id, readable, rlen, writable, wlen), count, gpas
 
     def _translate_into(self, target: list[memoryview], addr: int, length: int) -> str | None:
         """Append the views of a buffer outside the cached region (and cache its region);
