@@ -162,20 +162,15 @@ def _run_variants(images: dict[str, str], storage: str, rw: str, qd: int, queues
         case[b] = summarize(runs[b])
     for pair, key in ((BACKENDS, "ratio"), (NBD_BACKENDS, "ratio_nbd")):
         if set(pair) <= set(backends):
-            v, q = case[pair[0]], case[pair[1]]
-            case[key] = {
-                "iops": round(v["iops"] / q["iops"], 3),
-                "cpu_per_io": round(v["backend_cpu_us_per_io"] / q["backend_cpu_us_per_io"],
-                                    3),
-                "p99": round(v["p99_us"] / q["p99_us"], 3),
-            }
+            case[key] = _ratio(case[pair[0]], case[pair[1]])
     return case
 
 
-def _ratio(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
-    return {"iops": round(a["iops"] / b["iops"], 3),
-            "cpu_per_io": round(a["backend_cpu_us_per_io"] / b["backend_cpu_us_per_io"], 3),
-            "p99": round(a["p99_us"] / b["p99_us"], 3)}
+def _ratio(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float | None]:
+    """a over b; None where b measured 0 (a short run's CPU can be below one clock tick)."""
+    return {name: round(a[key] / b[key], 3) if b[key] else None
+            for name, key in (("iops", "iops"), ("cpu_per_io", "backend_cpu_us_per_io"),
+                              ("p99", "p99_us"))}
 
 
 def packed_ratios(case: dict[str, Any], backends: list[str]) -> None:
