@@ -15,11 +15,12 @@ recorded (``busy``); ``--wait-quiet S`` waits up to S seconds for none (``--igno
 these, e.g. a long job known to hold one core). ``--turn-log`` wraps the
 backend's ``Virtqueue.pop`` and ``BlkDevice.handle_queue`` to record how many chains each turn
 (each handle_queue call) served and whether it yielded (that slows the backend: timing runs should
-not use it). ``--micro``: instead of the blk bench, the backend's hot path alone in-process (see
-MICRO; ``--micro-ring packed``: MICRO_PACKED, and ``--micro-inflight-b`` tracks tree B's ring in
-an inflight region, ``--micro-inflight-a`` tree A's: A and B the same tree with only B tracked
-gives the cost of tracking, two trees both tracked compare their tracking), same slot order. Prints
-one JSON object.
+not use it). ``--micro``: instead of the blk bench, the backend's hot path alone in-process
+(MICRO; ``--micro-ring packed``: MICRO_PACKED, ``--micro-layout indirect`` with indirect chains;
+``--micro-inflight-b`` / ``--micro-inflight-a``: MICRO_PACKED_INFLIGHT, tree B's / A's ring
+tracked in an inflight region: A and B the same tree with only B tracked gives the cost of
+tracking, two trees both tracked compare their tracking), same slot order. Prints one JSON
+object.
 """
 
 from __future__ import annotations
@@ -135,11 +136,38 @@ print(json.dumps({"imported": vhostmem.__file__, "batches": len(per), "per_batch
                   "median_ns": round(per[len(per) // 2], 1)}))
 """
 
-
-# The same on a packed ring (``--micro-ring packed``): the driver writes every chain again at
-# its avail position between batches (not timed); buffer id = chain number. With argv[3] ==
-# "inflight" the ring is tracked in a packed inflight region (vhostmem/inflight_packed.py).
+# The same on a packed ring (bench_blk.build_packed: 85 direct chains, or 256 indirect ones):
+# the driver writes each chain's descriptors again between batches (not timed).
 MICRO_PACKED = r"""
+import json, sys, time
+tree, seconds, layout = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+sys.path.insert(0, tree)
+import vhostmem
+from tests.vhostmem.devices.bench_blk import build_packed, republish_packed
+dev, vq, ring, chains, ram = build_packed(layout, "inline")
+per = []
+clock = time.perf_counter_ns
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    republish_packed(ring, chains, layout == "indirect")
+    done0 = vq._returned
+    t0 = clock()
+    vq.new_turn()
+    dev.handle_queue(vq)
+    t1 = clock()
+    assert vq._returned - done0 == len(chains) * (1 if layout == "indirect" else 3), "not served"
+    per.append((t1 - t0) / len(chains))
+per.sort()
+print(json.dumps({"imported": vhostmem.__file__, "batches": len(per), "per_batch": len(chains),
+                  "min_ns": round(per[0], 1), "p10_ns": round(per[len(per) // 10], 1),
+                  "median_ns": round(per[len(per) // 2], 1)}))
+"""
+
+# A packed ring with its own driver (``--micro-inflight-a/-b``): the driver writes every chain
+# again at its avail position between batches (not timed); buffer id = chain number. With
+# argv[3] == "inflight" the ring is tracked in a packed inflight region
+# (vhostmem/inflight_packed.py).
+MICRO_PACKED_INFLIGHT = r"""
 import json, os, sys, time
 tree, seconds, inflight = sys.argv[1], float(sys.argv[2]), sys.argv[3] == "inflight"
 sys.path.insert(0, tree)
@@ -195,10 +223,20 @@ print(json.dumps({"imported": vhostmem.__file__, "batches": len(per), "per_batch
 """
 
 
-def micro(tree: Path, seconds: float, ring: str = "split",
-          inflight: bool = False) -> dict[str, Any]:
-    script = MICRO if ring == "split" else MICRO_PACKED
-    extra = ["inflight" if inflight else "-"] if ring == "packed" else []
+def micro(tree: Path, seconds: float, ring: str = "split", layout: str = "direct",
+          inflight: bool | None = None) -> dict[str, Any]:
+    """One slot. ``inflight``: None runs MICRO_PACKED (``layout`` chains); True or False runs
+    MICRO_PACKED_INFLIGHT with or without a region (direct chains)."""
+    if ring == "split" and (layout != "direct" or inflight is not None):
+        raise ValueError("the split micro-benchmark has direct chains and no region only")
+    if ring == "split":
+        script, extra = MICRO, []
+    elif inflight is None:
+        script, extra = MICRO_PACKED, [layout]
+    else:
+        if layout != "direct":
+            raise ValueError("the inflight micro-benchmark has direct chains only")
+        script, extra = MICRO_PACKED_INFLIGHT, ["inflight" if inflight else "-"]
     out = subprocess.run([sys.executable, "-c", script, str(tree), str(seconds), *extra],
                          cwd=tree,
                          env=dict(os.environ, PYTHONPATH=str(tree)), capture_output=True,
@@ -332,6 +370,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--micro-inflight-a", action="store_true",
                     help="--micro-ring packed: tree A's ring tracked too (both tracked: "
                          "compares two trees' tracking)")
+    ap.add_argument("--micro-layout", default="direct", choices=["direct", "indirect"],
+                    help="chains of the packed micro-benchmark")
     a = ap.parse_args(argv)
     if a.turn_log:
         os.environ["AB_TURN_LOG"] = "1"  # read by BOOT in the backend (qsd ignores it)
@@ -394,8 +434,9 @@ def run_micro(a: argparse.Namespace, trees: dict[str, Path], ignore: set[str],
         for side in ("A", "B", "B", "A"):
             busy = wait_quiet(a.wait_quiet, ignore)
             r = {"round": rnd, "side": side, "busy_before": busy} | micro(
-                trees[side], a.seconds, a.micro_ring,
-                a.micro_inflight_a if side == "A" else a.micro_inflight_b)
+                trees[side], a.seconds, a.micro_ring, a.micro_layout,
+                (a.micro_inflight_a if side == "A" else a.micro_inflight_b)
+                if a.micro_inflight_a or a.micro_inflight_b else None)
             r["src_sha256"] = tree_info(trees[side])["src_sha256"]
             print(json.dumps({k: r[k] for k in ("side", "min_ns", "median_ns", "busy_before")}),
                   file=sys.stderr, flush=True)

@@ -2,6 +2,7 @@
 
     python bench/blk_bench.py [--quick] [--table]
     python bench/blk_bench.py --backends vhostmem-nbd,qsd-nbd --storage shm --table
+    python bench/blk_bench.py --ring split,packed --storage shm --queues 1 --table
 
 ``vhostmem-wN``: vhostmem with ``--workers N`` (data-plane worker processes; the CPU counted
 is the serve process's and its workers').
@@ -50,7 +51,7 @@ from bench.peers import (
     running,
     runqueue_wait_seconds,
 )
-from bench.ringdriver import FastQueue, drive, ram_bytes_for, sector_table
+from bench.ringdriver import drive, make_queue, ram_bytes_for, sector_table
 from vhostmem.frontend import VhostUserBlk
 
 BLOCK = 4096
@@ -78,20 +79,27 @@ def make_image(storage: str, mib: int) -> str:
 
 
 LOG_SUFFIX = "+log"
+PACKED_SUFFIX = "+packed"  # a variant on packed virtqueues: BACKEND+packed[+log]
+RINGS = ("split", "packed")
+SPLIT_ONLY = ("qsd", "qsd-nbd")  # qemu-storage-daemon 7.2 has no packed virtqueues
 
 
 def run_once(variant: str, image: str, rw: str, qd: int, queues: int,
              seconds: float, seed: int) -> dict[str, Any]:
     write = rw == "randwrite"
-    backend = variant.removesuffix(LOG_SUFFIX)
+    backend = variant.removesuffix(LOG_SUFFIX).removesuffix(PACKED_SUFFIX)
+    packed = PACKED_SUFFIX in variant
     with running(backend, image, queues) as (proc, sock), VhostUserBlk.open(
-            sock, ram_size=ram_bytes_for(qd, queues, BLOCK), event_idx=True) as dev:
+            sock, ram_size=ram_bytes_for(qd, queues, BLOCK), event_idx=True,
+            packed=packed) as dev:
+        if dev.packed != packed:
+            raise RuntimeError(f"{variant}: packed rings {'not ' if packed else ''}negotiated")
         capacity = dev.config()["capacity"]
-        qs: list[FastQueue] = []
+        qs: list[Any] = []
         try:
             for i in range(queues):
-                qs.append(FastQueue(dev, i, qd, BLOCK, write,
-                                    sector_table(capacity, BLOCK, seed + i)))
+                qs.append(make_queue(dev, i, qd, BLOCK, write,
+                                     sector_table(capacity, BLOCK, seed + i)))
             if variant.endswith(LOG_SUFFIX):
                 dev.set_logging(True)
             drive(qs, WARMUP_S)
@@ -137,12 +145,21 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
 PAIRS = ((BACKENDS, "ratio"), (NBD_BACKENDS, "ratio_nbd"), (NBD_CONNS, "ratio_conns"))
 
 
+def with_rings(backends: list[str], rings: list[str]) -> list[str]:
+    """The backends, then each one that has packed rings as BACKEND+packed when asked for."""
+    packed = [b + PACKED_SUFFIX for b in backends if b not in SPLIT_ONLY]
+    return (list(backends) if "split" in rings else []) + (
+        packed if "packed" in rings else [])
+
+
 def run_case(images: dict[str, str], storage: str, rw: str, qd: int, queues: int,
              seconds: float, rounds: int, backends: list[str],
-             log_all: bool = False) -> dict[str, Any]:
-    variants = backends + [b + LOG_SUFFIX for b in backends] if log_all else backends
+             log_all: bool = False, rings: tuple[str, ...] = ("split",)) -> dict[str, Any]:
+    base = with_rings(backends, list(rings))
+    variants = base + [b + LOG_SUFFIX for b in base] if log_all else base
     case = _run_variants(images, storage, rw, qd, queues, seconds, rounds, variants)
-    for b in backends:
+    packed_ratios(case, backends)
+    for b in base:
         if b + LOG_SUFFIX in case:
             on, off = case[b + LOG_SUFFIX], case[b]
             case.setdefault("ratio", {})[f"{b}_log_cpu_per_io"] = round(
@@ -164,14 +181,29 @@ def _run_variants(images: dict[str, str], storage: str, rw: str, qd: int, queues
         case[b] = summarize(runs[b])
     for pair, key in PAIRS:
         if set(pair) <= set(backends):
-            v, q = case[pair[0]], case[pair[1]]
-            case[key] = {
-                "iops": round(v["iops"] / q["iops"], 3),
-                "cpu_per_io": round(v["backend_cpu_us_per_io"] / q["backend_cpu_us_per_io"],
-                                    3),
-                "p99": round(v["p99_us"] / q["p99_us"], 3),
-            }
+            case[key] = _ratio(case[pair[0]], case[pair[1]])
     return case
+
+
+def _ratio(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float | None]:
+    """a over b; None where b measured 0 (a short run's CPU can be below one clock tick)."""
+    return {name: round(a[key] / b[key], 3) if b[key] else None
+            for name, key in (("iops", "iops"), ("cpu_per_io", "backend_cpu_us_per_io"),
+                              ("p99", "p99_us"))}
+
+
+def packed_ratios(case: dict[str, Any], backends: list[str]) -> None:
+    """``ratio_packed``: each packed variant over its split runs and over qsd's (split)."""
+    for b in backends:
+        packed = case.get(b + PACKED_SUFFIX)
+        if packed is None:
+            continue
+        out = case.setdefault("ratio_packed", {})
+        if b in case:
+            out[f"{b}_packed_vs_split"] = _ratio(packed, case[b])
+        peer = "qsd-nbd" if b.endswith("-nbd") else "qsd"
+        if peer in case:
+            out[f"{b}_packed_vs_{peer}"] = _ratio(packed, case[peer])
 
 
 def machine() -> dict[str, Any]:
@@ -214,6 +246,30 @@ def cores_table(cases: list[dict[str, Any]], backends: list[str]) -> str:
     return "\n".join(rows)
 
 
+def ring_table(cases: list[dict[str, Any]], backend: str, peer: str) -> str:
+    """Split vs packed (vhostmem) and the peer's split runs, per case."""
+    p = backend + PACKED_SUFFIX
+    rows = [f"| storage | rw | qd | queues | IOPS split / packed / {peer} | CPU us/IO split / "
+            f"packed / {peer} | packed/split IOPS | packed/split CPU/IO | p99 us split / "
+            f"packed / {peer} | loadgen CPU split / packed |", "|" + "---|" * 10]
+    for c in cases:
+        if p not in c or backend not in c:
+            continue
+        s, k, q = c[backend], c[p], c.get(peer, {})
+        r = c["ratio_packed"][f"{backend}_packed_vs_split"]
+
+        def qv(key: str, q: dict[str, Any] = q) -> Any:
+            return q.get(key, "-")
+
+        rows.append(
+            f"| {c['storage']} | {c['rw']} | {c['qd']} | {c['queues']} | {s['iops']} / "
+            f"{k['iops']} / {qv('iops')} | {s['backend_cpu_us_per_io']} / "
+            f"{k['backend_cpu_us_per_io']} / {qv('backend_cpu_us_per_io')} | {r['iops']} | "
+            f"{r['cpu_per_io']} | {s['p99_us']} / {k['p99_us']} / {qv('p99_us')} | "
+            f"{s['loadgen_cpu']} / {k['loadgen_cpu']} |")
+    return "\n".join(rows)
+
+
 def log_table(cases: list[dict[str, Any]], backends: list[str]) -> str:
     rows = ["| storage | rw | qd | queues | backend | IOPS off/on | CPU us/IO off | CPU us/IO "
             "LOG_ALL on | CPU ratio | p99 us off/on |", "|" + "---|" * 10]
@@ -240,6 +296,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--backends", default=",".join(BACKENDS))
     ap.add_argument("--image-mib", type=int, default=IMAGE_MIB)
     ap.add_argument("--table", action="store_true", help="markdown table on stderr")
+    ap.add_argument("--ring", default="split",
+                    help="comma list of split,packed (packed: backends that have it)")
     ap.add_argument("--log-all", action="store_true",
                     help="also run every case with dirty logging on (live migration)")
     return ap.parse_args(argv)
@@ -262,6 +320,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     p = plan(args)
     backends = args.backends.split(",")
+    rings = tuple(args.ring.split(","))
+    if not rings or set(rings) - set(RINGS):
+        raise SystemExit(f"--ring: choose from {RINGS}")
     t0 = time.monotonic()
     images = {s: make_image(s, args.image_mib) for s in p["storage"]}
     cases = []
@@ -271,21 +332,25 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                 for rw in p["rw"]:
                     for qd in p["qd"]:
                         cases.append(run_case(images, storage, rw, qd, queues, p["seconds"],
-                                              p["rounds"], backends, args.log_all))
+                                              p["rounds"], backends, args.log_all, rings))
     finally:
         for path in images.values():
             os.unlink(path)
     out = {"bench": "blk", "mode": "quick" if args.quick else "full", "machine": machine(),
            "image_mib": args.image_mib, "seconds_per_run": p["seconds"],
-           "rounds": p["rounds"], "warmup_s": WARMUP_S, "cases": cases,
+           "rounds": p["rounds"], "warmup_s": WARMUP_S, "rings": list(rings), "cases": cases,
            "wall_s": round(time.monotonic() - t0, 1)}
     for pair, key in PAIRS:
         if args.table and set(pair) <= set(backends):
             print(table(cases, pair, key), file=sys.stderr)
     if args.table:
         print(cores_table(cases, backends), file=sys.stderr)
+    if args.table and "split" in rings:
+        for pair in (BACKENDS, NBD_BACKENDS):
+            if "packed" in rings and set(pair) <= set(backends):
+                print(ring_table(cases, *pair), file=sys.stderr)
     if args.table and args.log_all:
-        print(log_table(cases, backends), file=sys.stderr)
+        print(log_table(cases, with_rings(backends, list(rings))), file=sys.stderr)
     return out
 
 

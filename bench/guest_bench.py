@@ -1,6 +1,6 @@
 """A real guest's O_DIRECT random reads on vhostmem, then on qemu-storage-daemon.
 
-    python bench/guest_bench.py [--seconds 5] [--jobs 1,4]
+    python bench/guest_bench.py [--seconds 5] [--jobs 1,4] [--ring split,packed]
 
 Boots the QEMU harness guest (qemu/launch.py; KVM where a probe boot works, else TCG) per
 backend and job count, interleaved A B B A over ``rounds``; in the guest
@@ -9,7 +9,9 @@ for a fixed time. Reports guest IOPS per backend and the ratio vhostmem/qsd. Und
 CPU (emulated) is the bottleneck, so this mostly measures the guest, not the backend: the ratio
 says whether a backend is slow enough to show through a real virtio-blk driver.
 The CPU seconds of the backend and of QEMU are sampled for the whole boot (boot + workload).
-Prints one JSON object.
+``--ring split,packed``: vhostmem also boots with ``packed=on`` on the vhost-user-blk-pci device
+(the guest negotiates packed virtqueues, checked in its sysfs features: ``vhostmem+packed``), in
+the same A B B A order; qemu-storage-daemon has split rings only. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.peers import cpu_seconds
 from qemu.backends import qsd_backend, vhostmem_backend
+from qemu.hostchecks import PACKED_CHECK
 from qemu.launch import GuestConfig, run_guest
 
 MIB = 1 << 20
@@ -81,15 +84,26 @@ class GuestBenchError(RuntimeError):
     """The guest did not report a benchmark result."""
 
 
-def one_boot(backend_name: str, seconds: int, jobs: int) -> dict[str, Any]:
-    backend = vhostmem_backend() if backend_name == "vhostmem" else qsd_backend()
+PACKED_SUFFIX = "+packed"  # vhostmem with packed=on (qemu-storage-daemon 7.2 has no packed rings)
+
+
+def variants(rings: list[str]) -> list[str]:
+    return (["vhostmem", "qsd"] if "split" in rings else []) + (
+        ["vhostmem" + PACKED_SUFFIX] if "packed" in rings else [])
+
+
+def one_boot(variant: str, seconds: int, jobs: int) -> dict[str, Any]:
+    backend = qsd_backend() if variant == "qsd" else vhostmem_backend()
+    packed = variant.endswith(PACKED_SUFFIX)
     config = GuestConfig(disk_size=DISK_MIB * MIB, bench_seconds=seconds, bench_jobs=jobs,
-                         timeout=seconds + BOOT_ALLOWANCE_S)
+                         timeout=seconds + BOOT_ALLOWANCE_S, packed=packed)
     with ChildCpu() as cpu:
         result = run_guest(backend, config)
     found = BENCH_LINE.findall(result.serial_log)
-    if not result.passed or len(found) != jobs:
-        raise GuestBenchError(f"{backend_name} jobs={jobs}: {result.report()}")
+    packed_seen = any(c.name == PACKED_CHECK and c.passed for c in result.checks)
+    if not result.passed or len(found) != jobs or packed_seen != packed:
+        raise GuestBenchError(f"{variant} jobs={jobs} (packed check {packed_seen}): "
+                              f"{result.report()}")
     ops = sum(int(o) for _, o, _ in found)
     longest = max(int(ns) for _, _, ns in found) / NS
     return {"iops": round(ops / longest), "ops": ops, "seconds": round(longest, 3),
@@ -108,27 +122,40 @@ def merge(boots: list[dict[str, Any]]) -> dict[str, Any]:
             "boots": len(boots), "accel": sorted({b["accel"] for b in boots})}
 
 
+def ratios(case: dict[str, Any]) -> None:
+    """IOPS ratios of the variants a case ran: vhostmem/qsd (split), packed/split, packed/qsd."""
+    packed = "vhostmem" + PACKED_SUFFIX
+    for key, a, b in (("ratio_iops", "vhostmem", "qsd"),
+                      ("ratio_iops_packed_vs_split", packed, "vhostmem"),
+                      ("ratio_iops_packed_vs_qsd", packed, "qsd")):
+        if a in case and b in case:
+            case[key] = round(case[a]["iops"] / case[b]["iops"], 3)
+
+
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--jobs", default="1,4", help="comma list of guest process counts")
     ap.add_argument("--rounds", type=int, default=2, help="boots per backend, interleaved")
+    ap.add_argument("--ring", default="split", help="comma list of split,packed")
     args = ap.parse_args(argv)
+    names = variants(args.ring.split(","))
+    if not names:
+        ap.error("--ring: choose from split,packed")
     t0 = time.monotonic()
     cases = []
     for jobs in (int(j) for j in args.jobs.split(",")):
         case: dict[str, Any] = {"workload": "randread", "bs": 4096, "jobs": jobs,
                                 "qd_per_job": 1}
-        boots: dict[str, list[dict[str, Any]]] = {"vhostmem": [], "qsd": []}
+        boots: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
         for rnd in range(args.rounds):
-            order = ("vhostmem", "qsd") if rnd % 2 == 0 else ("qsd", "vhostmem")
-            for name in order:
+            for name in names if rnd % 2 == 0 else names[::-1]:  # A B B A
                 boots[name].append(one_boot(name, args.seconds, jobs))
         for name, runs in boots.items():
             case[name] = merge(runs)
-        case["ratio_iops"] = round(case["vhostmem"]["iops"] / case["qsd"]["iops"], 3)
+        ratios(case)
         cases.append(case)
-    accels = sorted({a for c in cases for n in ("vhostmem", "qsd") for a in c[n]["accel"]})
+    accels = sorted({a for c in cases for n in names for a in c[n]["accel"]})
     return {"bench": "guest", "accel": "/".join(accels), "disk_mib": DISK_MIB,
             "seconds_per_boot": args.seconds, "cases": cases,
             "note": "under TCG the emulated guest CPU bounds IOPS; see bench/RESULTS.md",

@@ -1,5 +1,9 @@
 """A fast closed-loop virtio-blk driver for benchmarks, on top of `vhostmem.frontend`.
 
+Split rings here (:class:`FastQueue`); packed rings in bench/ringdriver_packed.py
+(:class:`PackedFastQueue`, the same slots and loop); :func:`make_queue` picks by the
+negotiated layout.
+
 The frontend negotiates and programs the rings; this module then drives them itself so that
 the load generator costs far less per request than the backend under test:
 
@@ -21,6 +25,7 @@ import random
 import select
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -47,6 +52,9 @@ POLL_MS = 1000
 LAT_RESERVE = 1 << 22  # latency samples kept (enough for seconds at >1M IOPS)
 DESC_DTYPE = np.dtype([("addr", "<u8"), ("len", "<u4"), ("flags", "<u2"), ("next", "<u2")])
 
+if TYPE_CHECKING:
+    from bench.ringdriver_packed import PackedFastQueue
+
 
 class DriveError(RuntimeError):
     """The device completed a request badly or stopped completing."""
@@ -65,17 +73,65 @@ def ram_bytes_for(qd: int, queues: int, block: int) -> int:
     return (queues * per_queue + (8 << 20) + (1 << 20) - 1) & ~((1 << 20) - 1)
 
 
-class FastQueue:
-    """One started virtqueue driven with fixed chains and vectorized ring updates."""
+class SlotBuffers:
+    """What both ring layouts' queues share: ``qd`` request slots, each a header, a data
+    buffer and a status byte in three contiguous blocks of guest RAM, the sector table and the
+    submission times. Subclasses map the ring (``_map_ring``), write the chains
+    (``_write_chains``) and drive the ring."""
 
     def __init__(self, dev: VhostUserBlk, index: int, qd: int, block: int, write: bool,
                  sectors: np.ndarray) -> None:
-        self.qd, self.block = qd, block
         size = queue_size_for(qd)
         bq = dev.start_queue(index, size=size, depth=1, max_data=PAGE)
-        ring = bq.ring
         self.kick_fd, self.call_fd = bq.kick_fd, bq.call_fd
+        self._map_ring(dev, bq.ring, size)
+        self._write_chains(*self._init_slots(dev, qd, block, write, sectors, size), write)
+
+    def _map_ring(self, dev: VhostUserBlk, ring: Any, size: int) -> None:
+        raise NotImplementedError
+
+    def _write_chains(self, hdr_gpa: int, data_gpa: int, st_gpa: int, write: bool) -> None:
+        raise NotImplementedError
+
+    def _init_slots(self, dev: VhostUserBlk, qd: int, block: int, write: bool,
+                    sectors: np.ndarray, size: int) -> tuple[int, int, int]:
+        """Allocate the slot buffers; returns their guest addresses (header, data, status)."""
+        self.qd, self.block = qd, block
         self.num, self.mask = size, size - 1
+        ram = dev.ram
+        hdr_gpa = ram.alloc(HEADER_SIZE * qd, PAGE)
+        data_gpa = ram.alloc(block * qd, PAGE)
+        st_gpa = ram.alloc(qd, PAGE)
+        hreg, hoff = ram.locate(hdr_gpa, HEADER_SIZE * qd)
+        sreg, soff = ram.locate(st_gpa, qd)
+        hdr = np.frombuffer(hreg.mm, dtype=np.uint8)[hoff:hoff + HEADER_SIZE * qd]
+        self.hdr_sector = hdr.view("<u8")[1::2]
+        self.hdr_sector_mv = memoryview(hdr).cast("Q")
+        hdr.view("<u4")[0::4] = T_OUT if write else T_IN
+        self.status = np.frombuffer(sreg.mm, dtype=np.uint8)[soff:soff + qd]
+        self.status_mv = memoryview(self.status)
+        self.sectors = sectors
+        self.sectors_list = sectors.tolist()
+        self.n = 0
+        self.in_flight = 0
+        self.submit_t = np.zeros(qd)
+        self.ar = np.arange(size, dtype=np.int64)
+        self.kicks = 0
+        return hdr_gpa, data_gpa, st_gpa
+
+    def release(self) -> None:
+        """Drop every view into guest RAM so that the RAM can be unmapped."""
+        for name, val in list(vars(self).items()):
+            if isinstance(val, memoryview):
+                val.release()
+            if isinstance(val, memoryview | np.ndarray):
+                setattr(self, name, None)
+
+
+class FastQueue(SlotBuffers):
+    """One started split virtqueue driven with fixed chains and vectorized ring updates."""
+
+    def _map_ring(self, dev: VhostUserBlk, ring: Any, size: int) -> None:
         ram = dev.ram
         region, desc_off = ram.locate(ring.addr.desc, size * DESC_SIZE)
         mm = region.mm
@@ -94,29 +150,9 @@ class FastQueue:
         self.used_idx_mv = memoryview(ubytes[:RING_HEADER]).cast("H")
         self.used_event_at = 2 + size
         self.avail_event_mv = memoryview(ubytes[ring_end:]).cast("H")
-        # Slot buffers: headers, data, status bytes in three contiguous blocks.
-        hdr_gpa = ram.alloc(HEADER_SIZE * qd, PAGE)
-        data_gpa = ram.alloc(block * qd, PAGE)
-        st_gpa = ram.alloc(qd, PAGE)
-        hreg, hoff = ram.locate(hdr_gpa, HEADER_SIZE * qd)
-        sreg, soff = ram.locate(st_gpa, qd)
-        hdr = np.frombuffer(hreg.mm, dtype=np.uint8)[hoff:hoff + HEADER_SIZE * qd]
-        self.hdr_sector = hdr.view("<u8")[1::2]
-        self.hdr_sector_mv = memoryview(hdr).cast("Q")
-        hdr.view("<u4")[0::4] = T_OUT if write else T_IN
-        self.status = np.frombuffer(sreg.mm, dtype=np.uint8)[soff:soff + qd]
-        self.status_mv = memoryview(self.status)
-        self._write_chains(hdr_gpa, data_gpa, st_gpa, write)
-        self.sectors = sectors
-        self.sectors_list = sectors.tolist()
-        self.n = 0
         self.next_avail = 0
         self.published = 0
         self.last_used = 0
-        self.in_flight = 0
-        self.submit_t = np.zeros(qd)
-        self.ar = np.arange(size, dtype=np.int64)
-        self.kicks = 0
 
     def _write_chains(self, hdr_gpa: int, data_gpa: int, st_gpa: int, write: bool) -> None:
         qd, block = self.qd, self.block
@@ -134,14 +170,6 @@ class FastQueue:
         d["len"][:, 2] = 1
         d["flags"][:, 2] = VRING_DESC_F_WRITE
         d["next"][:, 2] = 0
-
-    def release(self) -> None:
-        """Drop every view into guest RAM so that the RAM can be unmapped."""
-        for name, val in list(vars(self).items()):
-            if isinstance(val, memoryview):
-                val.release()
-            if isinstance(val, memoryview | np.ndarray):
-                setattr(self, name, None)
 
     # ---------------------------------------------------------------- submit
 
@@ -226,6 +254,15 @@ class FastQueue:
         return self.used_idx_mv[1] != self.last_used
 
 
+def make_queue(dev: VhostUserBlk, index: int, qd: int, block: int, write: bool,
+               sectors: np.ndarray) -> FastQueue | PackedFastQueue:
+    """The queue for the ring layout ``dev`` negotiated (VIRTIO_F_RING_PACKED or split)."""
+    if dev.packed:
+        from bench.ringdriver_packed import PackedFastQueue
+        return PackedFastQueue(dev, index, qd, block, write, sectors)
+    return FastQueue(dev, index, qd, block, write, sectors)
+
+
 @dataclass
 class DriveResult:
     ops: int
@@ -245,7 +282,7 @@ def sector_table(capacity_sectors: int, block: int, seed: int) -> np.ndarray:
                     dtype=np.uint64)
 
 
-def drive(queues: list[FastQueue], seconds: float) -> DriveResult:
+def drive(queues: list[FastQueue | PackedFastQueue], seconds: float) -> DriveResult:
     """Keep every queue full for ``seconds``; then drain."""
     poller = select.poll()
     for q in queues:
@@ -283,7 +320,8 @@ def drive(queues: list[FastQueue], seconds: float) -> DriveResult:
     return DriveResult(ops, elapsed, cpu, kicks, sleeps, batches, lat[:nlat].copy())
 
 
-def _drain(queues: list[FastQueue], poller: select.poll, scratch: np.ndarray) -> None:
+def _drain(queues: list[FastQueue | PackedFastQueue], poller: select.poll,
+           scratch: np.ndarray) -> None:
     deadline = time.monotonic() + 5
     while any(q.in_flight for q in queues):
         if time.monotonic() > deadline:

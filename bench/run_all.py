@@ -3,7 +3,8 @@
     python bench/run_all.py [--quick] [--skip guest,...]
 
 Runs, each as its own process: bench/blk_bench.py (vhostmem vs qemu-storage-daemon through the
-Python load generator), bench/guest_bench.py (a real guest under QEMU on each backend),
+Python load generator; then split vs packed virtqueues, ``blk-packed``), bench/guest_bench.py
+(a real guest under QEMU on each backend, vhostmem also with packed=on),
 blk_bench.py --log-all (dirty logging on vs off), bench/migration_bench.py (live migration of a
 real guest on each backend),
 bench/memmap_bench.py (the memory map against SPDK's C figures) and bench/region_bench.py (a
@@ -25,8 +26,11 @@ ROOT = BENCH_DIR.parent
 SUITES: dict[str, tuple[str, list[str], list[str]]] = {
     # name: (script, full-mode args, quick-mode args)
     "blk": ("blk_bench.py", [], ["--quick"]),
-    "guest": ("guest_bench.py", ["--seconds", "5", "--jobs", "1,4"],
-              ["--seconds", "2", "--jobs", "1", "--rounds", "1"]),
+    # split vs packed virtqueues (vhostmem), qsd's split rings as the peer
+    "blk-packed": ("blk_bench.py", ["--ring", "split,packed", "--storage", "shm", "--queues", "1"],
+                   ["--quick", "--ring", "split,packed"]),
+    "guest": ("guest_bench.py", ["--seconds", "5", "--jobs", "1,4", "--ring", "split,packed"],
+              ["--seconds", "2", "--jobs", "1", "--rounds", "1", "--ring", "split,packed"]),
     # dirty logging on vs off (live migration), both backends
     "blk-log": ("blk_bench.py", ["--log-all", "--storage", "shm", "--queues", "1"],
                 ["--quick", "--log-all", "--rw", "randread"]),

@@ -116,10 +116,12 @@ def _checked_walk(method: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _checked_packed_walk(method: Callable[..., Any]) -> Callable[..., Any]:
-    def checked(self: Virtqueue, pos: int, copy: bytes | None = None) -> tuple[DescChain, int]:
-        chain, count = method(self, pos, copy)  # copy: a resubmitted chain's descriptors
-        check_chain(self, chain)
-        return chain, count
+    def checked(self: Virtqueue, pos: int, copy: bytes | None = None) -> tuple[Any, ...]:
+        # copy: a resubmitted chain's descriptors; the result: (chain, descriptors it took,
+        # dirty ranges)
+        result = method(self, pos, copy)
+        check_chain(self, result[0])
+        return result
 
     checked.__wrapped__ = method  # type: ignore[attr-defined]
     return checked

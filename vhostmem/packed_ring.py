@@ -77,6 +77,7 @@ FLAGS_U16 = 7
 LEN_U32 = 2
 DESC_U32S = DESC_SIZE // 4
 _PDESC = struct.Struct("<QIHH")  # addr, len, id, flags
+AVAIL_USED = VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED
 
 
 class PackedOutsideMemoryError(OutsideMemoryError):
@@ -133,7 +134,6 @@ class PackedRing(PackedEvents, ChainWalker):
         self._id_descs: list[int] = []
         self._taken = 0
         self._returned = 0
-        self._walk_gpas: list[tuple[int, int]] | None = None  # last walk's writable ranges
         # The last walk's descriptors (addr, len, id, flags), kept while an inflight region
         # tracks the ring; and the buffers to serve again after a crash, last first.
         self._walk_raw: list[tuple[int, int, int, int]] | None = None
@@ -248,15 +248,15 @@ class PackedRing(PackedEvents, ChainWalker):
         while True:
             pos = self._avail_pos
             wrap = self._avail_wrap
-            flags = ring16[pos * DESC_U16S + FLAGS_U16]  # read once: availability
-            if not self._available(flags, wrap):
-                flags = self._rearm(pos, wrap)
-                if not self._available(flags, wrap):
+            # Available: AVAIL equal to the wrap counter and USED not (2.8.1).
+            want = VIRTQ_DESC_F_AVAIL if wrap else VIRTQ_DESC_F_USED
+            if ring16[pos * DESC_U16S + FLAGS_U16] & AVAIL_USED != want:  # read once
+                if self._rearm(pos, wrap) & AVAIL_USED != want:
                     return None
             elif not self.event_idx and not self._kicks_off:
                 self._set_device_event(RING_EVENT_FLAGS_DISABLE, 0)
             try:
-                chain, count = self._walk_packed(pos)
+                chain, count, gpas = self._walk_packed(pos)
             except ChainError as exc:
                 self.mark_broken(f"chain at descriptor {pos}: {exc}")
                 return None
@@ -269,15 +269,14 @@ class PackedRing(PackedEvents, ChainWalker):
                     self.yielded = True
                     return None
                 continue
-            if not self._take(chain.head, count, pos):
+            head = chain.head
+            if not self._take(head, count, pos):
                 return None
             if self._inflight is not None:  # recorded before the request is served
                 assert self._walk_raw is not None
-                self._inflight.fetched(chain.head, self._walk_raw)
-            gpas = self._walk_gpas
+                self._inflight.fetched(head, self._walk_raw)
             if gpas is not None:  # migrating: only once the id is known valid and taken
-                self._walk_gpas = None
-                self._written[chain.head] = gpas
+                self._written[head] = gpas
             self._turn_left -= 1 + ((chain.readable_len + chain.writable_len) >> TURN_BYTES_SHIFT)
             return chain
 
@@ -288,7 +287,7 @@ class PackedRing(PackedEvents, ChainWalker):
         while self._resubmits:
             r = self._resubmits.pop()
             try:
-                chain, _ = self._walk_packed(0, r.descs)
+                chain, _, gpas = self._walk_packed(0, r.descs)
             except ChainError as exc:
                 self.mark_broken(f"buffer {r.buffer_id} resubmitted from the inflight region: "
                                  f"{exc}")
@@ -300,39 +299,23 @@ class PackedRing(PackedEvents, ChainWalker):
                     self.yielded = True
                     return None
                 continue
-            gpas = self._walk_gpas
             if gpas is not None:
-                self._walk_gpas = None
                 self._written[chain.head] = gpas
             self._turn_left -= 1 + ((chain.readable_len + chain.writable_len) >> TURN_BYTES_SHIFT)
             return chain
         return None
-
-    @staticmethod
-    def _available(flags: int, wrap: int) -> bool:
-        """AVAIL equals the wrap counter and USED does not (2.8.1)."""
-        return bool(flags & VIRTQ_DESC_F_AVAIL) == bool(wrap) and bool(
-            flags & VIRTQ_DESC_F_USED) != bool(wrap)
 
     def _take(self, buffer_id: int, count: int, pos: int) -> bool:
         """Record a popped buffer and move the avail position past its descriptors; False
         (the queue broke) for an id out of range or in flight, or more descriptors in flight
         than the ring holds."""
         num = self.num
-        if buffer_id >= num:
-            self.mark_broken(f"descriptor {pos}: buffer id {buffer_id} >= size {num}")
+        id_descs = self._id_descs
+        if (buffer_id >= num or id_descs[buffer_id]
+                or self._taken - self._returned + count > num) and not self._admit(
+                    buffer_id, count, pos):
             return False
-        if self._id_descs[buffer_id]:
-            self.mark_broken(f"descriptor {pos}: buffer id {buffer_id} is already in flight")
-            return False
-        if self._taken - self._returned + count > num:
-            with self._idle:  # completions on I/O threads count under the lock
-                over = self._taken - self._returned + count > num
-            if over:
-                self.mark_broken(f"descriptor {pos}: {count} more descriptors made available "
-                                 f"with {self._taken - self._returned} of {num} in flight")
-                return False
-        self._id_descs[buffer_id] = count
+        id_descs[buffer_id] = count
         self._taken += count
         pos += count
         if pos >= num:
@@ -341,100 +324,104 @@ class PackedRing(PackedEvents, ChainWalker):
         self._avail_pos = pos
         return True
 
-    def _walk_packed(self, pos: int, copy: bytes | None = None) -> tuple[DescChain, int]:
+    def _admit(self, buffer_id: int, count: int, pos: int) -> bool:
+        """The checks of :meth:`_take` that failed without the lock, made for good: breaks
+        the queue and returns False, unless completions on I/O threads made room meanwhile."""
+        num = self.num
+        if buffer_id >= num:
+            self.mark_broken(f"descriptor {pos}: buffer id {buffer_id} >= size {num}")
+            return False
+        if self._id_descs[buffer_id]:
+            self.mark_broken(f"descriptor {pos}: buffer id {buffer_id} is already in flight")
+            return False
+        with self._idle:  # completions on I/O threads count under the lock
+            over = self._taken - self._returned + count > num
+        if over:
+            self.mark_broken(f"descriptor {pos}: {count} more descriptors made available "
+                             f"with {self._taken - self._returned} of {num} in flight")
+        return not over
+
+    def _walk_packed(self, pos: int, copy: bytes | None = None,
+                     ) -> tuple[DescChain, int, list[tuple[int, int]] | None]:
         """The chain starting at ring position ``pos`` (or in ``copy``, descriptors in the
-        ring's format from the inflight region) and how many descriptors it takes. Each
-        descriptor is copied once (one unpack) and decided on from the copy. The direct case
-        is inline (the hot path, as in ChainWalker._walk); tables and buffers outside the
-        cached region go through :meth:`_add_buffer`."""
+        ring's format from the inflight region), how many ring descriptors it takes, and
+        (while migrating) the guest ranges of its writable buffers. While an inflight region
+        tracks the ring, the ring descriptors' copies are kept in ``_walk_raw`` for it. Each
+        descriptor (and indirect table entry) is copied once (one unpack) and decided on from
+        the copy; the buffer id is the last ring descriptor's (2.8.6). Buffers in the cached
+        region are sliced here, as in ChainWalker._walk; others go through
+        :meth:`_translate_into`."""
         ring = self._ring if copy is None else copy
         raw: list[tuple[int, int, int, int]] | None = (
             [] if self._inflight is not None and copy is None else None)
         num = self.num
         readable: list[memoryview] = []
         writable: list[memoryview] = []
-        lens = [0, 0]  # readable, writable bytes
-        bad: list[str] = []
+        rlen = wlen = 0
+        bad: str | None = None
         gpas: list[tuple[int, int]] | None = None if self.dirty is None else []
         lo, hi, rview, rbase = self._region_cache
-        count = 0
-        while True:
-            count += 1
-            if count > num:
-                raise ChainError(f"no descriptor without NEXT within the ring of {num}")
-            addr, length, buffer_id, flags = _PDESC.unpack_from(ring, pos * DESC_SIZE)  # type: ignore[arg-type]
-            if raw is not None:  # tracked: the region keeps this copy
-                raw.append((addr, length, buffer_id, flags))
-            pos = pos + 1 if pos + 1 < num else 0
-            if flags & VRING_DESC_F_INDIRECT:
-                last = self._walk_table(addr, length, flags, readable, writable, lens, bad, gpas)
-                break
-            last = (addr, length, flags)
-            if (length and lo <= addr and addr + length <= hi and gpas is None and not bad
-                    and (flags & VRING_DESC_F_WRITE or not lens[1])):
-                off = addr - rbase
-                if flags & VRING_DESC_F_WRITE:
-                    lens[1] += length
-                    writable.append(rview[off: off + length])  # type: ignore[index]
-                else:
-                    lens[0] += length
-                    readable.append(rview[off: off + length])  # type: ignore[index]
-            else:
-                self._add_buffer(addr, length, flags, readable, writable, lens, bad, gpas)
-                lo, hi, rview, rbase = self._region_cache
-            if not flags & VRING_DESC_F_NEXT:
-                break
-        if bad:
-            raise PackedOutsideMemoryError(bad[0], last, buffer_id, count)
-        # The writable ranges are recorded by pop once _take accepted the buffer id: an id out
-        # of range or in flight must not replace those of the request holding it.
-        self._walk_gpas = gpas
-        self._walk_raw = raw
-        return DescChain(buffer_id, readable, lens[0], writable, lens[1]), count
-
-    def _walk_table(self, addr: int, length: int, flags: int, readable: list[memoryview],
-                    writable: list[memoryview], lens: list[int], bad: list[str],
-                    gpas: list[tuple[int, int]] | None) -> tuple[int, int, int]:
-        """The buffers of an indirect table (2.8.8): consecutive packed descriptors, WRITE the
-        only flag that counts. Returns the last entry (addr, len, flags)."""
-        table = self._indirect_table(addr, length, flags, False)
-        last = (0, 0, 0)
+        count = 0  # ring descriptors taken
+        table: memoryview | None = None  # an indirect table, once the chain reached one
+        entry = entries = 0
         try:
-            for k in range(length // DESC_SIZE):
-                a, n, _, f = _PDESC.unpack_from(table, k * DESC_SIZE)
-                f &= VRING_DESC_F_WRITE
-                self._add_buffer(a, n, f, readable, writable, lens, bad, gpas)
-                last = (a, n, f)
+            while True:
+                if table is None:
+                    count += 1
+                    if count > num:
+                        raise ChainError(f"no descriptor without NEXT within the ring of {num}")
+                    addr, length, buffer_id, flags = _PDESC.unpack_from(ring, pos * DESC_SIZE)  # type: ignore[arg-type]
+                    if raw is not None:  # tracked: the region keeps this copy
+                        raw.append((addr, length, buffer_id, flags))
+                    pos = pos + 1 if pos + 1 < num else 0
+                    if flags & VRING_DESC_F_INDIRECT:  # ends the chain (2.8.8)
+                        table = self._indirect_table(addr, length, flags, False)
+                        entries = length // DESC_SIZE
+                        continue
+                elif entry < entries:
+                    addr, length, _, flags = _PDESC.unpack_from(table, entry * DESC_SIZE)
+                    flags &= VRING_DESC_F_WRITE  # a table entry's only flag (2.8.8)
+                    entry += 1
+                else:
+                    break
+                if flags & VRING_DESC_F_WRITE:
+                    wlen += length
+                    target = writable
+                    if gpas is not None:
+                        gpas.append((addr, length))
+                else:
+                    if wlen:
+                        raise ChainError("a device-readable descriptor follows a writable one")
+                    rlen += length
+                    target = readable
+                if length and bad is None:
+                    if lo <= addr and addr + length <= hi:
+                        off = addr - rbase
+                        target.append(rview[off: off + length])  # type: ignore[index]
+                    else:
+                        bad = self._translate_into(target, addr, length)
+                        lo, hi, rview, rbase = self._region_cache
+                if table is None and not flags & VRING_DESC_F_NEXT:
+                    break
         finally:
-            table.release()
-        return last
+            if table is not None:
+                table.release()
+        if bad is not None:
+            raise PackedOutsideMemoryError(bad, (addr, length, flags), buffer_id, count)
+        # The writable ranges go to _written in pop once _take accepted the buffer id: an id
+        # out of range or in flight must not replace those of the request holding it.
+        self._walk_raw = raw
+        return DescChain(buffer_id, readable, rlen, writable, wlen), count, gpas
 
-    def _add_buffer(self, addr: int, length: int, flags: int, readable: list[memoryview],
-                    writable: list[memoryview], lens: list[int], bad: list[str],
-                    gpas: list[tuple[int, int]] | None) -> None:
-        if flags & VRING_DESC_F_WRITE:
-            lens[1] += length
-            target = writable
-            if gpas is not None:
-                gpas.append((addr, length))
-        else:
-            if lens[1]:
-                raise ChainError("a device-readable descriptor follows a writable one")
-            lens[0] += length
-            target = readable
-        if not length or bad:
-            return
-        lo, hi, rview, rbase = self._region_cache
-        if lo <= addr and addr + length <= hi:
-            off = addr - rbase
-            target.append(rview[off: off + length])  # type: ignore[index]
-            return
+    def _translate_into(self, target: list[memoryview], addr: int, length: int) -> str | None:
+        """Append the views of a buffer outside the cached region (and cache its region);
+        returns why it is not in guest memory instead, if it is not."""
         try:
             target += self.mem.translate(addr, length)
         except GuestMemoryError as exc:
-            bad.append(str(exc))  # keep walking: a chain without end still breaks the queue
-        else:
-            self._cache_region(addr)
+            return str(exc)  # the walk goes on: a chain without end still breaks the queue
+        self._cache_region(addr)
+        return None
 
     def _rearm(self, pos: int, wrap: int) -> int:
         """Ask for a kick at ``pos`` again, then read its flags once more: the driver may have
@@ -466,7 +453,7 @@ class PackedRing(PackedEvents, ChainWalker):
         pos = self._used_pos
         ring32[pos * DESC_U32S + LEN_U32] = written_len
         ring16[pos * DESC_U16S + ID_U16] = head
-        flags = VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED if self._used_wrap else 0
+        flags = AVAIL_USED if self._used_wrap else 0
         if written_len:
             flags |= VRING_DESC_F_WRITE
         # The id may be reused once the driver sees the flags: free it first.

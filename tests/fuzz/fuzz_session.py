@@ -1,6 +1,7 @@
 """atheris fuzz target for the message handler: Framer + Session + virtqueues + blk, in-process.
 
     .venv/bin/python tests/fuzz/fuzz_session.py -runs=200000 [corpus_dir ...]
+    FUZZ_SESSION_RING=packed .venv/bin/python tests/fuzz/fuzz_session.py -runs=200000
 
 Input: ``u16 image length``, that many bytes of guest-memory image (copied to offset 0 of every
 memfd sent), then chunks: ``control byte, length byte, data``. Control bits 0-1: fds sent with the
@@ -26,6 +27,13 @@ guards swallowed: ``log.exception``) or a critical record; a bounds violation
 thread's stack is dumped and ``WatchdogTimeout`` raised in the main thread); and, checked after
 every input, a registration left in the MemRegistry, an mmap still pending, a fd more than at
 start, a guest memfd still mapped (every MAPS_EVERY runs).
+
+Ring mode (``FUZZ_SESSION_RING=packed`` or ``split``): a fixed valid session on that layout
+(``seed_session``'s messages, ring 0 enabled and kicked) runs before every input's chunks, so
+every input reaches the ring: its image is the guest memory the ring runs over, and its chunks
+(more messages, kicks, a mutator program) come after. The session target reaches a ring in few
+inputs (most mutations break the session first); this one spends them all on the ring. Its
+seeds (``ring_seeds``) are images with no chunks, or with a program and a kick.
 
 Without corpus arguments a seed corpus is written to a temporary directory and used: a full
 valid session doing one read (also on a packed ring, direct and indirect, and under a random
@@ -64,6 +72,7 @@ DEFER_ROUNDS = 8
 WATCHDOG_SECONDS = 2.0
 # FUZZ_SESSION_STATS=N: every N runs, print how many inputs ran the mutator and its writes.
 STATS_EVERY = int(os.environ.get("FUZZ_SESSION_STATS", "0"))
+RING_LAYOUTS = ("split", "packed")
 
 
 class Watcher:
@@ -245,10 +254,40 @@ def seed_double_fetch() -> bytes:
     return seed_session(seed_image(OUTSIDE_GPA, NUM), program)
 
 
+def ring_prefix(layout: str) -> list[tuple[int, bytes]]:
+    """Ring mode: the chunks of a valid session starting ring 0 on ``layout`` (no image)."""
+    if layout not in RING_LAYOUTS:
+        raise ValueError(f"FUZZ_SESSION_RING={layout!r}: choose from {RING_LAYOUTS}")
+    return parse(seed_session(b"", packed=layout == "packed"))[1]
+
+
+def ring_seeds(layout: str) -> dict[str, bytes]:
+    """Ring mode seeds: the layout's images (direct, indirect), alone or followed by a random
+    mutator program and a kick."""
+    from ring_mutator import Program
+
+    if layout == "packed":
+        images = {"direct": seed_packed_image(), "indirect": seed_packed_image(indirect=True)}
+    else:
+        images = {"direct": seed_image(), "indirect": seed_image(indirect=True)}
+    program = Program.encode(rate=2, steps=512, seed=7, ops=[])
+    then = bytes([PROGRAM_MAGIC, len(program)]) + program + bytes([KICK_BIT, 0])
+    seeds = {}
+    for name, image in images.items():
+        seeds[f"{layout}-{name}"] = IMAGE_LEN.pack(len(image)) + image
+        seeds[f"{layout}-{name}-concurrent"] = IMAGE_LEN.pack(len(image)) + image + then
+    return seeds
+
+
 def seed_corpus() -> str:
     from ring_mutator import OP_AVAIL_IDX, OP_INDIRECT, Program
 
     path = tempfile.mkdtemp(prefix="fuzz-session-seeds-")
+    layout = os.environ.get("FUZZ_SESSION_RING", "")
+    if layout:
+        for name, data in ring_seeds(layout).items():
+            Path(path, name).write_bytes(data)
+        return path
     Path(path, "session").write_bytes(seed_session())
     random_program = Program.encode(rate=2, steps=512, seed=7, ops=[])
     Path(path, "concurrent").write_bytes(seed_session(seed_image(requests=NUM), random_program))
@@ -271,10 +310,11 @@ def seed_corpus() -> str:
 
 
 def build_target(instrument: Callable[[], AbstractContextManager[object]] = nullcontext,
-                 ) -> Callable[[bytes], None]:
+                 ring: str = "") -> Callable[[bytes], None]:
     """Set up the backend (imported under ``instrument``: atheris.instrument_imports) and
-    return the function that runs one input. Call from the main thread (the watchdog's
-    signal is delivered there)."""
+    return the function that runs one input; ``ring``: ring mode on that layout. Call from
+    the main thread (the watchdog's signal is delivered there)."""
+    prefix = ring_prefix(ring) if ring else []
     from ring_mutator import GuestFiles, Program, RingMutator, Watchdog
 
     # Rejections are logged as errors and expected; a traceback or a critical record is not.
@@ -340,6 +380,7 @@ def build_target(instrument: Callable[[], AbstractContextManager[object]] = null
     def one_input(data: bytes) -> None:
         nonlocal runs
         image, chunks = parse(data)
+        chunks = prefix + chunks
         concurrent = any(is_program(control) for control, _ in chunks)
         violations = len(bounds.violations)
         framer = new_framer()
@@ -394,7 +435,7 @@ def main() -> None:
     os.environ["VHOSTMEM_DEBUG_BOUNDS"] = "1"
     import atheris
 
-    one_input = build_target(atheris.instrument_imports)
+    one_input = build_target(atheris.instrument_imports, os.environ.get("FUZZ_SESSION_RING", ""))
     argv = list(sys.argv)
     if not any(not a.startswith("-") for a in argv[1:]):
         argv.append(seed_corpus())

@@ -125,6 +125,28 @@ def test_indirect_table_of_packed_descriptors(env: Env) -> None:
     assert len(bufs) == 5
 
 
+def test_direct_descriptors_then_an_indirect_one(env: Env) -> None:
+    """A chain of direct descriptors ending in an indirect one: the table's buffers add to
+    what came before it (bytes, and a buffer outside memory failing the request)."""
+    drv, ram = env.drv, env.ram
+    hdr, data, status = ram.alloc(16), ram.alloc(512), ram.alloc(1)
+    drv.add(2, [(hdr, 16, False)], last_next=True)
+    drv.add_indirect(2, [(ram.alloc(8), 8, False), (data, 512, True), (status, 1, True)])
+    chain = env.vq.pop()
+    assert chain is not None and chain.head == 2
+    assert (chain.readable_len, chain.writable_len) == (24, 513)
+    env.vq.push_used(2, 513)
+    drv.counts[2] = 2
+    assert env.drv.take_used()[0][:2] == (2, 513)
+    bad_status = ram.alloc(1)
+    drv.add(3, [(UNMAPPED, 16, False)], last_next=True)  # the direct part is outside memory
+    drv.add_indirect(3, [(data, 512, True), (bad_status, 1, True)])
+    drv.counts[3] = 2
+    assert env.vq.pop() is None and not env.vq.broken
+    assert ram.read(bad_status, 1) == b"\x01"
+    assert env.drv.take_used()[0][:2] == (3, 1)
+
+
 @pytest.mark.parametrize("case", [
     "id-out-of-range", "id-in-flight", "endless-chain", "indirect-bad-length",
     "indirect-zero-length", "indirect-too-long", "indirect-with-next", "indirect-outside",

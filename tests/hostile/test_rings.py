@@ -140,20 +140,23 @@ def test_status_byte_in_a_read_only_descriptor(guest: Guest) -> None:
     queue0_still_serves(guest)
 
 
-@pytest.mark.parametrize(
-    ("addr", "length"),
-    [
-        pytest.param(HOLE + 0x1000, 512, id="unmapped"),
-        pytest.param(REGION0[1] - 256, 512, id="straddles-end-of-region0"),
-        pytest.param(REGION1[0] + REGION1[1] - 256, 512, id="straddles-end-of-memory"),
-        pytest.param(REGION1[0] - 256, 512, id="straddles-start-of-region1"),
-        pytest.param(ADDR_LIMIT - 256, 512, id="wraps-past-2^64"),
-        pytest.param(ADDR_LIMIT - 512, 512, id="ends-at-2^64"),
-        pytest.param(1 << 48, 512, id="beyond-2^48"),
-        pytest.param(0x1000, U32_MAX, id="4GiB-length"),
-    ],
-)
-@pytest.mark.parametrize("indirect", [False, True], ids=["direct", "indirect"])
+# Buffers (addr, length) that are not wholly guest memory (also used by test_packed_process.py).
+OUTSIDE_BUFFERS = [
+    pytest.param(HOLE + 0x1000, 512, id="unmapped"),
+    pytest.param(REGION0[1] - 256, 512, id="straddles-end-of-region0"),
+    pytest.param(REGION1[0] + REGION1[1] - 256, 512, id="straddles-end-of-memory"),
+    pytest.param(REGION1[0] - 256, 512, id="straddles-start-of-region1"),
+    pytest.param(ADDR_LIMIT - 256, 512, id="wraps-past-2^64"),
+    pytest.param(ADDR_LIMIT - 512, 512, id="ends-at-2^64"),
+    pytest.param(1 << 48, 512, id="beyond-2^48"),
+    pytest.param(0x1000, U32_MAX, id="4GiB-length"),
+]
+DIRECT_OR_INDIRECT = pytest.mark.parametrize("indirect", [False, True],
+                                             ids=["direct", "indirect"])
+
+
+@pytest.mark.parametrize(("addr", "length"), OUTSIDE_BUFFERS)
+@DIRECT_OR_INDIRECT
 def test_buffer_outside_guest_memory_fails_the_request(guest: Guest, addr: int, length: int,
                                                        indirect: bool) -> None:
     pieces, status = read_chain(guest, (addr, length, WRITE))
@@ -175,7 +178,7 @@ def mapped_parts(g: Guest, addr: int, length: int) -> list[tuple[int, int]]:
     return parts
 
 
-@pytest.mark.parametrize("indirect", [False, True], ids=["direct", "indirect"])
+@DIRECT_OR_INDIRECT
 def test_status_outside_guest_memory_completes_empty(guest: Guest, indirect: bool) -> None:
     """Data in memory, status byte in the hole: nothing can be said and nothing is written."""
     data = buf(guest, 512)
@@ -294,9 +297,13 @@ def test_bad_indirect_table_length(guest: Guest, caplog: pytest.LogCaptureFixtur
     expect_broken(guest, caplog, f"indirect table length {length} is not a multiple")
 
 
-@pytest.mark.parametrize(
+# Indirect tables of 32 bytes at these addresses are not wholly guest memory.
+OUTSIDE_TABLES = pytest.mark.parametrize(
     "addr", [HOLE, REGION0[1] - 16, ADDR_LIMIT - 16], ids=["unmapped", "straddles", "wraps"]
 )
+
+
+@OUTSIDE_TABLES
 def test_indirect_table_outside_guest_memory(guest: Guest, caplog: pytest.LogCaptureFixture,
                                              addr: int) -> None:
     raw_submit(guest, D, {D: (addr, 32, INDIRECT, 0)})
@@ -338,18 +345,31 @@ def test_head_index_out_of_range(guest: Guest, caplog: pytest.LogCaptureFixture,
 # --------------------------------------------------------------- ring addresses
 
 
-@pytest.mark.parametrize("where", ["unmapped", "straddles-region-end", "wraps"])
-@pytest.mark.parametrize("part", ["desc", "used", "avail"])
+RING_PARTS = ("desc", "used", "avail")  # SET_VRING_ADDR's three addresses
+OUTSIDE_RING = ("unmapped", "straddles-region-end", "wraps")
+
+
+@pytest.mark.parametrize("where", OUTSIDE_RING)
+@pytest.mark.parametrize("part", RING_PARTS)
 def test_ring_addresses_outside_guest_memory_are_refused(guest: Guest, where: str,
                                                          part: str) -> None:
-    dev = guest.dev
-    dev.stop_queue(0)
+    refuse_ring_address(guest, part, outside_ring_address(guest, where))
+
+
+def outside_ring_address(guest: Guest, where: str) -> int:
+    """A host address of guest RAM's neighbourhood, for a ring part, that is not wholly in it."""
     r0, r1 = guest.ram.regions
-    bad = {
+    return {
         "unmapped": r0.userspace_addr + r0.memory_size + (1 << 30),
         "straddles-region-end": r1.userspace_addr + r1.memory_size - 16,
         "wraps": ADDR_LIMIT - 16,
     }[where]
+
+
+def refuse_ring_address(guest: Guest, part: str, bad: int) -> None:
+    """Stop queue 0, then SET_VRING_ADDR with ``part`` at host address ``bad``: refused."""
+    dev = guest.dev
+    dev.stop_queue(0)
     addr = dev.queues[0].ring.addr
     parts = {name: dev.ram.host_address(getattr(addr, name)) for name in ("desc", "used", "avail")}
     parts[part] = bad
@@ -378,7 +398,10 @@ def test_requests_inside_limits_do_not_touch_other_sectors(guest: Guest) -> None
         q.write(last, data * 2)  # one sector past the end
 
 
-@pytest.mark.parametrize("rtype", [BlkType.DISCARD, BlkType.WRITE_ZEROES])
+SEGMENT_TYPES = pytest.mark.parametrize("rtype", [BlkType.DISCARD, BlkType.WRITE_ZEROES])
+
+
+@SEGMENT_TYPES
 def test_huge_segment_list_fails_without_copying_it(guest: Guest, rtype: int) -> None:
     """DISCARD / WRITE_ZEROES whose "segment list" is every byte of guest RAM, many times over
     (all inside memory): IOERR from the length alone, nothing copied out of guest memory."""

@@ -50,8 +50,13 @@ def build(layout: str, io_mode: str) -> Bench:
     return dev, vq, ring, heads, ram
 
 
-def run_packed(seconds: float, layout: str, io_mode: str = "inline") -> float:
-    """``run`` on a packed ring: the same requests, buffer id = chain number."""
+PackedBench = tuple[BlkDevice, Virtqueue, PackedDriver, list[list[tuple[int, int, bool]]],
+                    GuestRam]
+
+
+def build_packed(layout: str, io_mode: str) -> PackedBench:
+    """``build`` on a packed ring: the same requests, buffer id = chain number; the chains are
+    made available by :func:`republish_packed`."""
     ram = GuestRam(32 << 20)
     mem = GuestMemory(MemRegistry())
     ram.add_to(mem)
@@ -61,22 +66,33 @@ def run_packed(seconds: float, layout: str, io_mode: str = "inline") -> float:
     ring = PackedDriver(ram, QUEUE_SIZE)
     ring.counts = {}
     ring.attach(vq)
-    indirect = layout == "indirect"
     chains = []
-    for n in range(QUEUE_SIZE // (1 if indirect else 3)):
+    for n in range(QUEUE_SIZE // (1 if layout == "indirect" else 3)):
         hdr = ram.alloc(16)
         ram.write(hdr, HEADER.pack(VIRTIO_BLK_T_IN, 0, (n * 8) % (DISK_SIZE // 512)))
         chains.append([(hdr, 16, False), (ram.alloc(READ_SIZE, 4096), READ_SIZE, True),
                        (ram.alloc(1), 1, True)])
+    return dev, vq, ring, chains, ram
+
+
+def republish_packed(ring: PackedDriver, chains: list[list[tuple[int, int, bool]]],
+                     indirect: bool) -> None:
+    """The driver gives the same buffers back: each chain's descriptors written again."""
+    for n, bufs in enumerate(chains):
+        if indirect:
+            ring.add_indirect(n, bufs)
+        else:
+            ring.add(n, bufs)
+
+
+def run_packed(seconds: float, layout: str, io_mode: str = "inline") -> float:
+    """``run`` on a packed ring."""
+    dev, vq, ring, chains, ram = build_packed(layout, io_mode)
     done = 0
     busy = 0.0
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
-        for n, bufs in enumerate(chains):  # the driver gives the same buffers back
-            if indirect:
-                ring.add_indirect(n, bufs)
-            else:
-                ring.add(n, bufs)
+        republish_packed(ring, chains, layout == "indirect")
         t0 = time.perf_counter()
         vq.new_turn()
         dev.handle_queue(vq)
