@@ -34,6 +34,7 @@ NBD_CONNS = ("vhostmem-nbd", "vhostmem-nbd-1conn")
 ALL_NBD = (*NBD_BACKENDS, NBD_CONNS[1])
 NBD_EXPORT = "disk"
 WORKERS_PREFIX = "vhostmem-w"
+POLL_PREFIX = "vhostmem-poll"  # vhostmem-pollN: --poll-us N
 
 
 class PeerStartError(RuntimeError):
@@ -60,6 +61,10 @@ def backend_argv(name: str, socket: str, image: str, num_queues: int,
         # vhostmem-wN: rings served by N data-plane worker processes (--workers N).
         return [*backend_argv("vhostmem", socket, image, num_queues),
                 "--workers", name[len(WORKERS_PREFIX):]]
+    if name.startswith(POLL_PREFIX) and name[len(POLL_PREFIX):].isdigit():
+        # vhostmem-pollN: rings busy-polled for N us after a turn that served requests.
+        return [*backend_argv("vhostmem", socket, image, num_queues),
+                "--poll-us", name[len(POLL_PREFIX):]]
     if name == "qsd":
         return [QSD,
                 "--blockdev", f"driver=file,node-name=f,filename={image},cache.direct=off",

@@ -102,6 +102,17 @@ def build_parser() -> argparse.ArgumentParser:
              "event loop, the default); needs inline I/O on a disk or RAM disk",
     )
     serve.add_argument(
+        "--poll-us",
+        metavar="US",
+        type=poll_microseconds,
+        default=0,
+        help=(
+            "after a turn that served requests, keep looking at the ring for new ones without "
+            f"waiting for a kick until US microseconds pass with none (0..{MAX_POLL_US}; 0, the "
+            "default: off); rings on the event loop only"
+        ),
+    )
+    serve.add_argument(
         "--blk",
         action="append",
         default=[],
@@ -149,6 +160,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rpc_client.add_parser(sub)
     return parser
+
+
+MAX_POLL_US = 1_000_000
+
+
+def poll_microseconds(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= MAX_POLL_US:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of microseconds in "
+                                         f"0..{MAX_POLL_US}")
+    return value
 
 
 def idle_seconds(text: str) -> float:
@@ -252,7 +277,8 @@ def serve_specs(specs: list[BlkSpec], args: argparse.Namespace,
     asyncio.set_event_loop(loop)
     server = Server(loop, MemRegistry())
     manager = DeviceManager(loop, server, socket_mode=mode, socket_group=args.socket_group,
-                            require_sealed_memory=args.require_sealed_memory)
+                            require_sealed_memory=args.require_sealed_memory,
+                            poll_us=getattr(args, "poll_us", 0))  # vhostmem-blk has none
     rpc: RpcServer | None = None
     lifecycle = Lifecycle(loop, server, notifier, log_handler)
     lifecycle.install_signals()

@@ -58,12 +58,13 @@ class DeviceManager:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, server: Server, *,
                  socket_mode: int, socket_group: str | None = None,
-                 require_sealed_memory: bool = False) -> None:
+                 require_sealed_memory: bool = False, poll_us: int = 0) -> None:
         self.loop = loop
         self.server = server
         self.socket_mode = socket_mode
         self.socket_group = socket_group
         self.require_sealed_memory = require_sealed_memory
+        self.poll_us = poll_us
         self.devices: dict[str, ManagedDevice] = {}
         # Disks served by more than one device (share= or the same file), see devspec.make_device.
         self.shared: dict[str, tuple[BlkSpec, BlkBackend]] = {}
@@ -109,6 +110,7 @@ class DeviceManager:
                 socket_group=self.socket_group,
                 require_sealed_memory=self.require_sealed_memory,
                 workers=spec.workers,
+                poll_us=self.poll_us,
             )
             endpoint = self.server.add(device, config, name=name, listener=listener)
         except BaseException:

@@ -53,6 +53,8 @@ class EndpointConfig:
     require_sealed_memory: bool = False
     # Started rings run in this many data-plane worker processes (0: on the event loop).
     workers: int = 0
+    # Busy-poll a ring this long after a turn that served requests (0: off; session_turns.py).
+    poll_us: int = 0
 
 
 class LoopKickWatcher:
@@ -117,6 +119,7 @@ class Endpoint:
             name=self.name,
             require_sealed_memory=config.require_sealed_memory,
             workers=config.workers,
+            poll_us=config.poll_us,
         )
         self.listener: socket.socket | None = None
         self.connection: Connection | None = None

@@ -67,6 +67,7 @@ class Session(RingTurns, MemoryRequests, LogRequests, InflightRequests, WorkerRi
         name: str = "vhostmem",
         require_sealed_memory: bool = False,
         workers: int = 0,
+        poll_us: int = 0,
     ) -> None:
         self.device = device
         self.name = name
@@ -80,6 +81,8 @@ class Session(RingTurns, MemoryRequests, LogRequests, InflightRequests, WorkerRi
         self.state = SessionState()
         self.inflight = InflightState()
         self._turn_pending: set[int] = set()  # rings whose next turn is scheduled
+        self.poll_s = poll_us / 1e6  # busy-poll window (session_turns.py)
+        self._poll_until: dict[int, float] = {}
         self.dirty_log: DirtyLog | None = None  # SET_LOG_BASE (session_log.py)
         self.logging = False  # VHOST_F_LOG_ALL acked and applied to the rings
         self.log_fd = -1

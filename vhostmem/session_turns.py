@@ -1,5 +1,13 @@
 """A ring's turns on the event loop: a kick, one bounded turn of the device, the next turn.
 
+Busy polling (``--poll-us``, off by default, like QEMU's ``poll-max-ns``): after a turn that
+served requests the ring is looked at again on every pass of the event loop, without waiting
+for a kick, until ``poll_s`` seconds pass with nothing new; each request found starts the
+window again. A driver answering within the window (a QD1 guest, a load generator reaping and
+resubmitting) then skips the kick's wake-up; other rings and devices still get their turns in
+between (each poll is one ordinary bounded turn scheduled behind everything else ready), and the
+window ends on its own when the ring goes quiet. The price is CPU spent looking.
+
 A mixin of :class:`vhostmem.session.Session` (rings served in this process; a ring started in
 a data-plane worker is served there, vhostmem/worker.py, and never here).
 """
@@ -7,6 +15,7 @@ a data-plane worker is served there, vhostmem/worker.py, and never here).
 from __future__ import annotations
 
 import logging
+from time import monotonic
 
 from vhostmem.device import VhostUserDevice
 from vhostmem.session_base import KickWatcher
@@ -24,6 +33,8 @@ class RingTurns:
     watcher: KickWatcher
     _turn_pending: set[int]
     _remote: set[int]
+    poll_s: float  # busy-poll window after a turn that served requests (0: off)
+    _poll_until: dict[int, float]  # rings being polled: end of their window
 
     def on_kick(self, i: int) -> None:
         """The ring's kick eventfd is readable: drain it and process the ring."""
@@ -44,6 +55,7 @@ class RingTurns:
         vq = self.queues[i]
         if vq.broken or vq.paused or i in self._remote:
             return
+        served = vq.stat_requests
         vq.new_turn()
         try:
             self.device.handle_queue(vq)
@@ -54,6 +66,25 @@ class RingTurns:
         if vq.yielded and i not in self._turn_pending:
             self._turn_pending.add(i)
             self.watcher.defer(lambda: self._next_turn(i))
+        elif self.poll_s and vq.stat_requests != served:
+            self._poll(i)
+
+    def _poll(self, i: int) -> None:
+        """Open (or extend) ring ``i``'s poll window; the first opening schedules the poll."""
+        polling = i in self._poll_until
+        self._poll_until[i] = monotonic() + self.poll_s
+        if not polling:
+            self.watcher.defer(lambda: self._poll_turn(i))
+
+    def _poll_turn(self, i: int) -> None:
+        """One pass of the poll: a turn of ring ``i`` (which extends the window if it served
+        something), then the next pass, until the window ends or the ring stops."""
+        vq = self.queues[i]
+        if not (vq.started and vq.enabled) or monotonic() > self._poll_until[i]:
+            del self._poll_until[i]
+            return
+        self.process_queue(i)
+        self.watcher.defer(lambda: self._poll_turn(i))
 
     def _next_turn(self, i: int) -> None:
         self._turn_pending.discard(i)
