@@ -19,6 +19,7 @@ ever be in that buffer anyway, they are copied to where they belong, checked lik
 
 from __future__ import annotations
 
+import struct
 from bisect import bisect_left
 from dataclasses import dataclass, field
 
@@ -57,6 +58,8 @@ STAGE_BYTES = STRUCTURED_REPLY.size + MAX_ERROR_CHUNK
 # reply header alone otherwise. With no READ in flight nothing can be data: read all that fits.
 AHEAD_STRUCTURED = STRUCTURED_REPLY.size + OFFSET_FIELD.size
 AHEAD_SIMPLE = SIMPLE_REPLY.size
+# A structured reply header followed by an OFFSET_DATA chunk's offset: AHEAD_STRUCTURED bytes.
+DATA_CHUNK_HEAD = struct.Struct(STRUCTURED_REPLY.format + OFFSET_FIELD.format.lstrip(">"))
 # Reader states.
 _HEADER, _STRUCT_HEADER, _CHUNK, _DATA = range(4)
 
@@ -71,7 +74,7 @@ class Completed:
     message: str = ""
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
     command: int
     offset: int
@@ -225,6 +228,8 @@ class Transmission:
     def _parse(self, done: list[Completed]) -> None:
         stage = self._stage
         if self._state == _HEADER:
+            if self._have >= AHEAD_STRUCTURED and self._read_data_chunk(done):
+                return
             magic = int.from_bytes(stage[:4], "big")
             if magic == NBD_STRUCTURED_REPLY_MAGIC:
                 if not self.structured:
@@ -291,6 +296,24 @@ class Transmission:
         self._take(length)
         self._chunk_done(done)
 
+    def _read_data_chunk(self, done: list[Completed]) -> bool:
+        """The steady state of reads: a structured reply header and an OFFSET_DATA chunk's
+        offset, all in the stage. Parsed in one step, with the same checks as the general path
+        (which it leaves to anything else: false, nothing consumed)."""
+        magic, flags, ctype, cookie, length, offset = DATA_CHUNK_HEAD.unpack_from(self._stage)
+        if magic != NBD_STRUCTURED_REPLY_MAGIC or ctype != NBD_REPLY_TYPE_OFFSET_DATA:
+            return False
+        req = self._pending.get(cookie)
+        if req is None or not self.structured:
+            return False  # the general path names the error
+        self._check_chunk(req, cookie, flags, ctype, length)
+        self._req, self._cookie, self._chunk = req, cookie, (flags, ctype, length)
+        self._take(AHEAD_STRUCTURED)
+        size = length - OFFSET_FIELD.size
+        self._claim_range(req, offset, size, "OFFSET_DATA")
+        self._start_data(req, cookie, offset - req.offset, size, done)
+        return True
+
     def _lookup(self, cookie: int, what: str) -> _Pending:
         req = self._pending.get(cookie)
         if req is None:
@@ -299,6 +322,10 @@ class Transmission:
 
     def _check_chunk(self, req: _Pending, cookie: int, flags: int, ctype: int,
                      length: int) -> None:
+        if (ctype == NBD_REPLY_TYPE_OFFSET_DATA and not flags & ~NBD_REPLY_FLAG_DONE
+                and req.command == NBD_CMD_READ
+                and OFFSET_FIELD.size < length <= OFFSET_FIELD.size + req.length):
+            return  # the usual chunk, valid: no message built (a cost per READ reply)
         where = f"chunk type {ctype} for {req.name} cookie {cookie}"
         if flags & ~NBD_REPLY_FLAG_DONE:
             raise NbdProtocolError(f"{where}: unknown flags {flags:#x}")
@@ -331,9 +358,13 @@ class Transmission:
             raise NbdProtocolError(
                 f"{what} [{offset}, {end}) outside READ cookie {self._cookie}'s range "
                 f"[{req.offset}, {req.offset + req.length})")
+        received = req.received
+        if not received:  # the first chunk (for most READs the only one): nothing to overlap
+            if offset != end:
+                received.append((offset, end))
+            return
         # ``received`` is sorted and disjoint, adjacent ranges merged: only the neighbours
         # of [offset, end) can overlap it (O(log K) per chunk, not O(K)).
-        received = req.received
         i = bisect_left(received, offset, key=_range_start)
         for start, stop in received[max(i - 1, 0) : i + 1]:
             if offset < stop and start < end:
