@@ -4,7 +4,7 @@ message", "Structured reply chunk message" in the NBD protocol document).
 :meth:`Transmission.request` registers a request and returns its 28-byte header (a WRITE's
 payload goes on the wire right after it, from the caller's own buffers). Replies are read with
 :meth:`Transmission.buffers` and :meth:`Transmission.advance`: ``buffers()`` says where the next
-bytes from the socket must go (``recv_into``/``recvmsg_into`` them there), ``advance(n)`` says
+bytes from the socket must go (``recv_into``/``readv`` them there), ``advance(n)`` says
 ``n`` bytes arrived and returns the requests completed. A READ's data goes straight into the
 memoryviews the request was registered with, at the offset the reply names, and only once that
 offset and length were checked against the request: nothing a server sends can make it write
@@ -12,7 +12,7 @@ outside them. A bad reply raises :class:`NbdProtocolError` naming what was wrong
 connection is unusable from then on (:attr:`Transmission.broken`).
 
 Reply headers are read into a small buffer of the parser's own, with read-ahead only as far as
-no data can be (``AHEAD_STRUCTURED``), so that one ``recvmsg_into`` takes a READ's data and the
+no data can be (``AHEAD_STRUCTURED``), so that one ``readv`` takes a READ's data and the
 next reply's header: one system call per reply in the steady state. Should bytes of payload
 ever be in that buffer anyway, they are copied to where they belong, checked like the rest.
 """
@@ -64,7 +64,7 @@ DATA_CHUNK_HEAD = struct.Struct(STRUCTURED_REPLY.format + OFFSET_FIELD.format.ls
 _HEADER, _STRUCT_HEADER, _CHUNK, _DATA = range(4)
 
 
-@dataclass
+@dataclass(slots=True)
 class Completed:
     """A request got its final reply: ``error`` 0 for success, else the NBD error value."""
 
@@ -130,7 +130,7 @@ class Transmission:
         """Register a request; (its cookie, its header). A READ names the buffers its data goes
         into (``length`` bytes in all)."""
         if command == NBD_CMD_READ:
-            if into is None or sum(len(v) for v in into) != length:
+            if into is None or sum(map(len, into)) != length:
                 raise ValueError("a READ needs buffers of exactly its length")
             if length > self.max_payload:
                 raise ValueError(f"READ of {length} bytes exceeds {self.max_payload}")
@@ -199,7 +199,7 @@ class Transmission:
         return done
 
     def feed(self, data: bytes) -> list[Completed]:
-        """Copy ``data`` through :meth:`buffers`, as ``recvmsg_into`` would (tests,
+        """Copy ``data`` through :meth:`buffers`, as ``readv`` would (tests,
         captured sessions)."""
         done: list[Completed] = []
         view = memoryview(data)
@@ -404,7 +404,8 @@ class Transmission:
                     done: list[Completed]) -> None:
         assert req.into is not None
         self._req, self._cookie = req, cookie
-        self._data = slice_views(req.into, start, size)
+        self._data = (list(req.into) if not start and size == req.length
+                      else slice_views(req.into, start, size))
         self._data_left = size
         self._state = _DATA
         if self._have or not size:  # payload in the stage (the read-ahead never takes
@@ -444,8 +445,13 @@ class Transmission:
         assert req is not None
         if self._chunk[0] & NBD_REPLY_FLAG_DONE:
             error, message = req.error, req.message
-            if not error and req.command == NBD_CMD_READ:
-                covered = sum(stop - start for start, stop in req.received)
+            # ``received`` is disjoint, merged and inside the request: it covers the
+            # request exactly when it is the one range of the request's length.
+            received = req.received
+            if (not error and req.command == NBD_CMD_READ
+                    and not (len(received) == 1
+                             and received[0][1] - received[0][0] == req.length)):
+                covered = sum(stop - start for start, stop in received)
                 if covered != req.length:
                     raise NbdProtocolError(f"READ cookie {self._cookie} ended with {covered} "
                                            f"of its {req.length} bytes")
