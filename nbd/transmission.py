@@ -4,7 +4,7 @@ message", "Structured reply chunk message" in the NBD protocol document).
 :meth:`Transmission.request` registers a request and returns its 28-byte header (a WRITE's
 payload goes on the wire right after it, from the caller's own buffers). Replies are read with
 :meth:`Transmission.buffers` and :meth:`Transmission.advance`: ``buffers()`` says where the next
-bytes from the socket must go (``recv_into``/``recvmsg_into`` them there), ``advance(n)`` says
+bytes from the socket must go (``recv_into``/``readv`` them there), ``advance(n)`` says
 ``n`` bytes arrived and returns the requests completed. A READ's data goes straight into the
 memoryviews the request was registered with, at the offset the reply names, and only once that
 offset and length were checked against the request: nothing a server sends can make it write
@@ -12,13 +12,14 @@ outside them. A bad reply raises :class:`NbdProtocolError` naming what was wrong
 connection is unusable from then on (:attr:`Transmission.broken`).
 
 Reply headers are read into a small buffer of the parser's own, with read-ahead only as far as
-no data can be (``AHEAD_STRUCTURED``), so that one ``recvmsg_into`` takes a READ's data and the
+no data can be (``AHEAD_STRUCTURED``), so that one ``readv`` takes a READ's data and the
 next reply's header: one system call per reply in the steady state. Should bytes of payload
 ever be in that buffer anyway, they are copied to where they belong, checked like the rest.
 """
 
 from __future__ import annotations
 
+import struct
 from bisect import bisect_left
 from dataclasses import dataclass, field
 
@@ -57,11 +58,13 @@ STAGE_BYTES = STRUCTURED_REPLY.size + MAX_ERROR_CHUNK
 # reply header alone otherwise. With no READ in flight nothing can be data: read all that fits.
 AHEAD_STRUCTURED = STRUCTURED_REPLY.size + OFFSET_FIELD.size
 AHEAD_SIMPLE = SIMPLE_REPLY.size
+# A structured reply header followed by an OFFSET_DATA chunk's offset: AHEAD_STRUCTURED bytes.
+DATA_CHUNK_HEAD = struct.Struct(STRUCTURED_REPLY.format + OFFSET_FIELD.format.lstrip(">"))
 # Reader states.
 _HEADER, _STRUCT_HEADER, _CHUNK, _DATA = range(4)
 
 
-@dataclass
+@dataclass(slots=True)
 class Completed:
     """A request got its final reply: ``error`` 0 for success, else the NBD error value."""
 
@@ -71,7 +74,7 @@ class Completed:
     message: str = ""
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
     command: int
     offset: int
@@ -127,7 +130,7 @@ class Transmission:
         """Register a request; (its cookie, its header). A READ names the buffers its data goes
         into (``length`` bytes in all)."""
         if command == NBD_CMD_READ:
-            if into is None or sum(len(v) for v in into) != length:
+            if into is None or sum(map(len, into)) != length:
                 raise ValueError("a READ needs buffers of exactly its length")
             if length > self.max_payload:
                 raise ValueError(f"READ of {length} bytes exceeds {self.max_payload}")
@@ -196,7 +199,7 @@ class Transmission:
         return done
 
     def feed(self, data: bytes) -> list[Completed]:
-        """Copy ``data`` through :meth:`buffers`, as ``recvmsg_into`` would (tests,
+        """Copy ``data`` through :meth:`buffers`, as ``readv`` would (tests,
         captured sessions)."""
         done: list[Completed] = []
         view = memoryview(data)
@@ -225,6 +228,8 @@ class Transmission:
     def _parse(self, done: list[Completed]) -> None:
         stage = self._stage
         if self._state == _HEADER:
+            if self._have >= AHEAD_STRUCTURED and self._read_data_chunk(done):
+                return
             magic = int.from_bytes(stage[:4], "big")
             if magic == NBD_STRUCTURED_REPLY_MAGIC:
                 if not self.structured:
@@ -291,6 +296,24 @@ class Transmission:
         self._take(length)
         self._chunk_done(done)
 
+    def _read_data_chunk(self, done: list[Completed]) -> bool:
+        """The steady state of reads: a structured reply header and an OFFSET_DATA chunk's
+        offset, all in the stage. Parsed in one step, with the same checks as the general path
+        (which it leaves to anything else: false, nothing consumed)."""
+        magic, flags, ctype, cookie, length, offset = DATA_CHUNK_HEAD.unpack_from(self._stage)
+        if magic != NBD_STRUCTURED_REPLY_MAGIC or ctype != NBD_REPLY_TYPE_OFFSET_DATA:
+            return False
+        req = self._pending.get(cookie)
+        if req is None or not self.structured:
+            return False  # the general path names the error
+        self._check_chunk(req, cookie, flags, ctype, length)
+        self._req, self._cookie, self._chunk = req, cookie, (flags, ctype, length)
+        self._take(AHEAD_STRUCTURED)
+        size = length - OFFSET_FIELD.size
+        self._claim_range(req, offset, size, "OFFSET_DATA")
+        self._start_data(req, cookie, offset - req.offset, size, done)
+        return True
+
     def _lookup(self, cookie: int, what: str) -> _Pending:
         req = self._pending.get(cookie)
         if req is None:
@@ -299,6 +322,10 @@ class Transmission:
 
     def _check_chunk(self, req: _Pending, cookie: int, flags: int, ctype: int,
                      length: int) -> None:
+        if (ctype == NBD_REPLY_TYPE_OFFSET_DATA and not flags & ~NBD_REPLY_FLAG_DONE
+                and req.command == NBD_CMD_READ
+                and OFFSET_FIELD.size < length <= OFFSET_FIELD.size + req.length):
+            return  # the usual chunk, valid: no message built (a cost per READ reply)
         where = f"chunk type {ctype} for {req.name} cookie {cookie}"
         if flags & ~NBD_REPLY_FLAG_DONE:
             raise NbdProtocolError(f"{where}: unknown flags {flags:#x}")
@@ -331,9 +358,13 @@ class Transmission:
             raise NbdProtocolError(
                 f"{what} [{offset}, {end}) outside READ cookie {self._cookie}'s range "
                 f"[{req.offset}, {req.offset + req.length})")
+        received = req.received
+        if not received:  # the first chunk (for most READs the only one): nothing to overlap
+            if offset != end:
+                received.append((offset, end))
+            return
         # ``received`` is sorted and disjoint, adjacent ranges merged: only the neighbours
         # of [offset, end) can overlap it (O(log K) per chunk, not O(K)).
-        received = req.received
         i = bisect_left(received, offset, key=_range_start)
         for start, stop in received[max(i - 1, 0) : i + 1]:
             if offset < stop and start < end:
@@ -373,7 +404,8 @@ class Transmission:
                     done: list[Completed]) -> None:
         assert req.into is not None
         self._req, self._cookie = req, cookie
-        self._data = slice_views(req.into, start, size)
+        self._data = (list(req.into) if not start and size == req.length
+                      else slice_views(req.into, start, size))
         self._data_left = size
         self._state = _DATA
         if self._have or not size:  # payload in the stage (the read-ahead never takes
@@ -413,8 +445,13 @@ class Transmission:
         assert req is not None
         if self._chunk[0] & NBD_REPLY_FLAG_DONE:
             error, message = req.error, req.message
-            if not error and req.command == NBD_CMD_READ:
-                covered = sum(stop - start for start, stop in req.received)
+            # ``received`` is disjoint, merged and inside the request: it covers the
+            # request exactly when it is the one range of the request's length.
+            received = req.received
+            if (not error and req.command == NBD_CMD_READ
+                    and not (len(received) == 1
+                             and received[0][1] - received[0][0] == req.length)):
+                covered = sum(stop - start for start, stop in received)
                 if covered != req.length:
                     raise NbdProtocolError(f"READ cookie {self._cookie} ended with {covered} "
                                            f"of its {req.length} bytes")

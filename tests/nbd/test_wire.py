@@ -333,3 +333,66 @@ def test_received_ranges_stay_sorted_disjoint_and_merged() -> None:
 def test_overlapping_chunks_are_still_refused(ranges: list[tuple[int, int]]) -> None:
     with pytest.raises(NbdProtocolError, match="overlaps"):
         received_after(ranges)
+
+
+def steady_state() -> tuple[Transmission, bytearray, bytearray, int]:
+    """READs a, b and a third in flight, a's header and offset received: buffers() is a's
+    data and 28 bytes read ahead (the next reply's header and offset), as at depth."""
+    t = Transmission(structured=True)
+    a, b = bytearray(8), bytearray(b"\xee" * 16)
+    ca, _ = t.request(NBD_CMD_READ, 0, 8, into=[memoryview(a)])
+    cb, _ = t.request(NBD_CMD_READ, 4096, 8, into=[memoryview(b)[4:12]])
+    t.request(NBD_CMD_READ, 1 << 20, 8, into=[memoryview(bytearray(8))])  # keeps read-ahead
+    first = chunk(ca, NBD_REPLY_TYPE_OFFSET_DATA, struct.pack(">Q", 0) + b"A" * 8)
+    t.feed(first[:28])
+    assert [len(v) for v in t.buffers()] == [8, 28]
+    return t, a, b, cb
+
+
+@pytest.mark.parametrize(("flags", "ctype", "cookie", "offset", "length", "match"), [
+    (NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, 99, 4096, 16, "unknown cookie"),
+    (0x8000, NBD_REPLY_TYPE_OFFSET_DATA, None, 4096, 16, "unknown flags"),
+    (NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, None, 4096, 17, "length 17"),
+    (NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, None, 4096, 8, "length 8 outside"),
+    (NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, None, 4092, 16, "outside READ"),
+    (NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, None, 4097, 16, "outside READ"),
+])
+def test_a_bad_data_chunk_read_ahead_at_depth_is_named_before_any_data(
+        flags: int, ctype: int, cookie: int | None, offset: int, length: int,
+        match: str) -> None:
+    """The read-ahead reply (header and offset in one receive, parsed in one step) gets the
+    same checks as one read in pieces: named, and nothing written into b or around it."""
+    t, a, b, cb = steady_state()
+    bad = struct.pack(">IHHQIQ", NBD_STRUCTURED_REPLY_MAGIC, flags, ctype,
+                      cb if cookie is None else cookie, length, offset)
+    bufs = t.buffers()
+    bufs[0][:] = b"A" * 8
+    bufs[1][:] = bad
+    with pytest.raises(NbdProtocolError, match=match):
+        t.advance(36)
+    assert a == b"A" * 8 and b == b"\xee" * 16
+
+
+def test_a_data_chunk_read_ahead_for_a_write_is_refused() -> None:
+    t = Transmission(structured=True)
+    c, _ = t.request(NBD_CMD_READ, 0, 8, into=[memoryview(bytearray(8))])
+    w, _ = t.request(NBD_CMD_WRITE, 0, 8)
+    with pytest.raises(NbdProtocolError, match="OFFSET_DATA to a request other than READ"):
+        t.feed(chunk(w, NBD_REPLY_TYPE_OFFSET_DATA, struct.pack(">Q", 0) + b"x" * 8))
+    assert t.forget_all() == [c, w]
+
+
+def test_reads_at_depth_complete_through_the_read_ahead() -> None:
+    """32 READs answered back to back, each header and offset read ahead with the previous
+    data (one receive per reply): every buffer gets its data, in any order."""
+    t = Transmission(structured=True)
+    bufs = [bytearray(512) for _ in range(32)]
+    cookies = [t.request(NBD_CMD_READ, i * 512, 512, into=[memoryview(buf)])[0]
+               for i, buf in enumerate(bufs)]
+    order = list(reversed(range(32)))
+    stream = b"".join(chunk(cookies[i], NBD_REPLY_TYPE_OFFSET_DATA,
+                            struct.pack(">Q", i * 512) + bytes([i]) * 512) for i in order)
+    done = t.feed(stream)
+    assert [d.cookie for d in done] == [cookies[i] for i in order]
+    assert all(buf == bytes([i]) * 512 for i, buf in enumerate(bufs))
+    assert t.in_flight == 0
