@@ -65,6 +65,10 @@ def backend_argv(name: str, socket: str, image: str, num_queues: int,
         # vhostmem-pollN: rings busy-polled for N us after a turn that served requests.
         return [*backend_argv("vhostmem", socket, image, num_queues),
                 "--poll-us", name[len(POLL_PREFIX):]]
+    if name == "qsd-iothread":
+        # qsd's export in an IOThread, which polls adaptively (poll-max-ns, 32768 by default).
+        argv = backend_argv("qsd", socket, image, num_queues)
+        return [argv[0], "--object", "iothread,id=io0", *argv[1:-1], argv[-1] + ",iothread=io0"]
     if name == "qsd":
         return [QSD,
                 "--blockdev", f"driver=file,node-name=f,filename={image},cache.direct=off",
