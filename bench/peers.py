@@ -15,6 +15,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from qemu.procs import child_pids
+
 ROOT = Path(__file__).resolve().parent.parent
 QSD = "qemu-storage-daemon"
 STARTUP_TIMEOUT = 15.0
@@ -84,7 +86,7 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     own = (int(fields[UTIME_AFTER_COMM]) + int(fields[UTIME_AFTER_COMM + 1])) / CLK_TCK
-    return own + sum(cpu_seconds(child) for child in _children(pid))
+    return own + sum(cpu_seconds(child) for child in child_pids(pid))
 
 
 def runqueue_wait_seconds(pid: int) -> float:
@@ -97,15 +99,7 @@ def runqueue_wait_seconds(pid: int) -> float:
             with contextlib.suppress(FileNotFoundError), \
                     open(f"/proc/{pid}/task/{tid}/schedstat") as f:
                 total += int(f.read().split()[1])
-    return total / 1e9 + sum(runqueue_wait_seconds(child) for child in _children(pid))
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(p) for p in f.read().split()]
-    except FileNotFoundError:
-        return []
+    return total / 1e9 + sum(runqueue_wait_seconds(child) for child in child_pids(pid))
 
 
 @contextlib.contextmanager

@@ -55,6 +55,7 @@ from qemu.launch import (
     _wait_for_socket,
     qemu_command,
 )
+from qemu.procs import child_pids
 from vhostmem.inflight import H_DESC_NUM, SPLIT_LAYOUT
 from vhostmem.inflight_packed import PACKED_LAYOUT
 
@@ -225,7 +226,7 @@ class _Run:
                 until = time.monotonic() + AIM_WINDOW
                 packed = self.config.packed
                 # vhostmem's data-plane workers hold the rings: they are frozen too.
-                pids = [proc.pid, *_children(proc.pid)]
+                pids = [proc.pid, *child_pids(proc.pid)]
                 while not seen and time.monotonic() < until:
                     if _any_inflight(region, packed):
                         _signal_all(pids, signal.SIGSTOP)
@@ -235,7 +236,7 @@ class _Run:
         # SIGKILL: no cleanup of any kind. A backend's child processes first (vhostmem's
         # data-plane workers, which hold the requests in flight; they would otherwise finish
         # their turn before dying with their parent).
-        _signal_all(_children(proc.pid), signal.SIGKILL)
+        _signal_all(child_pids(proc.pid), signal.SIGKILL)
         proc.kill()
         proc.wait()
         self.socket.unlink(missing_ok=True)  # so that start_backend waits for the new one
@@ -343,14 +344,6 @@ def _frozen(pid: int) -> bool:
         if state in ("T", "t"):
             return True
     return False
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(p) for p in f.read().split()]
-    except OSError:
-        return []
 
 
 def _signal_all(pids: list[int], sig: int) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from qemu.procs import child_pids
 from tests.peers import ROOT
 from vhostmem.frontend import (
     INDIRECT,
@@ -74,8 +75,7 @@ def flagged(region: mmap.mmap, layout: QueueLayout) -> bool:
 
 def family(pid: int) -> list[int]:
     """``pid`` and its child processes (data-plane workers)."""
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return [pid, *(int(c) for c in f.read().split())]
+    return [pid, *child_pids(pid)]
 
 
 def signal_all(pids: list[int], sig: int) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from qemu.procs import child_pids
 from tests.peers import VhostmemHandle, make_image, start_vhostmem
 from vhostmem.devspec import UsageError, parse_blk_spec, spec_from_params
 from vhostmem.dirty_log import DirtyLog
@@ -61,8 +62,7 @@ def _worker_pids(handle: VhostmemHandle) -> dict[int, int]:
 
 
 def _children(pid: int) -> set[int]:
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return {int(p) for p in f.read().split()}
+    return set(child_pids(pid))
 
 
 def test_rings_run_in_worker_processes(served) -> None:
