@@ -35,6 +35,7 @@ from vhostmem.inflight import InflightError, InflightRegion
 from vhostmem.inflight_packed import layout_for
 from vhostmem.split_ring import VirtqueueError
 from vhostmem.virtqueue import Virtqueue
+from vhostmem.worker_log import WORKER_LOG_FORMAT
 from vhostmem.worker_proto import (
     STATS_COUNTERS,
     WORKER_IGNORED_SIGNALS,
@@ -363,9 +364,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--parent", type=int, default=0, help="the main process's pid")
     args = parser.parse_args(argv)
+    # stderr is a pipe to the main process, which relays each record into its own logging
+    # (time, pid and --log-file there: vhostmem/worker_log.py).
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format=f"%(asctime)s worker[{os.getpid()}] %(levelname)s %(name)s: "
-                               "%(message)s")
+                        format=WORKER_LOG_FORMAT)
     # The main process coordinates shutdown (it stops the rings here, then closes the control
     # socket, and this process leaves at EOF): a terminal's Ctrl-C or systemd's SIGTERM to the
     # whole control group must not end a worker in the middle of a drain.

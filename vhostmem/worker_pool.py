@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from vhostmem.session_base import KickWatcher
+from vhostmem.worker_log import WorkerLog
 from vhostmem.worker_proto import (
     MAX_FDS,
     WORKER_IGNORED_SIGNALS,
@@ -87,6 +88,7 @@ class WorkerLink:
     slot: int
     proc: subprocess.Popen[bytes]
     sock: socket.socket
+    stderr: WorkerLog
     rings: set[int] = field(default_factory=set)  # started in this worker
     pending: dict[int, Reply | None] = field(default_factory=dict)  # seq -> on_reply
     waiting_since: float = 0.0  # monotonic time its oldest unanswered request was sent
@@ -143,10 +145,15 @@ class WorkerPool:
             # Blocked across the exec (the mask is inherited): a SIGTERM to the whole group
             # while the worker still imports stays pending, and is dropped once it ignores it.
             mask = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_IGNORED_SIGNALS)
+            log_read, log_write = os.pipe()  # its stderr: relayed into our logging
             try:
                 proc = subprocess.Popen(argv, pass_fds=[theirs.fileno()],
-                                        stdin=subprocess.DEVNULL)
+                                        stdin=subprocess.DEVNULL, stderr=log_write)
+            except BaseException:
+                os.close(log_read)
+                raise
             finally:
+                os.close(log_write)
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         except BaseException:
             ours.close()
@@ -154,7 +161,7 @@ class WorkerPool:
         finally:
             theirs.close()
         ours.setblocking(False)
-        link = WorkerLink(slot, proc, ours)
+        link = WorkerLink(slot, proc, ours, WorkerLog(log_read, proc.pid, self.watcher))
         self.links[slot] = link
         self.spawned += 1
         self.watcher.watch_channel(ours.fileno(), lambda: self._on_readable(link))
@@ -291,6 +298,7 @@ class WorkerPool:
         self.watcher.unwatch(link.sock.fileno())
         link.sock.close()
         status = _reap(link.proc)
+        link.stderr.close()  # what it said before it went, before the loss is logged
         rings = sorted(link.rings)
         log.error("%s: data-plane worker %d (pid %d) lost: %s; %s; rings %s broken", self.name,
                   link.slot, link.pid, why, status, rings)
@@ -311,6 +319,7 @@ class WorkerPool:
                 link.proc.wait(timeout=EXIT_TIMEOUT_S)
             except subprocess.TimeoutExpired:
                 _reap(link.proc)
+            link.stderr.close()
         self._close_regions()
 
 

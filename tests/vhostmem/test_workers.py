@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from qemu.procs import child_pids
-from tests.peers import VhostmemHandle, make_image, start_vhostmem
+from tests.peers import VhostmemHandle, _spawn, make_image, start_vhostmem, vhostmem_command
 from vhostmem.devspec import UsageError, parse_blk_spec, spec_from_params
 from vhostmem.dirty_log import DirtyLog
 from vhostmem.frontend.client import VhostUserError
@@ -288,3 +288,41 @@ def test_vhostmem_blk_takes_workers() -> None:
     with pytest.raises(UsageError, match="workers='x'"):
         blk_specs(build_blk_parser().parse_args(["--socket-path", "x.sock", "--workers", "x"]),
                   [])
+
+
+def test_worker_records_go_to_the_log_file_and_follow_its_reopening(tmp_path: Path) -> None:
+    """A worker's log records reach ``--log-file`` through the main process (tagged with the
+    worker's pid), also after SIGHUP reopened the file (logrotate); nothing goes to stderr."""
+    image = str(tmp_path / "disk.raw")
+    initial = make_image(image, IMAGE_SIZE)
+    log_file = tmp_path / "vhostmem.log"
+    sock = str(tmp_path / "blk.sock")
+    argv = [*vhostmem_command(image, sock, num_queues=2, workers=2), "--log-file", str(log_file)]
+    handle = VhostmemHandle(_spawn(argv, sock + ".stderr"), image, sock, 2, False,
+                            sock + ".stderr")
+    try:
+        _wait(lambda: os.path.exists(sock), "vhostmem serve did not start")
+        with VhostUserBlk.open(sock) as dev:
+            q0, q1 = dev.start_queue(0), dev.start_queue(1)
+            assert q0.read(0, 4096) == initial[:4096]
+            assert q1.read(8, 4096) == initial[4096:8192]
+            pids = _worker_pids_in(log_file.read_text())
+            for queue, index, path in ((q0, 0, log_file), (q1, 1, tmp_path / "rotated.log")):
+                if index == 1:  # logrotate: move the file away, SIGHUP, a new one is opened
+                    log_file.rename(path)
+                    handle.proc.send_signal(signal.SIGHUP)
+                    _wait(log_file.exists, "SIGHUP did not reopen --log-file")
+                    path = log_file
+                queue.ring.add_avail(dev.queues[index].ring.num + 7)  # a head out of range
+                queue.notify()
+                line = f"worker[{pids[index]}] virtqueue {index} broken"
+                _wait(lambda p=path, w=line: w in p.read_text(),  # type: ignore[misc]
+                      f"{line!r} not in {path.name}")
+        assert "worker[" not in Path(sock + ".stderr").read_text()
+    finally:
+        handle.stop()
+
+
+def _worker_pids_in(text: str) -> dict[int, int]:
+    found = re.findall(r"data-plane worker (\d+) started \(pid (\d+)\)", text)
+    return {int(slot): int(pid) for slot, pid in found}
