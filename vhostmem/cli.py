@@ -301,8 +301,10 @@ def serve_specs(specs: list[BlkSpec], args: argparse.Namespace,
             manager.reserved_fds.add(rpc.fileno())
             print(f"management socket on {rpc_socket}", flush=True)
         # Everything the process needs at startup exists: keep it out of the collections
-        # that would otherwise walk it while requests wait (vhostmem/gc_stats.py).
-        log.debug("startup heap frozen: %d objects", freeze_startup_heap())
+        # that would otherwise walk it while requests wait (vhostmem/gc_stats.py). The loop's
+        # first callback, not a call here: uvloop sees signals only while its loop runs, and
+        # a launcher may send SIGTERM as soon as the socket exists.
+        loop.call_soon(freeze_startup_heap)
         lifecycle.run()
     finally:
         restore = lifecycle.closing()
