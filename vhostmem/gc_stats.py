@@ -14,10 +14,11 @@ exists (modules imported, the devices on the command line set up, the sockets li
 survives a full collection then is moved to the permanent generation (``gc.freeze``), which no
 collection visits; collections see only what was created since. Frozen objects are still freed
 by reference counting; what the freeze costs is that a reference cycle among them, if one
-became garbage later, would not be reclaimed. Startup objects live as long as the process (the
-devices of the command line included: they are never removed, only reset), so nothing leaks.
-Devices added later over the management socket are not frozen (a removed device's cycles must
-stay collectable); they hold a few hundred objects.
+became garbage later, would not be reclaimed. Startup objects (modules, and the devices of the
+command line, which normally live as long as the process) rarely become garbage: a command-line
+device deleted with ``device_del`` leaves the few objects of its own cycles allocated (its fds
+and mappings are closed explicitly, as for any device, not by the collector). Devices added
+later over the management socket are not frozen, so their cycles stay collectable.
 
 :class:`GcStats` times every collection through ``gc.callbacks`` (one call at the start and one
 at the end of each collection, nothing per allocation) and keeps per generation the count, the

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.vhostmem.rpc.rpcenv import RpcFailed, Serve
+from tests.vhostmem.rpc.rpcenv import RpcFailed, Serve, wait_until
 from tests.vhostmem.rpc.test_rpc_devices import roundtrip
 from vhostmem.gc_stats import GENERATIONS
 from vhostmem.rpc.protocol import INVALID_PARAMS
@@ -41,3 +41,19 @@ def test_the_startup_heap_is_frozen_and_collections_are_reported(tmp_path: Path)
         with pytest.raises(RpcFailed) as unknown:
             serve.call("process_stats", name="b.sock")
         assert unknown.value.code == INVALID_PARAMS and "name" in unknown.value.message
+
+
+def test_a_frozen_command_line_device_deleted_closes_its_files(tmp_path: Path) -> None:
+    """The startup heap includes the command-line devices: deleting one still closes its disk
+    and socket (explicitly, not by a collection that no longer looks at them)."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    sock = tmp_path / "a.sock"
+    with Serve(tmp_path, "--blk", f"socket={sock},disk={image}", cwd=tmp_path) as serve:
+        roundtrip(sock, 1, b"\x33")
+        assert serve.call("process_stats")["gc"]["frozen"] >= FROZEN_AT_LEAST
+        assert str(image) in serve.fds().values()
+        serve.call("device_del", name="a.sock")
+        wait_until(lambda: str(image) not in serve.fds().values(), "the disk to be closed")
+        assert not sock.exists()
+        assert serve.call("device_list") == []
