@@ -298,8 +298,9 @@ def wait_quiet(limit: float, ignore: set[str]) -> list[str]:
     return busy
 
 
-def vhostmem_from(tree: Path, info_path: str) -> Any:
-    """A peers.backend_argv that starts vhostmem through BOOT from ``tree``."""
+def vhostmem_from(tree: Path, info_path: str, extra: tuple[str, ...] = ()) -> Any:
+    """A peers.backend_argv that starts vhostmem through BOOT from ``tree`` (``extra``: more
+    ``vhostmem serve`` arguments)."""
     orig = peers.backend_argv
 
     def argv(name: str, socket: str, image: str, num_queues: int,
@@ -308,7 +309,7 @@ def vhostmem_from(tree: Path, info_path: str) -> Any:
         if name != "vhostmem":
             return cmd
         assert cmd[1:3] == ["-m", "vhostmem.cli"], cmd
-        return [cmd[0], "-c", BOOT, str(tree), info_path, *cmd[3:]]
+        return [cmd[0], "-c", BOOT, str(tree), info_path, *cmd[3:], *extra]
     return argv
 
 
@@ -318,13 +319,13 @@ def one(backend: str, tree: Path, image: str, a: argparse.Namespace, seed: int) 
     saved = peers.ROOT, peers.backend_argv
     try:
         peers.ROOT = tree  # the backend's cwd and PYTHONPATH
-        peers.backend_argv = vhostmem_from(tree, info_path)
+        peers.backend_argv = vhostmem_from(tree, info_path, ("--io-mode", a.io_mode))
         r = run_once(backend, image, a.rw, a.qd, a.queues, a.seconds, seed)
     finally:
         peers.ROOT, peers.backend_argv = saved
     s = summarize([r])
     res = {k: s[k] for k in ("iops", "backend_cpu_us_per_io", "backend_cpu", "loadgen_cpu",
-                             "p50_us", "p99_us", "kicks_per_io", "ios_per_batch")}
+                             "p50_us", "p99_us", "p999_us", "kicks_per_io", "ios_per_batch")}
     if backend == "vhostmem":
         with open(info_path) as f:
             info = json.load(f)
@@ -360,6 +361,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ignore", default="",
                     help="comma list of pids or command-line substrings --wait-quiet does not "
                     "wait for (still recorded)")
+    ap.add_argument("--io-mode", choices=("inline", "thread"), default="inline",
+                    help="vhostmem's --io-mode on both trees")
     ap.add_argument("--turn-log", action="store_true", help="record chains per turn (slower)")
     ap.add_argument("--micro", action="store_true",
                     help="instead: the in-process hot-path micro-benchmark, --seconds per slot")
@@ -413,12 +416,15 @@ def main(argv: list[str] | None = None) -> None:
             "qsd_iops": spread([r["qsd"]["iops"] for r in rs]),
             "qsd_cpu_us_per_io": spread([r["qsd"]["backend_cpu_us_per_io"] for r in rs]),
             "ratio_iops": spread([r["ratio_iops"] for r in rs]),
-        }
-    for key in ("vhostmem_iops", "vhostmem_cpu_us_per_io", "qsd_iops", "ratio_iops"):
+        } | {f"{b}_{p}": spread([r[b][p] for r in rs])
+             for b in ("vhostmem", "qsd") for p in ("p99_us", "p999_us")}
+    for key in ("vhostmem_iops", "vhostmem_cpu_us_per_io", "qsd_iops", "ratio_iops",
+                "vhostmem_p99_us", "vhostmem_p999_us"):
         ma, mb = summary["A"][key]["median"], summary["B"][key]["median"]
         summary.setdefault("b_vs_a_pct", {})[key] = round((mb - ma) / ma * 100, 1)
     out = {"bench": "ab_trees", "machine": machine(), "case": {
         "storage": a.storage, "rw": a.rw, "bs": 4096, "qd": a.qd, "queues": a.queues,
+        "io_mode": a.io_mode,
         "seconds": a.seconds, "warmup_s": 0.3}, "turn_log": a.turn_log,
         "argv": sys.argv[1:], "loadgen_frontend": sys.modules["vhostmem.frontend"].__file__,
         "trees": info0, "trees_at_end": {k: tree_info(t) for k, t in trees.items()},

@@ -15,7 +15,7 @@ multi-conn and vhostmem-nbd opens 2 connections (``ratio_conns``: vhostmem-nbd o
 For every case (storage: a /dev/shm file or a file on disk; 4 KiB random read or write; queue
 depth 1/32/128 per queue; 1 or 2 queues) both backends are started fresh on the same image and
 driven by bench/ringdriver.py for a fixed time, interleaved A B A B. Per backend: IOPS, MB/s,
-p50/p99 latency, the backend process's CPU seconds per I/O (utime + stime from /proc/PID/stat,
+p50/p99/p99.9 latency, the backend process's CPU seconds per I/O (utime + stime from /proc/PID/stat,
 all threads), and the load generator's own CPU use (``loadgen_cpu`` = CPU seconds per wall
 second; ``loadgen_saturated`` when it is near one full core, i.e. the numbers are a floor for the
 backend). Prints one JSON object (``--table`` adds a markdown table on stderr).
@@ -127,6 +127,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "mb_s": round(iops * BLOCK / 1e6, 1),
         "p50_us": round(float(np.percentile(lat, 50)) * US, 1),
         "p99_us": round(float(np.percentile(lat, 99)) * US, 1),
+        "p999_us": round(float(np.percentile(lat, 99.9)) * US, 1),
         "backend_cpu_us_per_io": round(cpu / ops * US, 2),
         "backend_cpu": round(cpu / secs, 2),
         # Runnable but waiting for a CPU (other jobs on the machine): cores it could have used.
@@ -189,7 +190,7 @@ def _ratio(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float | None]:
     """a over b; None where b measured 0 (a short run's CPU can be below one clock tick)."""
     return {name: round(a[key] / b[key], 3) if b[key] else None
             for name, key in (("iops", "iops"), ("cpu_per_io", "backend_cpu_us_per_io"),
-                              ("p99", "p99_us"))}
+                              ("p99", "p99_us"), ("p999", "p999_us"))}
 
 
 def packed_ratios(case: dict[str, Any], backends: list[str]) -> None:
@@ -221,16 +222,21 @@ def table(cases: list[dict[str, Any]], pair: tuple[str, str] = BACKENDS,
           key: str = "ratio") -> str:
     a, b = pair
     rows = [f"| storage | rw | qd | queues | {a} IOPS | {b} IOPS | IOPS ratio | {a} "
-            f"CPU us/IO | {b} CPU us/IO | CPU/IO ratio | {a} p50/p99 us | {b} p50/p99 us "
+            f"CPU us/IO | {b} CPU us/IO | CPU/IO ratio | {a} p50/p99/p99.9 us | {b} "
+            "p50/p99/p99.9 us "
             "| loadgen CPU (a/b) |", "|" + "---|" * 13]
     for c in cases:
         v, q, r = c[a], c[b], c[key]
         rows.append(
             f"| {c['storage']} | {c['rw']} | {c['qd']} | {c['queues']} | {v['iops']} | "
             f"{q['iops']} | {r['iops']} | {v['backend_cpu_us_per_io']} | "
-            f"{q['backend_cpu_us_per_io']} | {r['cpu_per_io']} | {v['p50_us']}/{v['p99_us']} "
-            f"| {q['p50_us']}/{q['p99_us']} | {v['loadgen_cpu']}/{q['loadgen_cpu']} |")
+            f"{q['backend_cpu_us_per_io']} | {r['cpu_per_io']} | {_pcts(v)} | {_pcts(q)} | "
+            f"{v['loadgen_cpu']}/{q['loadgen_cpu']} |")
     return "\n".join(rows)
+
+
+def _pcts(s: dict[str, Any]) -> str:
+    return f"{s['p50_us']}/{s['p99_us']}/{s['p999_us']}"
 
 
 def cores_table(cases: list[dict[str, Any]], backends: list[str]) -> str:

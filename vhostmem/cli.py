@@ -51,6 +51,7 @@ from vhostmem.devspec import (  # noqa: F401  (re-exported: the parsing used to 
     parse_workers,
     share_key,
 )
+from vhostmem.gc_stats import GC_STATS, freeze_startup_heap
 from vhostmem.launch import (
     InheritedSocket,
     Notifier,
@@ -282,6 +283,7 @@ def serve_specs(specs: list[BlkSpec], args: argparse.Namespace,
     rpc: RpcServer | None = None
     lifecycle = Lifecycle(loop, server, notifier, log_handler)
     lifecycle.install_signals()
+    GC_STATS.install()
     try:
         for spec in specs:
             manager.add(spec)
@@ -298,6 +300,12 @@ def serve_specs(specs: list[BlkSpec], args: argparse.Namespace,
             loop.run_until_complete(rpc.start())
             manager.reserved_fds.add(rpc.fileno())
             print(f"management socket on {rpc_socket}", flush=True)
+        # Everything the process needs at startup exists: keep it out of the collections
+        # that would otherwise walk it while requests wait (vhostmem/gc_stats.py). As the
+        # loop's first callback, not here: a stop signal that arrives before uvloop's loop runs
+        # can be lost, and a launcher may send one as soon as the socket exists; the
+        # collection must not widen that window.
+        loop.call_soon(freeze_startup_heap)
         lifecycle.run()
     finally:
         restore = lifecycle.closing()

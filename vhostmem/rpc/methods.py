@@ -8,12 +8,14 @@ holds can reach a running device unless it passed the same checks as ``vhostmem 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import vhostmem
 from vhostmem.devices.nbd_conn import connect_uri as connect_nbd
 from vhostmem.devspec import UsageError, spec_from_params
+from vhostmem.gc_stats import GC_STATS
 from vhostmem.manager import (
     DeviceBusyError,
     DeviceError,
@@ -50,6 +52,7 @@ class Methods:
             "device_list": self.device_list,
             "device_stats": self.device_stats,
             "log_set_level": self.log_set_level,
+            "process_stats": self.process_stats,
             "version": self.version,
         }
 
@@ -107,10 +110,7 @@ class Methods:
     async def device_stats(self, params: dict[str, Any]) -> dict[str, Any]:
         _allowed(params, "name", "reset")
         name = _required_str(params, "name")
-        reset = params.get("reset", False)
-        if not isinstance(reset, bool):
-            raise RpcError(INVALID_PARAMS, f"reset: expected true or false, got {reset!r}")
-        return self.manager.stats(name, reset)
+        return self.manager.stats(name, _reset_flag(params))
 
     # ---------------------------------------------------------------- process
 
@@ -124,9 +124,20 @@ class Methods:
         log.warning("log level set to %s by the management socket", level)
         return {"level": level}
 
+    async def process_stats(self, params: dict[str, Any]) -> dict[str, Any]:
+        _allowed(params, "reset")
+        return {"pid": os.getpid(), "gc": GC_STATS.snapshot(_reset_flag(params))}
+
     async def version(self, params: dict[str, Any]) -> dict[str, Any]:
         _allowed(params)
         return {"version": vhostmem.__version__, "methods": sorted(self.table)}
+
+
+def _reset_flag(params: dict[str, Any]) -> bool:
+    reset = params.get("reset", False)
+    if not isinstance(reset, bool):
+        raise RpcError(INVALID_PARAMS, f"reset: expected true or false, got {reset!r}")
+    return reset
 
 
 def _allowed(params: dict[str, Any], *names: str) -> None:
