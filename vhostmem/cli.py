@@ -302,9 +302,8 @@ def serve_specs(specs: list[BlkSpec], args: argparse.Namespace,
             print(f"management socket on {rpc_socket}", flush=True)
         # Everything the process needs at startup exists: keep it out of the collections
         # that would otherwise walk it while requests wait (vhostmem/gc_stats.py). As the
-        # loop's first callback, not here: a stop signal that arrives before uvloop's loop runs
-        # can be lost, and a launcher may send one as soon as the socket exists; the
-        # collection must not widen that window.
+        # loop's first callback: a stop signal sent meanwhile (a launcher may send one as soon
+        # as the socket exists) stays pending until the loop runs (Lifecycle.install_signals).
         loop.call_soon(freeze_startup_heap)
         lifecycle.run()
     finally:

@@ -21,8 +21,9 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from types import FrameType
+from typing import Any
 
 from vhostmem.launch import Notifier
 from vhostmem.server import DRAIN_TIMEOUT_SECONDS, Server
@@ -31,6 +32,7 @@ log = logging.getLogger("vhostmem")
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+HANDLED_SIGNALS = frozenset({*STOP_SIGNALS, signal.SIGHUP})
 DRAIN_POLL_SECONDS = 0.002
 
 
@@ -93,8 +95,15 @@ class Lifecycle:
         self._stop = asyncio.Event()
 
     def install_signals(self) -> None:
-        """Before the first socket exists: a launcher may signal as soon as it sees it (the
-        handlers run once :meth:`run` runs the loop; a stop signal before that drains at once)."""
+        """Before the first socket exists: a launcher may signal as soon as it sees it.
+
+        The loop's handlers only see a signal while the loop runs (uvloop reads them from a
+        wakeup fd it sets up in each run; one that arrives between runs is lost, and the
+        process would serve on after a SIGTERM). So the handled signals are blocked in this
+        thread from here on and unblocked only while :meth:`run` runs the loop: one that
+        arrives during setup stays pending and is taken as the loop starts (a stop signal
+        before READY drains at once)."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
         for signum in STOP_SIGNALS:
             self.loop.add_signal_handler(signum, self._on_stop, signum)
         self.loop.add_signal_handler(signal.SIGHUP, self._on_hup)
@@ -105,11 +114,21 @@ class Lifecycle:
         try:
             count = len(self.server.endpoints)
             self.notifier.notify("READY=1", f"STATUS=serving {count} device(s)")
-            self.loop.run_until_complete(self._stop.wait())
-            self.loop.run_until_complete(self._drain())
+            self._run_with_signals(self._stop.wait())
+            self._run_with_signals(self._drain())
         finally:
-            for signum in (*STOP_SIGNALS, signal.SIGHUP):
+            for signum in HANDLED_SIGNALS:
                 self.loop.remove_signal_handler(signum)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+
+    def _run_with_signals(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run the loop until ``work`` is done, with the handled signals unblocked only while
+        it runs (its first callback unblocks them: a pending one is delivered then)."""
+        self.loop.call_soon(signal.pthread_sigmask, signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+        try:
+            self.loop.run_until_complete(work)
+        finally:
+            signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
 
     def closing(self) -> Callable[[], None]:
         """While the server and disks are closed outside the loop (fdatasync, joins), a stop

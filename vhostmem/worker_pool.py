@@ -59,6 +59,9 @@ MAX_MESSAGES_PER_TURN = 64
 # below the 30 s after which a Deferred reply disconnects the frontend
 # (connection.DRAIN_TIMEOUT_SECONDS).
 ANSWER_TIMEOUT_S = float(os.environ.get("VHOSTMEM_WORKER_ANSWER_TIMEOUT", "10"))
+# A new worker's first answer also waits for a fresh interpreter to start and import (a few
+# tenths of a second, seconds on a loaded host): it gets at least this long.
+START_TIMEOUT_S = max(ANSWER_TIMEOUT_S, 20.0)
 # After SIGKILL a process is gone at once; this only bounds a kernel-held exit (D state).
 REAP_TIMEOUT_S = 2.0
 # A worker asked to leave (the device closes) gets this long to exit on EOF before SIGKILL.
@@ -92,6 +95,7 @@ class WorkerLink:
     rings: set[int] = field(default_factory=set)  # started in this worker
     pending: dict[int, Reply | None] = field(default_factory=dict)  # seq -> on_reply
     waiting_since: float = 0.0  # monotonic time its oldest unanswered request was sent
+    answered: bool = False  # it has answered once: it runs (START_TIMEOUT_S until then)
 
     @property
     def pid(self) -> int:
@@ -202,8 +206,9 @@ class WorkerPool:
         handled as lost, so whatever waits for it completes."""
         now = time.monotonic()
         for link in self.live():
-            if link.pending and now - link.waiting_since > ANSWER_TIMEOUT_S:
-                self._died(link, f"no answer for {ANSWER_TIMEOUT_S:.0f} s")
+            limit = ANSWER_TIMEOUT_S if link.answered else START_TIMEOUT_S
+            if link.pending and now - link.waiting_since > limit:
+                self._died(link, f"no answer for {limit:.0f} s")
         return any(link.pending for link in self.live())
 
     @property
@@ -281,6 +286,7 @@ class WorkerPool:
         elif msg.type in (Msg.ACK, Msg.STOPPED):
             on_reply = link.pending.pop(msg["seq"])
             link.waiting_since = time.monotonic()  # the next answer is awaited from now
+            link.answered = True
             if on_reply is not None:
                 on_reply(msg)
         elif msg.type is Msg.FAILED:

@@ -206,3 +206,37 @@ def test_sighup_without_a_log_file_does_not_stop_the_process(tmp_path: Path) -> 
         proc.kill()
     assert proc.returncode == 0
     assert "SIGHUP: no --log-file to reopen; ignored" in err.decode()
+
+
+# A serving process's setup, stopped by a signal that arrives before its loop first runs
+# (a launcher signalling as soon as the socket exists hits that window).
+SIGNAL_BEFORE_THE_LOOP = """
+import os, signal, sys
+from vhostmem.launch import Notifier
+from vhostmem.lifecycle import Lifecycle
+from vhostmem.memmap import MemRegistry
+from vhostmem.server import Server, new_event_loop
+
+loop = new_event_loop()
+lifecycle = Lifecycle(loop, Server(loop, MemRegistry()), Notifier(), None)
+lifecycle.install_signals()
+os.kill(os.getpid(), signal.SIG{name})  # the loop has not run yet
+lifecycle.run()
+print("stopped by", signal.Signals(lifecycle.stop_signal).name, flush=True)
+"""
+
+
+@pytest.mark.parametrize("name", ["TERM", "INT"])
+def test_a_stop_signal_before_the_loop_runs_is_not_lost(name: str) -> None:
+    """uvloop drops a signal that arrives while its loop is not running: the process served on
+    after a SIGTERM. It is now held pending until the loop runs, and drains then."""
+    proc = subprocess.Popen([sys.executable, "-c", SIGNAL_BEFORE_THE_LOOP.format(name=name)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"SIG{name} before the loop ran was lost: {err.decode()}")
+    assert proc.returncode == 0, err.decode()
+    assert out.decode().strip() == f"stopped by SIG{name}"

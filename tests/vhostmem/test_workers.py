@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -261,6 +262,31 @@ def test_a_stopped_worker_is_given_up_and_nothing_hangs(tmp_path: Path, monkeypa
             assert time.monotonic() - started < SETTLE_S
             assert "no answer for 1 s" in handle.log() and "killed by SIGKILL" in handle.log()
             assert q1.read(8, 4096) == initial[4096:8192]
+    finally:
+        handle.stop()
+
+
+def test_a_worker_slow_to_start_is_waited_for(tmp_path: Path, monkeypatch) -> None:
+    """A fresh worker's first answer waits for its interpreter to start (seconds on a loaded
+    host): the answer timeout, meant for a running worker, does not give it up meanwhile."""
+    monkeypatch.setenv("VHOSTMEM_WORKER_ANSWER_TIMEOUT", "1")
+    image = str(tmp_path / "disk.raw")
+    initial = make_image(image, IMAGE_SIZE)
+    handle = start_vhostmem(image, str(tmp_path / "blk.sock"), num_queues=1, workers=1)
+    try:
+        with VhostUserBlk.open(handle.socket_path) as dev:
+            started: list[object] = []
+            thread = threading.Thread(target=lambda: started.append(dev.start_queue(0)))
+            thread.start()
+            _wait(lambda: 0 in _worker_pids(handle), "no worker was started")
+            pid = _worker_pids(handle)[0]
+            os.kill(pid, signal.SIGSTOP)  # as if its imports took 2 s
+            time.sleep(2)
+            os.kill(pid, signal.SIGCONT)
+            thread.join(SETTLE_S)
+            assert started, "starting the ring failed"
+            assert started[0].read(0, 4096) == initial[:4096]  # type: ignore[attr-defined]
+            assert "lost" not in handle.log()
     finally:
         handle.stop()
 
