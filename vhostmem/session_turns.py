@@ -1,12 +1,13 @@
 """A ring's turns on the event loop: a kick, one bounded turn of the device, the next turn.
 
 Busy polling (``--poll-us``, off by default, like QEMU's ``poll-max-ns``): after a turn that
-served requests the ring is looked at again on every pass of the event loop, without waiting
-for a kick, until ``poll_s`` seconds pass with nothing new; each request found starts the
-window again. A driver answering within the window (a QD1 guest, a load generator reaping and
-resubmitting) then skips the kick's wake-up; other rings and devices still get their turns in
-between (each poll is one ordinary bounded turn scheduled behind everything else ready), and the
-window ends on its own when the ring goes quiet. The price is CPU spent looking.
+took requests (served them, or handed them to an asynchronous backend) the ring is looked at
+again on every pass of the event loop, without waiting for a kick, until ``poll_s`` seconds
+pass with nothing new; each request found starts the window again. A driver answering within
+the window (a QD1 guest, a load generator reaping and resubmitting) then skips the kick's
+wake-up; other rings and devices still get their turns in between (each poll is one ordinary bounded
+turn scheduled behind everything else ready), and the window ends on its own when the ring goes
+quiet. The price is CPU spent looking.
 
 A mixin of :class:`vhostmem.session.Session` (rings served in this process; a ring started in
 a data-plane worker is served there, vhostmem/worker.py, and never here).
@@ -55,7 +56,7 @@ class RingTurns:
         vq = self.queues[i]
         if vq.broken or vq.paused or i in self._remote:
             return
-        served = vq.stat_requests
+        served, held = vq.stat_requests, vq.inflight
         vq.new_turn()
         try:
             self.device.handle_queue(vq)
@@ -66,7 +67,10 @@ class RingTurns:
         if vq.yielded and i not in self._turn_pending:
             self._turn_pending.add(i)
             self.watcher.defer(lambda: self._next_turn(i))
-        elif self.poll_s and vq.stat_requests != served:
+        elif self.poll_s and (vq.stat_requests != served or vq.inflight > held):
+            # The turn took requests: served them, or handed them on (an asynchronous
+            # backend such as NBD completes them later, outside any turn; counting only
+            # completions would never open a window for such a ring).
             self._poll(i)
 
     def _poll(self, i: int) -> None:
