@@ -36,6 +36,7 @@ class RingTurns:
     _remote: set[int]
     poll_s: float  # busy-poll window after a turn that served requests (0: off)
     _poll_until: dict[int, float]  # rings being polled: end of their window
+    _poll_seen: dict[int, int]  # per ring: its completed requests at the end of its last turn
 
     def on_kick(self, i: int) -> None:
         """The ring's kick eventfd is readable: drain it and process the ring."""
@@ -67,11 +68,20 @@ class RingTurns:
         if vq.yielded and i not in self._turn_pending:
             self._turn_pending.add(i)
             self.watcher.defer(lambda: self._next_turn(i))
-        elif self.poll_s and (vq.stat_requests != served or vq.inflight > held):
-            # The turn took requests: served them, or handed them on (an asynchronous
-            # backend such as NBD completes them later, outside any turn; counting only
-            # completions would never open a window for such a ring).
+        elif self.poll_s and self._active(i, vq, served, held):
             self._poll(i)
+
+    def _active(self, i: int, vq: Virtqueue, served: int, held: int) -> bool:
+        """Whether ring ``i``'s turn took requests (served them, or handed them to an
+        asynchronous backend), or requests completed since its last turn. An asynchronous
+        backend (NBD) completes requests later, outside any turn, and the driver's next
+        request follows a completion: counting only the turn's own completions would never
+        poll such a ring, and counting only what it took would close the window before the
+        next request (it comes a server round trip later)."""
+        done = vq.stat_requests
+        before = self._poll_seen.get(i, served)
+        self._poll_seen[i] = done
+        return done != before or vq.inflight > held
 
     def _poll(self, i: int) -> None:
         """Open (or extend) ring ``i``'s poll window; the first opening schedules the poll."""
