@@ -268,7 +268,7 @@ class NbdLink:
                     log.error("%s: %s of %d bytes at %d failed: NBD error %d%s", self.name,
                               op.name, op.length, op.offset, op.error,
                               f" ({op.message})" if op.message else "")
-                op.done(not op.error)  # type: ignore[attr-defined]
+                op.done(not op.error)  # an Op: all this link submits
             if n < wanted or not tx.in_flight or self._sock is not sock:
                 # Drained; or nothing is awaited, so nothing more is due (at queue depth 1
                 # this saves a receive that would find nothing); or closed by a completion.
