@@ -11,6 +11,7 @@ is the serve process's and its workers').
 image on a Unix socket (vhostmem ``nbd=URI``; qemu-storage-daemon an ``nbd`` blockdev).
 ``vhostmem-nbd-1conn``: vhostmem-nbd with ``nbd-conns=1``; with 2 queues qemu-nbd offers
 multi-conn and vhostmem-nbd opens 2 connections (``ratio_conns``: vhostmem-nbd over it).
+``vhostmem-nbd-pollN``: vhostmem-nbd with ``--poll-us N`` (busy polling, as ``vhostmem-pollN``).
 
 For every case (storage: a /dev/shm file or a file on disk; 4 KiB random read or write; queue
 depth 1/32/128 per queue; 1 or 2 queues) both backends are started fresh on the same image and

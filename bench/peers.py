@@ -37,6 +37,7 @@ ALL_NBD = (*NBD_BACKENDS, NBD_CONNS[1])
 NBD_EXPORT = "disk"
 WORKERS_PREFIX = "vhostmem-w"
 POLL_PREFIX = "vhostmem-poll"  # vhostmem-pollN: --poll-us N
+NBD_POLL_PREFIX = "vhostmem-nbd-poll"  # vhostmem-nbd-pollN: vhostmem-nbd with --poll-us N
 
 
 class PeerStartError(RuntimeError):
@@ -45,6 +46,9 @@ class PeerStartError(RuntimeError):
 
 def backend_argv(name: str, socket: str, image: str, num_queues: int,
                  nbd_socket: str = "") -> list[str]:
+    if name.startswith(NBD_POLL_PREFIX) and name[len(NBD_POLL_PREFIX):].isdigit():
+        return [*backend_argv(NBD_CONNS[0], socket, image, num_queues, nbd_socket),
+                "--poll-us", name[len(NBD_POLL_PREFIX):]]
     if name in NBD_CONNS:
         conns = ",nbd-conns=1" if name == NBD_CONNS[1] else ""
         return [sys.executable, "-m", "vhostmem.cli", "serve", "--blk",
@@ -80,6 +84,11 @@ def backend_argv(name: str, socket: str, image: str, num_queues: int,
     raise ValueError(f"unknown backend {name!r} (choose from {BACKENDS + ALL_NBD})")
 
 
+def is_nbd(name: str) -> bool:
+    """Whether backend ``name`` serves the image through qemu-nbd."""
+    return name in ALL_NBD or name.startswith(NBD_POLL_PREFIX)
+
+
 def cpu_seconds(pid: int) -> float:
     """utime + stime of every thread of ``pid`` and of its live child processes (vhostmem's
     data-plane workers), in seconds."""
@@ -112,7 +121,7 @@ def running(name: str, image: str, num_queues: int) -> Iterator[tuple[subprocess
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         nbd_sock = os.path.join(tmp, "nbd.sock")
         server = None
-        if name in ALL_NBD:
+        if is_nbd(name):
             # -e: as many clients as queues; with 2 or more qemu-nbd offers multi-conn and
             # vhostmem opens one connection per queue (qsd's nbd driver opens one).
             server = subprocess.Popen(

@@ -83,6 +83,7 @@ class Session(RingTurns, MemoryRequests, LogRequests, InflightRequests, WorkerRi
         self._turn_pending: set[int] = set()  # rings whose next turn is scheduled
         self.poll_s = poll_us / 1e6  # busy-poll window (session_turns.py)
         self._poll_until: dict[int, float] = {}
+        self._poll_seen: dict[int, int] = {}  # per ring: requests completed at its last turn
         self.dirty_log: DirtyLog | None = None  # SET_LOG_BASE (session_log.py)
         self.logging = False  # VHOST_F_LOG_ALL acked and applied to the rings
         self.log_fd = -1

@@ -65,9 +65,12 @@ def _chunk(cookie: int, ctype: int, payload: bytes, flags: int = NBD_REPLY_FLAG_
 
 class HostileServer:
     def __init__(self, path: Path, scenario: str, size: int = 1 << 20,
-                 multi_conn: bool = False, silent: frozenset[int] = frozenset()) -> None:
+                 multi_conn: bool = False, silent: frozenset[int] = frozenset(),
+                 bad_limit: int | None = None) -> None:
+        """``bad_limit``: this many bad replies at most, honest ones after them."""
         assert scenario in (*SCENARIOS, HONEST, SILENT_FLUSH)
         self.path, self.scenario, self.size = path, scenario, size
+        self.bad_limit = bad_limit
         self.flags = NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH
         if multi_conn:
             self.flags |= NBD_FLAG_CAN_MULTI_CONN
@@ -132,8 +135,11 @@ class HostileServer:
                 if cmd != NBD_CMD_READ:
                     conn.sendall(struct.pack(">IIQ", NBD_SIMPLE_REPLY_MAGIC, 0, cookie))
                     continue
-                self.bad_replies += self.scenario not in (HONEST, SILENT_FLUSH)
-                if self._bad_read(conn, cookie, offset, length):
+                bad = self.scenario not in (HONEST, SILENT_FLUSH) and (
+                    self.bad_limit is None or self.bad_replies < self.bad_limit)
+                self.bad_replies += bad
+                if self._bad_read(conn, cookie, offset, length,
+                                  self.scenario if bad else HONEST):
                     return
         except ConnectionError:
             self.hangups += 1
@@ -162,11 +168,11 @@ class HostileServer:
                 conn.sendall(struct.pack(">QIII", OPT_REPLY_MAGIC, option, NBD_REP_ERR_UNSUP,
                                          0))
 
-    def _bad_read(self, conn: socket.socket, cookie: int, offset: int, length: int) -> bool:
-        """Send this scenario's bad reply; whether the connection is to be closed."""
+    def _bad_read(self, conn: socket.socket, cookie: int, offset: int, length: int,
+                  kind: str) -> bool:
+        """Send scenario ``kind``'s reply; whether the connection is to be closed."""
         data = bytes(self.disk[offset : offset + length])
         at = struct.pack(">Q", offset)
-        kind = self.scenario
         if kind in (HONEST, SILENT_FLUSH):
             conn.sendall(_chunk(cookie, NBD_REPLY_TYPE_OFFSET_DATA, at + data))
         elif kind == "wrong-magic":

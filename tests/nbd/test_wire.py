@@ -7,7 +7,14 @@ import struct
 
 import pytest
 
-from nbd import ClientHandshake, NbdOptionError, NbdProtocolError, Transmission
+from nbd import (
+    REQUEST_SIZE,
+    ClientHandshake,
+    NbdOptionError,
+    NbdProtocolError,
+    Request,
+    Transmission,
+)
 from nbd.constants import (
     IHAVEOPT,
     NBD_CMD_FLAG_FUA,
@@ -236,7 +243,7 @@ def test_bad_replies_are_named_and_never_write_outside(kind: str, match: str) ->
         assert buf[4:12] == b"\xee" * 8  # refused before any data was taken
     with pytest.raises(NbdProtocolError):
         t.advance(0)  # the connection stays broken
-    assert t.forget_all() == [1]
+    assert [r.cookie for r in t.forget_all()] == [1]
 
 
 def test_read_needs_buffers_of_its_length() -> None:
@@ -379,7 +386,7 @@ def test_a_data_chunk_read_ahead_for_a_write_is_refused() -> None:
     w, _ = t.request(NBD_CMD_WRITE, 0, 8)
     with pytest.raises(NbdProtocolError, match="OFFSET_DATA to a request other than READ"):
         t.feed(chunk(w, NBD_REPLY_TYPE_OFFSET_DATA, struct.pack(">Q", 0) + b"x" * 8))
-    assert t.forget_all() == [c, w]
+    assert [r.cookie for r in t.forget_all()] == [c, w]
 
 
 def test_reads_at_depth_complete_through_the_read_ahead() -> None:
@@ -396,3 +403,39 @@ def test_reads_at_depth_complete_through_the_read_ahead() -> None:
     assert [d.cookie for d in done] == [cookies[i] for i in order]
     assert all(buf == bytes([i]) * 512 for i, buf in enumerate(bufs))
     assert t.in_flight == 0
+
+
+def test_submit_packs_headers_side_by_side_and_completes_the_same_object() -> None:
+    """A batch's headers go into the caller's one buffer; the reply reader hands back the
+    request objects submitted, their error set, not records of its own."""
+    t = Transmission(structured=True)
+    bufs = [bytearray(4) for _ in range(3)]
+    reqs = [Request(NBD_CMD_READ, 4 * i, 4, 0, [memoryview(b)]) for i, b in enumerate(bufs)]
+    reqs.append(Request(NBD_CMD_WRITE, 64, 512, NBD_CMD_FLAG_FUA))
+    headers = bytearray(b"\xff" * (REQUEST_SIZE * len(reqs) + 1))
+    cookies = [t.submit(r, headers, i * REQUEST_SIZE) for i, r in enumerate(reqs)]
+    assert headers == b"".join(encode_request(r.command, c, r.offset, r.length, r.flags)
+                               for r, c in zip(reqs, cookies, strict=True)) + b"\xff"
+    assert [r.cookie for r in reqs] == cookies
+    stream = b"".join(chunk(c, NBD_REPLY_TYPE_OFFSET_DATA, struct.pack(">Q", 4 * i) + b"abcd")
+                      for i, c in enumerate(cookies[:3]))
+    done = t.feed(stream + simple(cookies[3], error=28))
+    assert [d is r for d, r in zip(done, reqs, strict=True)] == [True] * 4
+    assert [r.error for r in reqs] == [0, 0, 0, 28] and bufs == [bytearray(b"abcd")] * 3
+
+
+def test_a_request_submitted_again_starts_afresh() -> None:
+    """After a lost connection the same request goes to a new transmission: the range and
+    error its earlier replies brought are forgotten (else its data would overlap them)."""
+    buf = bytearray(8)
+    req = Request(NBD_CMD_READ, 0, 8, 0, [memoryview(buf)])
+    old = Transmission(structured=True)
+    c = old.submit(req, bytearray(REQUEST_SIZE))
+    old.feed(chunk(c, NBD_REPLY_TYPE_ERROR, struct.pack(">IH", 5, 0), flags=0))
+    old.feed(chunk(c, NBD_REPLY_TYPE_OFFSET_DATA, struct.pack(">Q", 0) + b"x" * 8, flags=0))
+    assert (req.error, req.received) == (5, [(0, 8)])
+    assert old.forget_all() == [req]
+    new = Transmission(structured=True)
+    c = new.submit(req, bytearray(REQUEST_SIZE))
+    done = new.feed(chunk(c, NBD_REPLY_TYPE_OFFSET_DATA, struct.pack(">Q", 0) + b"y" * 8))
+    assert done == [req] and req.error == 0 and buf == b"y" * 8

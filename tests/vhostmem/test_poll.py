@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.nbd.hostile import HONEST, HostileServer
+from tests.nbd.servers import unix_uri
 from tests.peers import ROOT
 from vhostmem.frontend import BlkType, VhostUserBlk
 from vhostmem.frontend.queue import BlkQueue
@@ -26,11 +28,14 @@ WINDOW_US = 400_000  # long enough for a loaded CI machine to publish within it
 
 
 @contextmanager
-def served(tmp_path: Path, *extra: str) -> Iterator[BlkQueue]:
+def served(tmp_path: Path, *extra: str, blk: str = "") -> Iterator[BlkQueue]:
+    """A RAM disk, or with ``blk`` the device of ``--blk socket=...,BLK``."""
     sock = tmp_path / "blk.sock"
+    disk = ["--blk", f"socket={sock},{blk}"] if blk else ["--socket", str(sock), "--ram-size",
+                                                         "1M"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vhostmem.cli", "serve", "--socket", str(sock), "--ram-size",
-         "1M", *extra], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        [sys.executable, "-m", "vhostmem.cli", "serve", *disk, *extra], cwd=ROOT,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + SOCKET_WAIT
         while not sock.exists():
@@ -66,6 +71,22 @@ def test_a_polled_ring_is_served_without_kicks_until_the_window_passes(tmp_path:
             q.wait(1)
         q.kick_fd.signal()
         assert len(q.wait(5)) == 1
+
+
+def test_a_polled_nbd_ring_is_served_without_kicks(tmp_path: Path) -> None:
+    """An NBD disk completes its requests later, outside the turn that took them: the turn
+    that took a request opens the window all the same."""
+    server = HostileServer(tmp_path / "nbd.sock", HONEST)
+    try:
+        with served(tmp_path, "--poll-us", str(WINDOW_US),
+                    blk=f"nbd={unix_uri(tmp_path / 'nbd.sock')}") as q:
+            q.submit(BlkType.IN, 0, in_len=SECTOR)  # kicked: taken, the window opens
+            q.wait(5)
+            for _ in range(3):  # each request taken without a kick extends the window
+                read_without_kick(q)
+                assert len(q.wait(5)) == 1
+    finally:
+        server.close()
 
 
 def test_without_polling_a_request_waits_for_its_kick(tmp_path: Path) -> None:

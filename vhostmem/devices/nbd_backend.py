@@ -115,7 +115,11 @@ class NbdBackend(BlkBackend):
 
     def submit_read(self, views: list[memoryview], offset: int, length: int,
                     done: Done, queue: int = 0) -> None:
-        self._split(self._link(queue), NBD_CMD_READ, views, offset, length, 0, done)
+        link = self._link(queue)
+        if 0 < length <= self.info.max_payload:  # one NBD request (the usual case)
+            link.issue(NBD_CMD_READ, offset, length, 0, views, done)
+            return
+        self._split(link, NBD_CMD_READ, views, offset, length, 0, done)
 
     def submit_write(self, views: list[memoryview], offset: int, length: int, fua: bool,
                      done: Done, queue: int = 0) -> None:

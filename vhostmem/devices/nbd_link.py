@@ -22,11 +22,19 @@ import os
 import socket
 from collections import deque
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from time import monotonic
 from typing import Any, Protocol
 
-from nbd import ExportInfo, NbdAddress, NbdError, NbdProtocolError, Transmission
-from nbd.constants import NBD_CMD_DISC, NBD_CMD_FLUSH, NBD_CMD_READ, NBD_CMD_WRITE
+from nbd import (
+    REQUEST_SIZE,
+    ExportInfo,
+    NbdAddress,
+    NbdError,
+    NbdProtocolError,
+    Request,
+    Transmission,
+)
+from nbd.constants import NBD_CMD_DISC, NBD_CMD_FLUSH, NBD_CMD_WRITE
 from nbd.transmission import COMMAND_NAMES, encode_request
 from vhostmem.devices.nbd_conn import connect_async
 
@@ -39,17 +47,32 @@ WATCH_INTERVAL_MAX = 1.0
 RECVS_PER_WAKE = 64  # bounded work per readable event: other devices get their turn
 IOV_MAX = 1024  # most buffers one sendmsg / readv takes (Linux UIO_MAXIOV)
 CLOSE_TIMEOUT = 5.0
+# Request headers of a batch are packed side by side into one buffer (no object per header)
+# and go out as one iovec per run of headers; room for this many before another is taken.
+HEADERS_PER_BUFFER = 256
 
 
-@dataclass(eq=False)
-class Op:
-    command: int
-    offset: int
-    length: int
-    flags: int
-    views: list[memoryview] | None  # READ: where the data goes; WRITE: the payload
-    done: Done
-    deadline: float
+class Op(Request):
+    """An NBD request of this link: the transmission's record of it (``views``: READ, where
+    the data goes; WRITE, the payload) with ``done``, called once the server answered, and
+    the ``deadline`` (loop time) after which it fails. One object per request."""
+
+    __slots__ = ("deadline", "done")
+
+    def __init__(self, command: int, offset: int, length: int, flags: int,
+                 views: list[memoryview] | None, done: Done, deadline: float) -> None:
+        # Request.__init__'s fields set here: one call less per request on the hot path.
+        self.command = command
+        self.offset = offset
+        self.length = length
+        self.flags = flags
+        self.views = views
+        self.cookie = 0
+        self.received = []
+        self.error = 0
+        self.message = ""
+        self.done = done
+        self.deadline = deadline
 
 
 class LinkOwner(Protocol):
@@ -83,9 +106,15 @@ class NbdLink:
         self.info = info  # this connection's: its transmission flags decide FUA, FLUSH, ...
         self._tx = Transmission(info.structured, self.max_payload)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._ops: dict[int, Op] = {}  # sent, by cookie, oldest first
+        # Requests sent are the transmission's (``_tx``, by cookie, oldest first): one record.
         self._waiting: deque[Op] = deque()  # to send once connected
         self._out: list[memoryview] = []  # bytes not sent yet, in order
+        # Headers packed but not yet in ``_out``: [_run, _end) of ``_headers``. Bytes before
+        # ``_run`` may still be referenced by ``_out``: never written again (a full buffer is
+        # replaced, not reused, until ``_out`` drains).
+        self._headers = bytearray(HEADERS_PER_BUFFER * REQUEST_SIZE)
+        self._hview = memoryview(self._headers)
+        self._run = self._end = 0
         self._writing = False
         self._send_soon = False
         self._watch: asyncio.TimerHandle | None = None
@@ -102,15 +131,18 @@ class NbdLink:
     @property
     def busy(self) -> int:
         """Requests sent or waiting to be."""
-        return len(self._ops) + len(self._waiting)
+        return self._tx.in_flight + len(self._waiting)
 
     # ------------------------------------------------------------- sending
 
     def issue(self, command: int, offset: int, length: int, flags: int,
               views: list[memoryview] | None, done: Done) -> None:
-        assert self._loop is not None
-        self.take(Op(command, offset, length, flags, views, done,
-                     self._loop.time() + self.owner.timeout))
+        # The loop's clock (asyncio's time() is monotonic()), without the method call.
+        op = Op(command, offset, length, flags, views, done, monotonic() + self.owner.timeout)
+        if self.connected and not self.closed:
+            self._send(op)
+        else:
+            self.take(op)
 
     def take(self, op: Op) -> None:
         """Send ``op`` (or keep it until connected), with the deadline it has."""
@@ -122,12 +154,16 @@ class NbdLink:
             self._waiting.append(op)
 
     def _send(self, op: Op) -> None:
-        into = op.views if op.command == NBD_CMD_READ else None
-        cookie, header = self._tx.request(op.command, op.offset, op.length, flags=op.flags,
-                                          into=into)
-        self._ops[cookie] = op
-        self._out.append(memoryview(header))
+        end = self._end
+        if end == len(self._headers):
+            self._new_header_buffer()
+            end = 0
+        self._tx.submit(op, self._headers, end)
+        self._end = end + REQUEST_SIZE
         if op.command == NBD_CMD_WRITE and op.views:
+            # The payload follows its header on the wire: the run of headers ends here.
+            self._out.append(self._hview[self._run : self._end])
+            self._run = self._end
             self._out += op.views
         if not self._send_soon and not self._writing:
             self._send_soon = True
@@ -137,6 +173,25 @@ class NbdLink:
                 assert self._loop is not None
                 self._loop.call_soon(self.flush_out)
 
+    def _close_run(self) -> None:
+        """The headers packed since the last run go to ``_out`` as one view."""
+        if self._end > self._run:
+            self._out.append(self._hview[self._run : self._end])
+            self._run = self._end
+
+    def _new_header_buffer(self) -> None:
+        """The header buffer is full: what is packed goes to ``_out``, and the next headers
+        go to a new buffer (``_out`` may still hold views of this one)."""
+        self._close_run()
+        self._headers = bytearray(HEADERS_PER_BUFFER * REQUEST_SIZE)
+        self._hview = memoryview(self._headers)
+        self._run = self._end = 0
+
+    def _reset_out(self) -> None:
+        """Nothing is queued: the header buffer is free again."""
+        self._out.clear()
+        self._run = self._end = 0
+
     def flush_out(self) -> None:
         """Send what is queued (one sendmsg for a batch's requests); what the socket does not
         take waits for it to be writable, as views (no copy)."""
@@ -144,6 +199,7 @@ class NbdLink:
         sock, out = self._sock, self._out
         if sock is None or not self.connected:
             return
+        self._close_run()
         while out:
             try:
                 sent = sock.sendmsg(out[:IOV_MAX])
@@ -153,6 +209,8 @@ class NbdLink:
                 self._lost(f"send failed: {exc}")
                 return
             _consume(out, sent)
+        if not out:
+            self._run = self._end = 0  # the kernel has every header: the buffer is free
         assert self._loop is not None
         if out and not self._writing:
             self._loop.add_writer(sock.fileno(), self.flush_out)
@@ -205,13 +263,12 @@ class NbdLink:
                 return
             if completed:
                 self._delay = RECONNECT_FIRST  # this connection works
-            for c in completed:
-                op = self._ops.pop(c.cookie)
-                if c.error:
+            for op in completed:
+                if op.error:
                     log.error("%s: %s of %d bytes at %d failed: NBD error %d%s", self.name,
-                              COMMAND_NAMES.get(c.command, c.command), op.length, op.offset,
-                              c.error, f" ({c.message})" if c.message else "")
-                op.done(not c.error)
+                              op.name, op.length, op.offset, op.error,
+                              f" ({op.message})" if op.message else "")
+                op.done(not op.error)  # an Op: all this link submits
             if n < wanted or not tx.in_flight or self._sock is not sock:
                 # Drained; or nothing is awaited, so nothing more is due (at queue depth 1
                 # this saves a receive that would find nothing); or closed by a completion.
@@ -233,8 +290,9 @@ class NbdLink:
     def _check_deadlines(self) -> None:
         assert self._loop is not None
         now = self._loop.time()
-        if self._ops:
-            oldest = next(iter(self._ops.values()))
+        oldest = self._tx.oldest()
+        if oldest is not None:
+            assert isinstance(oldest, Op)
             if oldest.deadline <= now:
                 self._lost(f"no reply to {COMMAND_NAMES.get(oldest.command)} at "
                            f"{oldest.offset} within {self.owner.timeout:g} s")
@@ -268,10 +326,8 @@ class NbdLink:
             return
         self.connected = False
         self._drop_socket()
-        self._tx.forget_all()
-        self._out.clear()  # guest views: never sent now, and not kept pinned
-        resend = list(self._ops.values())
-        self._ops.clear()
+        resend: list[Any] = self._tx.forget_all()  # this link's Ops, oldest first
+        self._reset_out()  # guest views: never sent now, and not kept pinned
         self._waiting.extendleft(reversed(resend))
         log.error("%s: connection lost: %s; %d request(s) wait up to %g s for a reconnect",
                   self.name, reason, len(self._waiting), self.owner.timeout)
@@ -316,7 +372,7 @@ class NbdLink:
         if self._watch is not None:
             self._watch.cancel()
         # Nothing waits here: a connection never opened gets no requests (NbdBackend._link).
-        assert not self._waiting and not self._ops
+        assert not self._waiting and not self._tx.in_flight
 
     def _resume(self, sock: socket.socket, info: ExportInfo) -> None:
         assert self._loop is not None
@@ -356,18 +412,22 @@ class NbdLink:
                 # Closed after the loop stopped (shutdown): let the task see its cancellation.
                 with contextlib.suppress(asyncio.CancelledError):
                     loop.run_until_complete(task)
-        for op in [*self._ops.values(), *self._waiting]:
+        # The requests sent stay in the transmission: a reply to one may still come.
+        failed: list[Any] = [*self._tx.requests(), *self._waiting]
+        for op in failed:
             op.done(False)
-        self._ops.clear()
         self._waiting.clear()
         sock = self._sock
         if sock is None or not self.connected or self._tx.in_flight:
             self._drop_socket()  # a reply may still come: the socket cannot be reused
+            self._tx.forget_all()
+            self._reset_out()
             return None
         self._detach_socket(sock)
         self._sock = None
+        self._close_run()
         pending = b"".join(bytes(v) for v in self._out)  # no guest view kept
-        self._out.clear()
+        self._reset_out()
         return self._final_exchange_within(sock, pending, flush)
 
     async def _final_exchange_within(self, sock: socket.socket, pending: bytes,
