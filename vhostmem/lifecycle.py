@@ -21,18 +21,16 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from types import FrameType
-from typing import Any
 
 from vhostmem.launch import Notifier
 from vhostmem.server import DRAIN_TIMEOUT_SECONDS, Server
+from vhostmem.signals import PROCESS_SIGNALS, STOP_SIGNALS
 
 log = logging.getLogger("vhostmem")
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-HANDLED_SIGNALS = frozenset({*STOP_SIGNALS, signal.SIGHUP})
 DRAIN_POLL_SECONDS = 0.002
 
 
@@ -93,54 +91,64 @@ class Lifecycle:
         self.log_handler = log_handler
         self.stop_signal: int | None = None
         self._stop = asyncio.Event()
+        self._saved_mask: set[signal.Signals] = set()  # this thread's mask before setup
 
     def install_signals(self) -> None:
         """Before the first socket exists: a launcher may signal as soon as it sees it.
 
         The loop's handlers only see a signal while the loop runs (uvloop reads them from a
-        wakeup fd it sets up in each run; one that arrives between runs is lost, and the
-        process would serve on after a SIGTERM). So the handled signals are blocked in this
-        thread from here on and unblocked only while :meth:`run` runs the loop: one that
-        arrives during setup stays pending and is taken as the loop starts (a stop signal
-        before READY drains at once)."""
-        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+        wakeup fd it sets up in each run; one that arrives outside a run is lost, and the
+        process would serve on after a SIGTERM). So the process signals are blocked in this
+        thread from here on and unblocked only while :meth:`run` runs the loop (other threads
+        block them for good: vhostmem/signals.py). One that arrives during setup stays pending
+        and is taken as the loop starts (a stop signal before READY drains at once);
+        :meth:`closing` unblocks them again, with handlers of its own."""
+        self._saved_mask = signal.pthread_sigmask(signal.SIG_BLOCK, PROCESS_SIGNALS)
         for signum in STOP_SIGNALS:
             self.loop.add_signal_handler(signum, self._on_stop, signum)
         self.loop.add_signal_handler(signal.SIGHUP, self._on_hup)
 
     def run(self) -> None:
-        """Serve until SIGTERM/SIGINT, then drain the requests in flight. The caller closes
-        the server and the devices afterwards (:meth:`closing` guards that part)."""
+        """Serve until SIGTERM/SIGINT, then drain the requests in flight, in one run of the
+        loop (its first callback unblocks the signals; they are blocked again, and the loop's
+        handlers removed, before it returns). The caller closes the server and the devices
+        afterwards, under :meth:`closing`."""
+        count = len(self.server.endpoints)
+        self.notifier.notify("READY=1", f"STATUS=serving {count} device(s)")
+        self.loop.call_soon(signal.pthread_sigmask, signal.SIG_UNBLOCK, PROCESS_SIGNALS)
         try:
-            count = len(self.server.endpoints)
-            self.notifier.notify("READY=1", f"STATUS=serving {count} device(s)")
-            self._run_with_signals(self._stop.wait())
-            self._run_with_signals(self._drain())
+            self.loop.run_until_complete(self._serve())
         finally:
-            for signum in HANDLED_SIGNALS:
-                self.loop.remove_signal_handler(signum)
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+            signal.pthread_sigmask(signal.SIG_BLOCK, PROCESS_SIGNALS)
 
-    def _run_with_signals(self, work: Coroutine[Any, Any, None]) -> None:
-        """Run the loop until ``work`` is done, with the handled signals unblocked only while
-        it runs (its first callback unblocks them: a pending one is delivered then)."""
-        self.loop.call_soon(signal.pthread_sigmask, signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+    async def _serve(self) -> None:
         try:
-            self.loop.run_until_complete(work)
+            await self._stop.wait()
+            await self._drain()
         finally:
-            signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+            # Blocked first: from here a signal waits for closing()'s handlers. The loop's
+            # handlers are removed while it runs (uvloop ignores a removal outside a run).
+            signal.pthread_sigmask(signal.SIG_BLOCK, PROCESS_SIGNALS)
+            for signum in PROCESS_SIGNALS:
+                self.loop.remove_signal_handler(signum)
 
     def closing(self) -> Callable[[], None]:
         """While the server and disks are closed outside the loop (fdatasync, joins), a stop
-        signal still exits at once; returns the function that restores the defaults."""
-        if self.stop_signal is None:
-            return lambda: None
+        signal exits at once and SIGHUP still reopens the log file: plain handlers are set,
+        then the signals unblocked (one that waited is taken now). Returns the function that
+        restores the previous handlers."""
 
-        def handler(signum: int, frame: FrameType | None) -> None:
+        def on_stop(signum: int, frame: FrameType | None) -> None:
             del frame
             _exit_now(signum)
 
-        previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
+        def on_hup(signum: int, frame: FrameType | None) -> None:
+            del signum, frame
+            self._on_hup()
+
+        previous = {signum: signal.signal(signum, on_stop) for signum in STOP_SIGNALS}
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hup)
+        signal.pthread_sigmask(signal.SIG_SETMASK, self._saved_mask)
 
         def restore() -> None:
             for signum, old in previous.items():

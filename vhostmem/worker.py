@@ -35,10 +35,10 @@ from vhostmem.inflight import InflightError, InflightRegion
 from vhostmem.inflight_packed import layout_for
 from vhostmem.split_ring import VirtqueueError
 from vhostmem.virtqueue import Virtqueue
-from vhostmem.worker_log import WORKER_LOG_FORMAT
 from vhostmem.worker_proto import (
     STATS_COUNTERS,
     WORKER_IGNORED_SIGNALS,
+    WORKER_LOG_FORMAT,
     Msg,
     WorkerMessage,
     WorkerProtocolError,

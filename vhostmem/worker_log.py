@@ -13,16 +13,20 @@ Reading is bounded per callback (``READ_BYTES``) and never blocks; a line longer
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
+import select
+import time
 
 from vhostmem.session_base import KickWatcher
 
-# The worker's record format (vhostmem/worker.py): "LEVEL logger: message".
-WORKER_LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 READ_BYTES = 65536
+# The pipe's capacity (F_SETPIPE_SZ; the default is 64 KiB): a worker that logs a burst while
+# the main process is busy does not block in write().
+PIPE_BYTES = 1 << 20
 LINE_MAX = 8192
-# Lines that are not a record of the worker's own loggers (tracebacks, interpreter messages).
+# Lines that are not a record of a logger this process has (tracebacks, interpreter messages).
 FALLBACK_LOGGER = "vhostmem.worker"
 # A line before any record (an interpreter failing at start-up) is relayed at this level.
 FIRST_LEVEL = logging.WARNING
@@ -40,6 +44,8 @@ class WorkerLog:
         self._level = FIRST_LEVEL
         self._logger = logging.getLogger(FALLBACK_LOGGER)
         os.set_blocking(fd, False)
+        with contextlib.suppress(OSError):  # above /proc/sys/fs/pipe-max-size: keep 64 KiB
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
         watcher.watch_channel(fd, self.on_readable)
 
     def on_readable(self) -> None:
@@ -59,6 +65,15 @@ class WorkerLog:
         self._partial = lines.pop()[:LINE_MAX]
         for line in lines:
             self._relay(line[:LINE_MAX].decode(errors="replace"))
+
+    def relay_until_exit(self, timeout: float) -> None:
+        """Relay until the worker closes its end (it exits) or ``timeout`` seconds passed: a
+        worker that is asked to leave and logs meanwhile must not block on a full pipe."""
+        deadline = time.monotonic() + timeout
+        while self.fd >= 0 and (left := deadline - time.monotonic()) > 0:
+            readable, _, _ = select.select([self.fd], [], [], left)
+            if readable:
+                self.on_readable()
 
     def close(self) -> None:
         """Relay whatever is left (without waiting for more) and close the pipe."""
@@ -80,8 +95,12 @@ class WorkerLog:
         level_name, _, rest = line.partition(" ")
         name, sep, message = rest.partition(": ")
         level = _LEVELS.get(level_name)
-        if level is not None and sep and name.startswith("vhostmem"):
-            self._level, self._logger = level, logging.getLogger(name)
+        if level is not None and sep:  # a record: its level, its logger if this process has it
+            known = name in logging.Logger.manager.loggerDict
+            self._level = level
+            self._logger = logging.getLogger(name if known else FALLBACK_LOGGER)
+            if not known:
+                message = f"{name}: {message}"
         else:  # a continuation (traceback) or a foreign line: the last record's level
             message = line
         self._logger.log(self._level, "worker[%d] %s", self.pid, message)

@@ -148,8 +148,8 @@ class WorkerPool:
                     "--log-level", logging.getLevelName(logging.getLogger().getEffectiveLevel())]
             # Blocked across the exec (the mask is inherited): a SIGTERM to the whole group
             # while the worker still imports stays pending, and is dropped once it ignores it.
-            mask = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_IGNORED_SIGNALS)
             log_read, log_write = os.pipe()  # its stderr: relayed into our logging
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_IGNORED_SIGNALS)
             try:
                 proc = subprocess.Popen(argv, pass_fds=[theirs.fileno()],
                                         stdin=subprocess.DEVNULL, stderr=log_write)
@@ -157,8 +157,8 @@ class WorkerPool:
                 os.close(log_read)
                 raise
             finally:
-                os.close(log_write)
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+                os.close(log_write)
         except BaseException:
             ours.close()
             raise
@@ -321,8 +321,9 @@ class WorkerPool:
             self.links[link.slot] = None
             self.watcher.unwatch(link.sock.fileno())
             link.sock.close()
+            link.stderr.relay_until_exit(EXIT_TIMEOUT_S)  # EOF: it has exited
             try:
-                link.proc.wait(timeout=EXIT_TIMEOUT_S)
+                link.proc.wait(timeout=REAP_TIMEOUT_S)
             except subprocess.TimeoutExpired:
                 _reap(link.proc)
             link.stderr.close()

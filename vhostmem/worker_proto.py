@@ -14,11 +14,12 @@ Every request of the main process carries ``seq``; the worker answers each one, 
 from __future__ import annotations
 
 import json
-import signal
 import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
+
+from vhostmem.signals import PROCESS_SIGNALS
 
 
 class Msg(IntEnum):
@@ -47,7 +48,10 @@ STATS_COUNTERS = ("stat_requests", "stat_read_bytes", "stat_write_bytes", "stat_
                   "stat_kicks", "stat_interrupts")
 # Signals a worker leaves to the main process (it stops the rings, then closes the control
 # socket): blocked from before the worker's exec until it ignores them (vhostmem/worker.py).
-WORKER_IGNORED_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+WORKER_IGNORED_SIGNALS = PROCESS_SIGNALS
+# A worker's log records on its stderr, which the main process relays into its own logging
+# (vhostmem/worker_log.py): "LEVEL logger: message".
+WORKER_LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 # SCM_RIGHTS carries at most this many fds per message (Linux SCM_MAX_FD).
 MAX_FDS = 253
 _TYPE = struct.Struct("<H")

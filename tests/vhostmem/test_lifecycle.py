@@ -240,3 +240,36 @@ def test_a_stop_signal_before_the_loop_runs_is_not_lost(name: str) -> None:
         pytest.fail(f"SIG{name} before the loop ran was lost: {err.decode()}")
     assert proc.returncode == 0, err.decode()
     assert out.decode().strip() == f"stopped by SIG{name}"
+
+
+# After the loop has stopped, while the devices are closed: SIGHUP still reopens the log file
+# and a second stop signal still exits at once (143), both sent before closing() set handlers.
+SIGNALS_AFTER_THE_LOOP = """
+import os, signal, sys
+from vhostmem.launch import Notifier
+from vhostmem.lifecycle import Lifecycle, configure_logging
+from vhostmem.memmap import MemRegistry
+from vhostmem.server import Server, new_event_loop
+
+handler = configure_logging(20, sys.argv[1])
+loop = new_event_loop()
+lifecycle = Lifecycle(loop, Server(loop, MemRegistry()), Notifier(), handler)
+lifecycle.install_signals()
+os.kill(os.getpid(), signal.SIGTERM)
+lifecycle.run()
+os.kill(os.getpid(), signal.SIGHUP)  # the loop has stopped: held until closing()
+os.kill(os.getpid(), signal.SIGTERM)
+restore = lifecycle.closing()
+print("not stopped", flush=True)
+"""
+
+
+def test_signals_after_the_loop_stopped_are_handled_while_closing(tmp_path: Path) -> None:
+    log = tmp_path / "vhostmem.log"
+    proc = subprocess.run([sys.executable, "-c", SIGNALS_AFTER_THE_LOOP, str(log)], cwd=REPO,
+                          capture_output=True, timeout=TIMEOUT)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr.decode()
+    assert b"not stopped" not in proc.stdout
+    text = log.read_text()
+    assert "SIGTERM: shutting down" in text and "SIGHUP: log file" in text
+    assert "SIGTERM again: exiting at once" in text

@@ -36,6 +36,7 @@ from vhostmem.device import (
     VhostUserDevice,
 )
 from vhostmem.devices.blk_backend import BlkBackend, open_image, ram_disk
+from vhostmem.signals import block_in_this_thread
 from vhostmem.virtqueue import DescChain, Virtqueue
 
 log = logging.getLogger(__name__)
@@ -157,7 +158,9 @@ class BlkDevice(VhostUserDevice):
         self.acked_features = 0
         self._pool: ThreadPoolExecutor | None = None
         if io_mode == "thread":
-            self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="vhostmem-blk-io")
+            # Its threads leave the process signals to the main thread (vhostmem/signals.py).
+            self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="vhostmem-blk-io",
+                                            initializer=block_in_this_thread)
 
     @classmethod
     def from_file(cls, path: str, *, readonly: bool = False, **options: Any) -> BlkDevice:
