@@ -134,3 +134,15 @@ def test_requests_sent_again_after_a_reply_cut_short_start_afresh(tmp_path: Path
     assert server.bad_replies == 1 and server.connections == 2
     for offset, buf in batch.reads:
         assert buf == server.disk[offset : offset + len(buf)]
+
+
+def test_a_link_op_sets_every_field_of_a_request() -> None:
+    """Op.__init__ sets Request's fields itself (one call less per request): a field added to
+    Request must be added there too, or an Op would lack it."""
+    from nbd import Request
+    from vhostmem.devices.nbd_link import Op
+
+    op = Op(1, 4096, 512, 0, None, lambda ok: None, 0.0)
+    fresh = Request(1, 4096, 512)
+    for name in Request.__slots__:
+        assert getattr(op, name) == getattr(fresh, name), name
