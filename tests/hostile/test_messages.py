@@ -9,7 +9,8 @@ real I/O verified against the image.
 from __future__ import annotations
 
 import contextlib
-import os
+import socket
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -349,6 +350,28 @@ def alive(conn: RawConnection) -> bool:
     return False
 
 
+TWO_U64_REPLIES = 2 * (12 + 8)  # header + u64 payload, twice
+PEEK_WAIT = 5.0
+
+
+def test_replies_read_together_are_each_handed_out(server: ServerThread, clean: Baseline) -> None:
+    """Two replies the server sent back to back reach one read: the second is not lost (alive()
+    above would otherwise wait out REPLY_WAIT and call a live connection hung up)."""
+    conn = RawConnection(server.path(server.a))
+    try:
+        assert conn.send(message(R.GET_FEATURES, flags=VERSION))
+        assert conn.send(message(R.GET_QUEUE_NUM, flags=VERSION))
+        deadline = time.monotonic() + PEEK_WAIT
+        while len(conn.sock.recv(TWO_U64_REPLIES, socket.MSG_PEEK)) < TWO_U64_REPLIES:
+            assert time.monotonic() < deadline, "the server did not answer both requests"
+            time.sleep(0.01)
+        features = conn.reply()
+        assert features is not None and features & PROTOCOL_FEATURES_BIT
+        assert conn.reply() == 2  # device A's two queues
+    finally:
+        conn.close()
+
+
 def mutate(data: bytes, where: int, value: int) -> bytes:
     if not data:
         return data
@@ -360,14 +383,8 @@ mutated = st.builds(lambda s, w, v: (mutate(s[0], w, v), s[1]), steps,
                     st.integers(0, 4096), st.integers(0, 255))
 
 
-# An example costs up to REPLY_WAIT (0.5 s) when the sequence leaves the server waiting for the
-# rest of a message, so the probe goes unanswered: 150 examples take ~25 s of `make test` (the
-# other hypothesis suites here run 25-400). A longer run: VHOSTMEM_TEST_SEQUENCES=1000.
-SEQUENCE_EXAMPLES = int(os.environ.get("VHOSTMEM_TEST_SEQUENCES", "150"))
-
-
 @pytest.mark.slow
-@settings(max_examples=SEQUENCE_EXAMPLES, deadline=None, database=None,
+@settings(max_examples=300, deadline=None, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(st.sampled_from([True, True, True, False]),
        st.lists(st.one_of(steps, mutated), min_size=1, max_size=12))
