@@ -28,7 +28,7 @@ from typing import Any, Protocol
 from nbd import ExportInfo, NbdAddress, NbdError, NbdProtocolError, Transmission
 from nbd.constants import NBD_CMD_DISC, NBD_CMD_FLUSH, NBD_CMD_READ, NBD_CMD_WRITE
 from nbd.transmission import COMMAND_NAMES, encode_request
-from vhostmem.devices.nbd_conn import connect_async
+from vhostmem.devices.nbd_conn import connect_async, seconds_from_env
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ RECONNECT_MAX = 2.0
 WATCH_INTERVAL_MAX = 1.0
 RECVS_PER_WAKE = 64  # bounded work per readable event: other devices get their turn
 IOV_MAX = 1024  # most buffers one sendmsg / readv takes (Linux UIO_MAXIOV)
-CLOSE_TIMEOUT = 5.0
+CLOSE_TIMEOUT = seconds_from_env("VHOSTMEM_NBD_CLOSE_TIMEOUT", 5.0)
 
 
 @dataclass(eq=False)
