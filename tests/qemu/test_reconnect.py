@@ -18,7 +18,9 @@ pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 # The 20-kill long haul is `python -m qemu.reconnect` (docs/inflight.md).
 KILLS = 8
 KILL_SEED = 4
-PACKED_KILLS = 3  # lean: every kill aimed, each restart must correct QEMU's stale base
+# Every packed kill is aimed, but under load an aim finds no request in flight within its
+# window more often (1 of 3 in a loaded run): 5 keeps "some kill caught one" as sure as before.
+PACKED_KILLS = 5
 STALE_BASE = "the frontend's base"  # logged when the inflight region overrides SET_VRING_BASE
 
 
