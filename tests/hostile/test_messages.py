@@ -9,6 +9,8 @@ real I/O verified against the image.
 from __future__ import annotations
 
 import contextlib
+import socket
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -346,6 +348,36 @@ def alive(conn: RawConnection) -> bool:
         if value == 2:  # GET_QUEUE_NUM of device A; other values are replies sent earlier
             return True
     return False
+
+
+TWO_U64_REPLIES = 2 * (12 + 8)  # header + u64 payload, twice
+PEEK_WAIT = 5.0
+
+
+def peek(conn: RawConnection, size: int) -> bytes:
+    """What the socket holds (up to ``size`` bytes) without taking it; b"" after REPLY_WAIT."""
+    try:
+        return conn.sock.recv(size, socket.MSG_PEEK)
+    except TimeoutError:
+        return b""
+
+
+def test_replies_read_together_are_each_handed_out(server: ServerThread, clean: Baseline) -> None:
+    """Two replies the server sent back to back reach one read: the second is not lost (alive()
+    above would otherwise wait out REPLY_WAIT and call a live connection hung up)."""
+    conn = RawConnection(server.path(server.a))
+    try:
+        assert conn.send(message(R.GET_FEATURES, flags=VERSION))
+        assert conn.send(message(R.GET_QUEUE_NUM, flags=VERSION))
+        deadline = time.monotonic() + PEEK_WAIT
+        while len(peek(conn, TWO_U64_REPLIES)) < TWO_U64_REPLIES:
+            assert time.monotonic() < deadline, "the server did not answer both requests"
+            time.sleep(0.01)
+        features = conn.reply()
+        assert features is not None and features & PROTOCOL_FEATURES_BIT
+        assert conn.reply() == 2  # device A's two queues
+    finally:
+        conn.close()
 
 
 def mutate(data: bytes, where: int, value: int) -> bytes:

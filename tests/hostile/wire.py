@@ -124,6 +124,12 @@ class Fds:
         return os.eventfd(0, os.EFD_CLOEXEC)
 
 
+def _reply_value(payload: object) -> int:
+    if payload is None:
+        return EMPTY_REPLY
+    return payload if isinstance(payload, int) else 0
+
+
 class RawConnection:
     """A frontend socket that sends bytes as given and collects whatever comes back."""
 
@@ -133,6 +139,8 @@ class RawConnection:
         self.sock.connect(path)
         self.framer = Framer(sender="backend")
         self.closed_by_peer = False
+        # Replies that arrived in the same read as an earlier one, handed out in order.
+        self.pending: list[int] = []
 
     def send(self, data: bytes, fds: Fds | None = None) -> bool:
         """Send one message (fds ride with it); False once the server hung up."""
@@ -153,7 +161,7 @@ class RawConnection:
     def reply(self) -> int | None:
         """The next reply's u64 (an ACK status or a value), 0 for a struct, EMPTY_REPLY for an
         empty payload; None on hang-up or silence."""
-        while True:
+        while not self.pending:
             try:
                 data, fds, _, _ = socket.recv_fds(self.sock, RECV_BYTES, RECV_FDS)
             except (TimeoutError, OSError):
@@ -167,11 +175,8 @@ class RawConnection:
                 msgs = self.framer.feed(data)
             except ProtocolError:
                 return None
-            if msgs:
-                payload = msgs[0].payload
-                if payload is None:
-                    return EMPTY_REPLY
-                return payload if isinstance(payload, int) else 0
+            self.pending = [_reply_value(m.payload) for m in msgs]
+        return self.pending.pop(0)
 
     def close(self) -> None:
         self.framer.close()

@@ -17,6 +17,12 @@ ROOT = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT = 10.0
 POLL = 0.02
 GUEST_RAM = 64 << 20
+# Tests that wait out vhostmem's NBD handshake or close timeout (5 s) on purpose shorten it
+# for the `vhostmem serve` they start (vhostmem/devices/nbd_conn.py, seconds_from_env): still
+# twice the 1 s stall bound those tests hold the other devices to.
+SHORT_TIMEOUT = 2.0
+CONNECT_TIMEOUT_ENV = "VHOSTMEM_NBD_CONNECT_TIMEOUT"
+CLOSE_TIMEOUT_ENV = "VHOSTMEM_NBD_CLOSE_TIMEOUT"
 
 needs_qemu_nbd = pytest.mark.skipif(shutil.which("qemu-nbd") is None,
                                     reason="qemu-nbd not installed (make system-deps)")

@@ -25,7 +25,10 @@ from nbd.constants import (
 )
 from tests.nbd.hostile import HONEST, SILENT_FLUSH, HostileServer
 from tests.nbd.servers import (
+    CLOSE_TIMEOUT_ENV,
+    CONNECT_TIMEOUT_ENV,
     GUEST_RAM,
+    SHORT_TIMEOUT,
     needs_nbdkit,
     needs_qemu_nbd,
     start_nbdkit,
@@ -367,10 +370,13 @@ def test_error_replies_fail_the_request_not_the_connection(tmp_path: Path) -> No
     assert "connection lost" not in text
 
 
-def test_device_add_waits_for_a_silent_server_without_holding_the_others(tmp_path: Path) -> None:
+def test_device_add_waits_for_a_silent_server_without_holding_the_others(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An NBD server that accepts and never speaks: device_add's handshake is awaited on the
     event loop, so the device already served keeps answering meanwhile (the old code ran it
-    blocking: ~5 s without an answer), and then fails naming the server."""
+    blocking: the whole handshake timeout without an answer), and then fails naming the
+    server."""
+    monkeypatch.setenv(CONNECT_TIMEOUT_ENV, str(SHORT_TIMEOUT))
     silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     silent.bind(str(tmp_path / "silent.sock"))
     silent.listen(1)  # connects complete in the backlog; nothing is ever sent
@@ -381,7 +387,7 @@ def test_device_add_waits_for_a_silent_server_without_holding_the_others(tmp_pat
             adding = pool.submit(serve.call, "device_add", socket=str(wsock),
                                  nbd=unix_uri(tmp_path / "silent.sock"))
             slowest = answering_while(asock, lambda: not adding.done())
-            with pytest.raises(RpcFailed, match="no handshake within"):
+            with pytest.raises(RpcFailed, match=f"no handshake within {SHORT_TIMEOUT:g} s"):
                 adding.result()
         assert slowest < 1.0, f"the served device stalled {slowest:.1f} s during device_add"
         assert not wsock.exists()
@@ -402,10 +408,12 @@ def answering_while(sock: Path, busy: Callable[[], bool]) -> float:
     return slowest
 
 
-def test_device_del_does_not_wait_on_a_server_that_never_answers_flush(tmp_path: Path) -> None:
+def test_device_del_does_not_wait_on_a_server_that_never_answers_flush(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """device_del of an NBD device whose server never answers the final FLUSH: the FLUSH and
     DISC run as a task on the event loop, so the other device keeps answering (the old code
-    waited blocking, up to 5 s, on the loop) and device_del returns at once."""
+    waited blocking, up to CLOSE_TIMEOUT, on the loop) and device_del returns at once."""
+    monkeypatch.setenv(CLOSE_TIMEOUT_ENV, str(SHORT_TIMEOUT))
     nbd_sock, asock, nsock = tmp_path / "h.sock", tmp_path / "a.sock", tmp_path / "n.sock"
     server = HostileServer(nbd_sock, SILENT_FLUSH)
     try:

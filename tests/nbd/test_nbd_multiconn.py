@@ -8,10 +8,14 @@ import re
 import time
 from pathlib import Path
 
+import pytest
+
 from nbd.constants import NBD_CMD_DISC, NBD_CMD_FLUSH, NBD_CMD_WRITE
 from tests.nbd.hostile import HONEST, HostileServer
 from tests.nbd.servers import (
+    CONNECT_TIMEOUT_ENV,
     GUEST_RAM,
+    SHORT_TIMEOUT,
     needs_nbdkit,
     needs_qemu_nbd,
     start_nbdkit,
@@ -94,10 +98,12 @@ def test_qemu_nbd_without_multi_conn_gets_one_shared_connection(tmp_path: Path) 
 
 
 @needs_qemu_nbd
-def test_a_connection_the_server_does_not_take_is_given_up(tmp_path: Path) -> None:
+def test_a_connection_the_server_does_not_take_is_given_up(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """qemu-nbd -e 2 offers multi-conn but takes 2 clients at once: a 3-queue device's third
-    connection gets no handshake, is given up after 5 s, and queue 2 is served on the first
-    connection meanwhile and afterwards."""
+    connection gets no handshake, is given up after the handshake timeout, and queue 2 is
+    served on the first connection meanwhile and afterwards."""
+    monkeypatch.setenv(CONNECT_TIMEOUT_ENV, str(SHORT_TIMEOUT))
     image, nbd_sock = tmp_path / "d.raw", tmp_path / "nbd.sock"
     vsock, log = tmp_path / "v.sock", tmp_path / "v.log"
     image.write_bytes(bytes(4 << 20))
@@ -108,8 +114,8 @@ def test_a_connection_the_server_does_not_take_is_given_up(tmp_path: Path) -> No
                 VhostUserBlk.open(str(vsock), ram_size=GUEST_RAM) as dev:
             queues = [dev.start_queue(i, size=64) for i in range(3)]
             queues[2].write(0, b"2" * PAGE)  # connection 3 is still being opened
-            wait_for_log(log, "(connection 3): cannot open it: no handshake within 5 s; "
-                         "its queues use the other connections")
+            wait_for_log(log, f"(connection 3): cannot open it: no handshake within "
+                         f"{SHORT_TIMEOUT:g} s; its queues use the other connections")
             queues[2].write(8, b"3" * PAGE)
             assert queues[0].read(0, 2 * PAGE) == b"2" * PAGE + b"3" * PAGE
     finally:

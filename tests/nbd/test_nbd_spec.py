@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from vhostmem.devices.nbd_conn import seconds_from_env
 from vhostmem.devspec import UsageError, parse_blk_spec, spec_from_params
 
 
@@ -47,3 +48,15 @@ def test_device_add_params() -> None:
         spec_from_params({"socket": "a.sock", "nbd": "nbds://h/e"})
     with pytest.raises(UsageError, match=r"^nbd_timeout: "):
         spec_from_params({"socket": "a.sock", "nbd": "nbd://h/e", "nbd_timeout": True})
+
+
+def test_timeouts_for_tests_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    name = "VHOSTMEM_NBD_CONNECT_TIMEOUT"
+    monkeypatch.delenv(name, raising=False)
+    assert seconds_from_env(name, 5.0) == 5.0
+    monkeypatch.setenv(name, "0.5")
+    assert seconds_from_env(name, 5.0) == 0.5
+    for bad in ("soon", "0", "-1", "6", "nan"):
+        monkeypatch.setenv(name, bad)
+        with pytest.raises(SystemExit, match=f"{name}='{bad}': want seconds in"):
+            seconds_from_env(name, 5.0)

@@ -3,10 +3,10 @@ vhost-user-blk backend (qemu/migrate.py). One boot per test.
 
 Per backend in MIGRATION_BACKENDS:
 
-- three switchovers (A -> B -> A -> B), each to a fresh destination QEMU; the page-cache jobs
-  re-verify on every destination what the backend read into guest RAM before it;
-- ``migrate_cancel`` halfway through the first pass: the source keeps running and verifying, and
-  a full migration follows;
+- ``migrate_cancel`` halfway through the first pass: the source keeps running and verifying;
+  then three switchovers (A -> B -> A -> B), each to a fresh destination QEMU; the page-cache
+  jobs re-verify on every destination what the backend read into guest RAM before it (one
+  boot: the second and third switchovers start from VMs that never saw the cancel);
 - the negative control: a vhost-user relay hands the backend a decoy dirty log, so QEMU never
   sees what the backend marks: the guest's page-cache check must catch stale blocks after one
   switchover, and the host's RAM comparison the pages (if it passed, the other tests would
@@ -17,11 +17,11 @@ paused destination's; QEMU 7.2 under TCG itself loses a page now and then when i
 memfd RAM vhost-user needs (docs/qemu.md, "Live migration"): a run whose ``RAM DIFFERS``
 pages hold only "other" data (not disk blocks) runs once more (``qemu_lost_pages``).
 
-vhostmem only:
+vhostmem only, in one boot:
 
 - the backend SIGKILLed halfway and the migration cancelled at once (``kill-cancel``): the
-  source reconnects, keeps running and verifying, and a full migration follows;
-- the plain ``kill`` step, the migration left to complete across the backend's crash. QEMU
+  source reconnects, keeps running and verifying;
+- then the plain ``kill`` step, the migration left to complete across the backend's crash. QEMU
   7.2 never collects the dead backend's last marks (docs/migration.md); the restarted
   vhostmem sees it joined a migration with logging on and marks every page once, so QEMU
   sends all of RAM again. qemu-storage-daemon fails this step (stale page-cache blocks on the
@@ -43,6 +43,7 @@ from qemu.migrate import (
     KILL_CANCEL,
     MIB,
     MIGRATE,
+    START_MARK,
     Migration,
     MigrationBackend,
     MigrationConfig,
@@ -109,59 +110,43 @@ def _guest_kept_verifying(result: MigrationResult) -> None:
 
 @pytest.mark.qemu
 @pytest.mark.slow
-def test_three_switchovers(migration_backend: MigrationBackend,
-                           guest_assets: GuestAssets) -> None:
-    result = _run(migration_backend, guest_assets, MigrationConfig(steps=(MIGRATE,) * 3))
+def test_cancel_halfway_then_three_switchovers(migration_backend: MigrationBackend,
+                                               guest_assets: GuestAssets) -> None:
+    result = _run(migration_backend, guest_assets,
+                  MigrationConfig(steps=(CANCEL, MIGRATE, MIGRATE, MIGRATE)))
     _guest_kept_verifying(result)
-    done = result.completed()
-    assert len(done) == 3, result.report()
-    # Each switchover went to a fresh QEMU, alternating between the backend's two sockets.
-    assert [m.destination for m in done] == ["vm1 on blk-b.sock", "vm2 on blk-a.sock",
-                                             "vm3 on blk-b.sock"], result.report()
+    cancelled, *done = result.migrations
+    assert cancelled.status == "cancelled" and cancelled.source_after == "running", str(cancelled)
+    assert cancelled.action_at is not None and cancelled.action_at < 1.0, str(cancelled)
+    assert done == result.completed() and len(done) == 3, result.report()
+    # Each switchover went to a fresh QEMU, alternating between the backend's two sockets
+    # (vm1, on blk-b.sock, was the cancelled migration's destination).
+    assert [m.destination for m in done] == ["vm2 on blk-b.sock", "vm3 on blk-a.sock",
+                                             "vm4 on blk-b.sock"], result.report()
     for m in done:
         assert m.total_ms and m.downtime_ms is not None and m.transferred > 0, str(m)
 
 
 @pytest.mark.qemu
 @pytest.mark.slow
-def test_cancel_halfway_keeps_the_source_running(migration_backend: MigrationBackend,
-                                                  guest_assets: GuestAssets) -> None:
-    result = _run(migration_backend, guest_assets, MigrationConfig(steps=(CANCEL, MIGRATE)))
-    _guest_kept_verifying(result)
-    cancelled, migrated = result.migrations
-    assert cancelled.status == "cancelled" and cancelled.source_after == "running", str(cancelled)
-    assert cancelled.action_at is not None and cancelled.action_at < 1.0, str(cancelled)
-    assert migrated.status == "completed", str(migrated)
-
-
-@pytest.mark.qemu
-@pytest.mark.slow
-def test_backend_kill_mid_migration_keeps_the_source_running(
-        guest_assets: GuestAssets) -> None:
+def test_backend_kills_mid_migration_cancelled_then_completed(guest_assets: GuestAssets) -> None:
+    """One boot, three steps: the backend killed halfway and the migration cancelled at once
+    (the source keeps running); killed again ~1.5 s into a ~6 s first pass and the migration
+    left to complete (the backend, restarted 0.5 s later, is back before QEMU completes:
+    completing while it is away loses the dead one's marks whatever it is, docs/migration.md);
+    then a plain migration."""
     # vhostmem only: with qemu-storage-daemon 7.2 the source's guest got EIO on every write
     # after the restart in a run here (docs/qemu.md, "Live migration"), a peer's fault.
     result = _run(vhostmem_migration_backend(), guest_assets,
-                  MigrationConfig(steps=(KILL_CANCEL, MIGRATE)))
+                  MigrationConfig(steps=(KILL_CANCEL, KILL, MIGRATE), act_after_bytes=24 * MIB))
     _guest_kept_verifying(result)
-    killed, migrated = result.migrations
-    assert killed.status == "cancelled" and killed.source_after == "running", str(killed)
-    assert result.backend_log.count("=== backend start") == 2, result.backend_log[-2000:]
-    assert migrated.status == "completed", str(migrated)
-
-
-@pytest.mark.qemu
-@pytest.mark.slow
-def test_backend_kill_during_a_migration_that_completes_loses_nothing(
-        guest_assets: GuestAssets) -> None:
-    # Killed ~1.5 s into a ~6 s first pass: the restarted backend (0.5 s later) is back
-    # before QEMU completes. Completing while the backend is away loses the dead one's marks
-    # whatever it is (docs/migration.md).
-    result = _run(vhostmem_migration_backend(), guest_assets,
-                  MigrationConfig(steps=(KILL, MIGRATE), act_after_bytes=24 * MIB))
-    _guest_kept_verifying(result)
-    killed, migrated = result.migrations
+    cancelled, killed, migrated = result.migrations
+    assert cancelled.status == "cancelled" and cancelled.source_after == "running", str(cancelled)
+    starts = result.backend_log.split(START_MARK)[1:]
+    assert len(starts) == 3, result.backend_log[-2000:]
     assert killed.status == "completed" and killed.ram_diff_pages == 0, str(killed)
-    assert "every page marked dirty" in result.backend_log, result.backend_log[-2000:]
+    # The backend restarted during the completing migration joined it with logging on.
+    assert "every page marked dirty" in starts[2], result.backend_log[-2000:]
     # The whole of RAM went again after the restart: more than one pass over 512 MiB's
     # populated part was sent (a plain migration sends ~100 MiB here).
     assert killed.transferred > migrated.transferred * 3 // 2, result.report()

@@ -36,7 +36,7 @@ from nbd import (
 )
 from nbd.constants import NBD_CMD_DISC, NBD_CMD_FLUSH, NBD_CMD_WRITE
 from nbd.transmission import COMMAND_NAMES, encode_request
-from vhostmem.devices.nbd_conn import connect_async
+from vhostmem.devices.nbd_conn import connect_async, seconds_from_env
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ RECONNECT_MAX = 2.0
 WATCH_INTERVAL_MAX = 1.0
 RECVS_PER_WAKE = 64  # bounded work per readable event: other devices get their turn
 IOV_MAX = 1024  # most buffers one sendmsg / readv takes (Linux UIO_MAXIOV)
-CLOSE_TIMEOUT = 5.0
+CLOSE_TIMEOUT = seconds_from_env("VHOSTMEM_NBD_CLOSE_TIMEOUT", 5.0)
 # Request headers of a batch are packed side by side into one buffer (no object per header)
 # and go out as one iovec per run of headers; room for this many before another is taken.
 HEADERS_PER_BUFFER = 256

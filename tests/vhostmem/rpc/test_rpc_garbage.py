@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import threading
 import time
 from pathlib import Path
@@ -148,8 +149,12 @@ def flood_without_reading(serve: Serve) -> None:
     for i in range(FLOOD):  # replies come in order once the client reads
         reply = flood.reply()
         assert reply is not None and reply["id"] == i and reply["result"][0]["name"] == "a.sock"
-    flood.sock.close()
+    # The server reads the rest of the flood once replies are read, and blocks the sender again:
+    # shutdown wakes its send (close alone would leave it blocked until the socket's timeout).
+    flood.sock.shutdown(socket.SHUT_RDWR)
     sender.join(10)
+    assert not sender.is_alive(), "the flood's sender still blocked after shutdown"
+    flood.sock.close()
 
 
 def test_a_client_streaming_requests_yields_the_loop_after_each(tmp_path: Path) -> None:
