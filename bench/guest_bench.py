@@ -21,7 +21,8 @@ tree, for before/after in one run). Per variant the guest's
 cost of the run is reported too: the disk's completion interrupts and the guest's context
 switches per read (``irqs_per_io``, ``ctxt_per_io``, from /proc/interrupts and /proc/stat).
 ``--pin`` (a diagnostic): QEMU on CPU 0, the backend on CPU 1 (``taskset``), so that neither
-competes with the other for a core. Prints one JSON object.
+competes with the other for a core; a variant named ``NAME+pin`` is pinned so on its own, for
+pinned and unpinned boots in the same run. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -118,6 +119,7 @@ POLL_PREFIX = "vhostmem-poll"
 WORKERS_PREFIX = "vhostmem-w"
 OTHER_BUILD = "vhostmem@"
 QEMU_CPU, BACKEND_CPU = 0, 1  # --pin
+PIN_SUFFIX = "+pin"
 
 
 def variants(rings: list[str]) -> list[str]:
@@ -138,6 +140,7 @@ def _qsd_iothread() -> Backend:
 
 def make_backend(variant: str) -> Backend:
     """The backend a variant name stands for (see the module docstring)."""
+    variant = variant.removesuffix(PIN_SUFFIX)
     if variant == "qsd":
         return qsd_backend()
     if variant == "qsd-iothread":
@@ -163,7 +166,8 @@ def _pinned(backend: Backend) -> Backend:
 
 def one_boot(variant: str, seconds: int, jobs: int, pin: bool = False) -> dict[str, Any]:
     backend = make_backend(variant)
-    packed = variant.endswith(PACKED_SUFFIX)
+    packed = variant.removesuffix(PIN_SUFFIX).endswith(PACKED_SUFFIX)
+    pin = pin or variant.endswith(PIN_SUFFIX)
     config = GuestConfig(disk_size=DISK_MIB * MIB, bench_seconds=seconds, bench_jobs=jobs,
                          timeout=seconds + BOOT_ALLOWANCE_S, packed=packed)
     mask = os.sched_getaffinity(0)

@@ -48,6 +48,8 @@ def test_pin_runs_the_backend_under_taskset_on_its_cpu() -> None:
     argv = _pinned(make_backend("vhostmem")).argv(req)
     assert argv[1:3] == ["-c", "1"] and argv[0].endswith("taskset")
     assert argv[3:] == make_backend("vhostmem").argv(req)
+    pinned_variant = make_backend("vhostmem-poll50+pin")  # one_boot pins it
+    assert pinned_variant.argv(req) == make_backend("vhostmem-poll50").argv(req)
 
 
 @pytest.mark.qemu
