@@ -56,14 +56,20 @@ SAMPLE_S = 0.1
 QEMU_COMM = "qemu-system-x86"  # /proc comm is cut at 15 characters
 
 
+Times = tuple[float, float]  # (CPU seconds, seconds runnable but waiting for a CPU)
+
+
 class ChildCpu:
     """Samples the CPU time of this process's children (backend, QEMU) while a boot runs:
     run_guest does not expose their pids, and their times are gone once they are reaped.
-    ``history`` keeps (time, backend s, QEMU s) per sample, for the workload's window."""
+    Besides CPU time, the time their threads spent runnable but waiting for a CPU (the second
+    field of /proc/PID/task/TID/schedstat; a thread that exited takes its share with it).
+    ``history`` keeps (time, backend, QEMU) per sample, each (CPU s, wait s), for the
+    workload's window."""
 
     def __init__(self) -> None:
-        self.last: dict[int, tuple[str, float]] = {}
-        self.history: list[tuple[float, float, float]] = []
+        self.last: dict[int, tuple[str, float, float]] = {}
+        self.history: list[tuple[float, Times, Times]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -83,8 +89,8 @@ class ChildCpu:
                 if entry.name.isdigit():
                     self._sample(int(entry.name), me)
             if self.last != before:  # a child ran: the boot is still going
-                self.history.append((time.monotonic(), self.seconds(qemu=False),
-                                     self.seconds(qemu=True)))
+                self.history.append((time.monotonic(), self.times(qemu=False),
+                                     self.times(qemu=True)))
 
     def _sample(self, pid: int, parent: str) -> None:
         try:
@@ -92,22 +98,41 @@ class ChildCpu:
                 text = f.read()
             comm = text[text.index("(") + 1 : text.rindex(")")]
             if text.rsplit(")", 1)[1].split()[1] == parent:  # ppid
-                self.last[pid] = (comm, cpu_seconds(pid))
+                self.last[pid] = (comm, cpu_seconds(pid), _runqueue_wait(pid))
         except (OSError, ValueError, IndexError):
             pass  # the process is gone
 
     def seconds(self, qemu: bool) -> float:
-        return sum(cpu for comm, cpu in self.last.values() if (comm == QEMU_COMM) == qemu)
+        return self.times(qemu)[0]
 
-    def last_window(self, seconds: float) -> tuple[float, float]:
-        """(backend s, QEMU s) used in the last ``seconds`` of the boot: the workload, which
-        ends just before the guest powers off (its start is not seen from the host)."""
+    def times(self, qemu: bool) -> Times:
+        """(CPU s, wait s) of the backend's or QEMU's processes."""
+        picked = [(cpu, wait) for comm, cpu, wait in self.last.values()
+                  if (comm == QEMU_COMM) == qemu]
+        return sum(c for c, _ in picked), sum(w for _, w in picked)
+
+    def last_window(self, seconds: float) -> tuple[Times, Times]:
+        """(backend, QEMU) (CPU s, wait s) in the last ``seconds`` of the boot: the workload,
+        which ends just before the guest powers off (its start is not seen from the host)."""
         if not self.history:
-            return 0.0, 0.0
+            return (0.0, 0.0), (0.0, 0.0)
         end = self.history[-1]
         start = next((h for h in reversed(self.history) if h[0] <= end[0] - seconds),
                      self.history[0])
-        return end[1] - start[1], end[2] - start[2]
+        return ((end[1][0] - start[1][0], end[1][1] - start[1][1]),
+                (end[2][0] - start[2][0], end[2][1] - start[2][1]))
+
+
+def _runqueue_wait(pid: int) -> float:
+    """Seconds the process's threads spent runnable and waiting for a CPU (schedstat)."""
+    total = 0
+    for task in os.scandir(f"/proc/{pid}/task"):
+        try:
+            with open(f"{task.path}/schedstat") as f:
+                total += int(f.read().split()[1])
+        except (OSError, ValueError, IndexError):
+            pass  # the thread is gone
+    return total / NS
 
 
 class GuestBenchError(RuntimeError):
@@ -187,11 +212,12 @@ def one_boot(variant: str, seconds: int, jobs: int, pin: bool = False) -> dict[s
                               f"{result.report()}")
     ops = sum(int(o) for _, o, _ in found)
     longest = max(int(ns) for _, _, ns in found) / NS
-    backend_s, qemu_s = cpu.last_window(longest)
+    (backend_s, backend_wait), (qemu_s, qemu_wait) = cpu.last_window(longest)
     return {"iops": round(ops / longest), "ops": ops, "seconds": round(longest, 3),
             "irqs": int(counters[1]), "ctxt": int(counters[2]),
             "guest_idle": round(int(counters[3]) / max(1, int(counters[4])), 3),
             "backend_cpu_s_run": round(backend_s, 2), "qemu_cpu_s_run": round(qemu_s, 2),
+            "backend_wait_s_run": round(backend_wait, 3), "qemu_wait_s_run": round(qemu_wait, 3),
             "boot_total_s": round(result.seconds, 1),
             "backend_cpu_s_whole_boot": round(cpu.seconds(qemu=False), 2),
             "qemu_cpu_s_whole_boot": round(cpu.seconds(qemu=True), 2),
@@ -209,6 +235,11 @@ def merge(boots: list[dict[str, Any]]) -> dict[str, Any]:
             "backend_cpu_us_per_io": round(sum(b["backend_cpu_s_run"] for b in boots) / ops
                                            * 1e6, 1),
             "qemu_cpu_us_per_io": round(sum(b["qemu_cpu_s_run"] for b in boots) / ops * 1e6, 1),
+            # time runnable but without a CPU, per read (schedstat): waiting for the scheduler
+            "backend_wait_us_per_io": round(sum(b["backend_wait_s_run"] for b in boots) / ops
+                                            * 1e6, 1),
+            "qemu_wait_us_per_io": round(sum(b["qemu_wait_s_run"] for b in boots) / ops * 1e6,
+                                         1),
             "backend_cpu_s_whole_boot": [b["backend_cpu_s_whole_boot"] for b in boots],
             "qemu_cpu_s_whole_boot": [b["qemu_cpu_s_whole_boot"] for b in boots],
             "boots": len(boots), "accel": sorted({b["accel"] for b in boots})}

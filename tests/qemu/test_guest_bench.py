@@ -63,3 +63,4 @@ def test_bench_boot_reports_guest_and_host_costs() -> None:
     assert boot["ctxt"] >= ops
     assert 0.0 <= boot["guest_idle"] <= 1.0
     assert boot["backend_cpu_s_run"] > 0 and boot["qemu_cpu_s_run"] > 0
+    assert boot["backend_wait_s_run"] >= 0 and boot["qemu_wait_s_run"] >= 0
