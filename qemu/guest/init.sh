@@ -167,9 +167,25 @@ interactive_shell() {
     poweroff -f
 }
 
-run_bench() {  # a fixed O_DIRECT random-read workload; results are VHOSTMEM-INFO bench lines
+# "IRQS CTXT IDLE TOTAL": the disk's request-queue interrupts, the guest's context switches, and
+# its idle (idle + iowait) and total CPU ticks
+bench_counters() {
+    dev=$(basename "$(readlink -f $SYSDISK/device)")
+    echo "$(vq_interrupts "$dev" | awk '{ n += $2 } END { print n + 0 }')" \
+        "$(awk '$1 == "ctxt" { print $2 }' /proc/stat)" \
+        "$(awk '$1 == "cpu" { t = 0; for (i = 2; i <= NF; i++) t += $i; print $5 + $6, t }' /proc/stat)"
+}
+
+# A fixed O_DIRECT random-read workload; results are VHOSTMEM-INFO bench lines, then what the
+# run cost the guest: the disk's completion interrupts, the context switches and the idle share
+# of its CPU time during it (`VHOSTMEM-INFO bench-counters irqs=N ctxt=M idle=I ticks=T`).
+run_bench() {
+    before=$(bench_counters)
     vmtest --dev "$DISK" --size "$SIZE" --bench "$(param bench_seconds 5)" \
         --bench-jobs "$(param bench_jobs 1)" || result bench FAIL "vmtest --bench failed"
+    after=$(bench_counters)
+    echo "$before $after" | awk '{ printf "VHOSTMEM-INFO bench-counters irqs=%d ctxt=%d idle=%d ticks=%d\n",
+                                        $5 - $1, $6 - $2, $7 - $3, $8 - $4 }'
     finish
 }
 
