@@ -219,8 +219,7 @@ class _Run:
         return _wait_for_socket(self.socket, self.backend_proc, SOCKET_WAIT)
 
     def fail(self, aim: bool) -> bool:
-        """Kill the backend, or its NBD server; returns whether requests were seen in flight
-        (an NBD server's outage is not aimed)."""
+        """Kill the backend (see kill_backend), or its NBD server (never aimed)."""
         if self.config.fault == NBD_SERVER:
             assert self.backend_proc is not None
             os.kill(self.backend_proc.pid, signal.SIGUSR1)  # qemu/nbd_stack.py: SIGKILL it
