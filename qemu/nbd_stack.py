@@ -11,6 +11,15 @@ then compares what the guest wrote through vhostmem, NBD and the qcow2 layer wit
 With ``--keep PATH`` the final qcow2 is also copied there. ``--plain`` serves the raw image
 directly (``disk=``) instead, and ``--keep`` copies the raw image: the same guest run on both
 gives two images ``qemu-img compare`` must find identical.
+
+Server outages (``qemu.reconnect``'s ``fault=NBD_SERVER``): SIGUSR1 kills qemu-nbd with
+SIGKILL and keeps it down, SIGUSR2 starts it again on the same socket and image; vhostmem
+reconnects and sends its requests again. ``--nbd-timeout`` is vhostmem's ``nbd-timeout``.
+``--preallocate`` converts with ``preallocation=metadata``: a guest write then allocates
+nothing, so a SIGKILLed qemu-nbd takes no metadata with it (qcow2 cluster allocations live in
+qemu-nbd's L2 cache until a flush, and an unflushed allocation dies with the process; the
+guest, which did not flush, had no claim on it, but the outage test checks every acknowledged
+write).
 """
 
 from __future__ import annotations
@@ -27,6 +36,36 @@ ROOT = Path(__file__).resolve().parent.parent
 SOCKET_WAIT = 10.0
 POLL = 0.02
 STOP_WAIT = 10.0
+KILL_SERVER, START_SERVER = signal.SIGUSR1, signal.SIGUSR2
+
+
+class _Server:
+    """qemu-nbd: started, SIGKILLed and started again on demand (the signals above)."""
+
+    def __init__(self, argv: list[str], sock: Path) -> None:
+        self.argv, self.sock = argv, sock
+        self.down = False  # killed on purpose: not an exit that ends the stack
+        self.proc = self._start()
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        self.sock.unlink(missing_ok=True)  # so that the wait below sees the new socket
+        proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL)
+        _wait_for(self.sock, proc, "qemu-nbd")
+        return proc
+
+    def handle(self, sig: int) -> None:
+        if sig == KILL_SERVER and not self.down:
+            self.proc.kill()
+            self.proc.wait()
+            self.down = True
+            print("nbd_stack: qemu-nbd killed (SIGKILL)", flush=True)
+        elif sig == START_SERVER and self.down:
+            self.proc = self._start()
+            self.down = False
+            print("nbd_stack: qemu-nbd started again", flush=True)
+
+    def running(self) -> bool:
+        return self.down or self.proc.poll() is None
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> int:
@@ -56,33 +95,43 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--readonly", action="store_true")
     ap.add_argument("--keep", type=Path)
     ap.add_argument("--plain", action="store_true")
+    ap.add_argument("--nbd-timeout", type=float)
+    ap.add_argument("--preallocate", action="store_true")
     args = ap.parse_args(argv)
     if args.plain:
         return _plain(args)
     qcow2 = args.image.with_suffix(".qcow2")
     nbd_sock = args.image.with_suffix(".nbd.sock")
-    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(args.image),
-                    str(qcow2)], check=True)
+    prealloc = ["-o", "preallocation=metadata"] if args.preallocate else []
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", *prealloc,
+                    str(args.image), str(qcow2)], check=True)
     nbd_argv = ["qemu-nbd", "-t", "-f", "qcow2", "-k", str(nbd_sock), "-x", "disk",
                 "-e", str(args.num_queues), "--discard=unmap", str(qcow2)]
     if args.readonly:
         nbd_argv.insert(1, "-r")
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
-    server = subprocess.Popen(nbd_argv, stdin=subprocess.DEVNULL)
-    _wait_for(nbd_sock, server, "qemu-nbd")
+    # Handled in the loop below, not in the handler: it starts and waits for processes.
+    outages: list[int] = []
+    for sig in (KILL_SERVER, START_SERVER):
+        signal.signal(sig, lambda signum, _: outages.append(signum))
+    server = _Server(nbd_argv, nbd_sock)
     spec = (f"socket={args.socket},nbd=nbd+unix:///disk?socket={nbd_sock},"
             f"num-queues={args.num_queues}")
     if args.readonly:
         spec += ",readonly=on"
+    if args.nbd_timeout is not None:
+        spec += f",nbd-timeout={args.nbd_timeout}"
     log = args.image.with_suffix(".vhostmem.log")
     serve = subprocess.Popen([sys.executable, "-m", "vhostmem.cli", "serve", "--blk", spec,
                               "--log-level", "INFO", "--log-file", str(log)],
                              stdin=subprocess.DEVNULL, cwd=ROOT)
-    while not stopping and serve.poll() is None and server.poll() is None:
+    while not stopping and serve.poll() is None and server.running():
+        while outages:
+            server.handle(outages.pop(0))
         time.sleep(0.05)
     status = _stop(serve)
-    _stop(server)
+    _stop(server.proc)
     text = log.read_text()
     print(text, end="", flush=True)  # into the harness's backend log, as without --log-file
     opened = 1 + sum(f"(connection {i + 1}): connected" in text

@@ -12,6 +12,10 @@ Most random moments find a Python backend idle between kicks, so a share of the 
 (``inflight_kills``) is aimed: the host maps the backend's inflight memfd read-only through
 /proc/PID/fd and fires as soon as it shows a request flagged in flight.
 
+With ``fault=NBD_SERVER`` the backend stays up and its NBD server goes down instead: the
+backend must be ``qemu/nbd_stack.py``, which SIGKILLs its qemu-nbd on SIGUSR1 and starts it
+again on SIGUSR2; the same loop, timings and checks apply.
+
 Library use::
 
     from qemu.backends import vhostmem_backend
@@ -77,6 +81,7 @@ RESUBMITTING = "resubmitting"
 POLL = 0.02
 RESUME_TIMEOUT = 15.0  # QEMU redials within ~1-2 s; a job silent for this long lost a request
 START_MARK = "=== backend start"
+BACKEND, NBD_SERVER = "backend", "nbd-server"  # what CrashConfig.fault kills
 
 # vmtest --writer block layout (see qemu/guest/vmtest.c).
 WBLOCK = 4096
@@ -105,6 +110,7 @@ class CrashConfig:
     reconnect: int = 1  # QEMU's redial period in seconds (7.2 takes whole seconds only)
     inflight_kills: float = 0.75  # share of kills aimed at a moment with requests in flight
     timeout: float = 120.0
+    fault: str = BACKEND  # or NBD_SERVER: the backend's NBD server (module docstring)
 
 
 @dataclass
@@ -212,6 +218,21 @@ class _Run:
                 stderr=subprocess.STDOUT)
         return _wait_for_socket(self.socket, self.backend_proc, SOCKET_WAIT)
 
+    def fail(self, aim: bool) -> bool:
+        """Kill the backend (see kill_backend), or its NBD server (never aimed)."""
+        if self.config.fault == NBD_SERVER:
+            assert self.backend_proc is not None
+            os.kill(self.backend_proc.pid, signal.SIGUSR1)  # qemu/nbd_stack.py: SIGKILL it
+            return False
+        return self.kill_backend(aim)
+
+    def recover(self) -> str | None:
+        if self.config.fault == NBD_SERVER:
+            assert self.backend_proc is not None
+            os.kill(self.backend_proc.pid, signal.SIGUSR2)  # start qemu-nbd again
+            return None
+        return self.start_backend()
+
     def kill_backend(self, aim: bool) -> bool:
         """SIGKILL the backend (``aim``: once its inflight region shows a request in flight);
         returns whether requests were flagged in flight at the kill. An aimed kill stops the
@@ -293,10 +314,10 @@ class _Run:
             self.drain(time.monotonic() + self.rng.uniform(cfg.up_min, cfg.up_max))
             killed_at = time.monotonic()
             aim = self.rng.random() < cfg.inflight_kills
-            result.kills_with_inflight += self.kill_backend(aim)
+            result.kills_with_inflight += self.fail(aim)
             result.kills += 1
             self.drain(time.monotonic() + self.rng.uniform(cfg.down_min, cfg.down_max))
-            result.error = self.start_backend()
+            result.error = self.recover()
             if result.error is not None:
                 return
             if stalled := self.wait_progress(RESUMED_LINES, min(deadline, time.monotonic()

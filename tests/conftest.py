@@ -12,10 +12,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.peers import PeerHandle, QsdHandle, make_image, start_qsd, start_vhostmem
+from tests.peers import (
+    PeerHandle,
+    QsdHandle,
+    make_image,
+    start_qsd,
+    start_vhostmem,
+    start_vhostmem_nbd,
+)
 
 DEFAULT_IMAGE_SIZE = 16 << 20
-BLK_PEERS = ["vhostmem", "qsd"]
+BLK_PEERS = ["vhostmem", "qsd", "vhostmem-nbd"]
 
 PeerFactory = Callable[..., PeerHandle]
 
@@ -28,7 +35,9 @@ def _peer_factory(kind: str, prefix: str) -> Iterator[PeerFactory]:
     handles: list[PeerHandle] = []
     launch = {"vhostmem": start_vhostmem, "qsd": start_qsd,
               # vhostmem with its rings in two data-plane worker processes (--workers 2)
-              "vhostmem-workers": functools.partial(start_vhostmem, workers=2)}[kind]
+              "vhostmem-workers": functools.partial(start_vhostmem, workers=2),
+              # vhostmem on nbdkit's file plugin serving the image (docs/conformance.md)
+              "vhostmem-nbd": start_vhostmem_nbd}[kind]
 
     def start(size: int = DEFAULT_IMAGE_SIZE, num_queues: int = 1, readonly: bool = False,
               image: str | None = None) -> PeerHandle:

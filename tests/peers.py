@@ -3,8 +3,10 @@
 `start_qsd(image_path, socket_path, num_queues=1, readonly=False) -> QsdHandle` runs
 qemu-storage-daemon; `start_vhostmem(image_path, socket_path, num_queues=1, readonly=False,
 serial=VHOSTMEM_SERIAL) -> VhostmemHandle` runs `vhostmem serve` (this tree's code, as a
-subprocess).  Both handles offer `.alive()`, `.log()` and `.stop()` (SIGTERM, then SIGKILL; the
-socket is removed).  Other suites use them through the `qsd` and `blk_peer` fixtures in
+subprocess); `start_vhostmem_nbd(...)` (same arguments) runs `vhostmem serve --blk ...,nbd=`
+on nbdkit's file plugin serving the image.  The handles offer `.alive()`, `.log()` and
+`.stop()` (SIGTERM, then SIGKILL; the socket is removed; an NBD server is stopped after
+vhostmem).  Other suites use them through the `qsd` and `blk_peer` fixtures in
 tests/conftest.py.
 """
 
@@ -17,6 +19,10 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
+
+from tests.nbd.servers import start_nbdkit, unix_uri
+from tests.nbd.servers import stop as stop_server
 
 QSD_BINARY = "qemu-storage-daemon"
 STARTUP_TIMEOUT = 10.0
@@ -67,6 +73,18 @@ class QsdHandle(PeerHandle):
 
 class VhostmemHandle(PeerHandle):
     """`vhostmem serve`."""
+
+
+class VhostmemNbdHandle(PeerHandle):
+    """`vhostmem serve` on an NBD export of the image; `server` is the NBD server process."""
+
+    server: subprocess.Popen[bytes]
+
+    def stop(self) -> None:
+        try:
+            super().stop()  # vhostmem first: it flushes the export and disconnects
+        finally:
+            stop_server(self.server)
 
 
 def _wait_for_socket(handle: PeerHandle, what: str) -> None:
@@ -148,3 +166,33 @@ def make_image(path: str, size: int, pattern: bool = True) -> bytes:
     with open(path, "wb") as f:
         f.write(data)
     return data
+
+
+def vhostmem_nbd_spec(socket_path: str, uri: str, num_queues: int = 1,
+                      readonly: bool = False, serial: str = VHOSTMEM_SERIAL) -> str:
+    spec = f"socket={socket_path},nbd={uri},num-queues={num_queues},serial={serial}"
+    return spec + ",readonly=on" if readonly else spec
+
+
+def start_vhostmem_nbd(image_path: str, socket_path: str, num_queues: int = 1,
+                       readonly: bool = False,
+                       serial: str = VHOSTMEM_SERIAL) -> VhostmemNbdHandle:
+    """nbdkit's file plugin serving the image (writable: `readonly` is vhostmem's own
+    `readonly=on`, so a write it let through would show in the image), and `vhostmem serve`
+    on that export. The file plugin punches holes for NBD_CMD_TRIM and zeroes ranges for
+    NBD_CMD_WRITE_ZEROES, on the image file the tests read. Never with data-plane workers
+    (`VHOSTMEM_TEST_WORKERS`): an NBD device runs on the event loop (workers= is refused)."""
+    nbd_sock = Path(socket_path + ".nbd")
+    server = start_nbdkit(nbd_sock, "file", image_path)
+    spec = vhostmem_nbd_spec(socket_path, unix_uri(nbd_sock), num_queues, readonly, serial)
+    log_path = socket_path + ".log"
+    argv = [sys.executable, "-m", "vhostmem.cli", "serve", "--blk", spec]
+    try:
+        proc = _spawn(argv, log_path)
+    except BaseException:
+        stop_server(server)
+        raise
+    handle = VhostmemNbdHandle(proc, image_path, socket_path, num_queues, readonly, log_path)
+    handle.server = server
+    _wait_for_socket(handle, "vhostmem serve (NBD)")
+    return handle

@@ -20,8 +20,10 @@ def num_queues(request: pytest.FixtureRequest) -> int:
 # no packed layout), so packed cases run against vhostmem alone, named as such.
 # vhostmem-workers: the request cases once more with the rings in two worker processes (the
 # whole suite runs in that mode with VHOSTMEM_TEST_WORKERS=2: `make test-workers`).
+# vhostmem-nbd: the request cases with the disk on an NBD server (nbdkit's file plugin on the
+# image), split and packed rings.
 RING_PEERS = [("vhostmem", False), ("vhostmem", True), ("qsd", False),
-              ("vhostmem-workers", False)]
+              ("vhostmem-workers", False), ("vhostmem-nbd", False), ("vhostmem-nbd", True)]
 
 
 @pytest.fixture(params=RING_PEERS, ids=lambda p: f"{p[0]}-{'packed' if p[1] else 'split'}")

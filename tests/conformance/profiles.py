@@ -151,7 +151,10 @@ QSD = Profile(
 )
 # vhostmem with --workers 2 documents exactly what vhostmem does (docs/architecture.md).
 VHOSTMEM_WORKERS = dataclasses.replace(VHOSTMEM, name="vhostmem-workers")
-PROFILES = {p.name: p for p in (VHOSTMEM, QSD, VHOSTMEM_WORKERS)}
+# vhostmem on an NBD export (nbdkit's file plugin, which offers FLUSH, FUA, TRIM and
+# WRITE_ZEROES): the same device, so the same documented behaviour (docs/nbd.md).
+VHOSTMEM_NBD = dataclasses.replace(VHOSTMEM, name="vhostmem-nbd")
+PROFILES = {p.name: p for p in (VHOSTMEM, QSD, VHOSTMEM_WORKERS, VHOSTMEM_NBD)}
 # What vhostmem documents beyond qsd, whatever else the server grows.
 VHOSTMEM_PROTOCOL_MINIMUM = COMMON_PROTOCOL | mask(ProtocolFeature.RESET_DEVICE,
                                                    ProtocolFeature.STATUS)
