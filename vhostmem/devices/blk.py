@@ -1,7 +1,8 @@
 """vhost-user-blk (virtio 1.2 section 5.2) over a :class:`BlkBackend`.
 
 I/O policy (measured with ``tests/vhostmem/devices/bench_blk.py``): by default requests are
-served **inline** on the thread that handles the kick (``io_mode="inline"``). A request is one
+served **inline** on the thread that handles the kick (``io_mode="inline"``), a batch of
+available chains at a time (blk_inline.py). A request is one
 ``preadv``/``pwritev`` straight between the backend fd and guest memory; on a RAM disk or a
 page-cached image that is a kernel memcpy of a few microseconds, while handing it to a pool
 (queue, wake-up, GIL hand-over, completion under a lock) costs several times that: 4 KiB reads
