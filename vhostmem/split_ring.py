@@ -396,7 +396,9 @@ class SplitRing(ChainWalker):
         the whole batch at once (virtio 1.2 2.7.8.2: entries visible before idx; stores are
         seen in program order on x86-64, module docstring of virtqueue.py). The inflight
         region hears of the batch after the idx store (a crash in between is settled by
-        recovery: every head published past the region's used_idx is unflagged)."""
+        recovery: every head published past the region's used_idx is unflagged). For the
+        thread that popped the batch (inline service); chains held for other threads are
+        completed with ``complete`` / ``complete_many``, under the completion lock."""
         ring = self._used_ring
         hdr = self._used_hdr
         if ring is None or hdr is None or not chains:

@@ -18,6 +18,7 @@ from tests.vhostmem.ringhelpers import (
     GPA_BASE,
     PACKED_FEATURES,
     U16,
+    CountingView,
     DriverRing,
     GuestRam,
     PackedDriver,
@@ -53,32 +54,6 @@ def env() -> Iterator[tuple[GuestRam, Virtqueue, DriverRing]]:
 def _status_chains(ram: GuestRam, ring: DriverRing, count: int) -> list[int]:
     """``count`` one-descriptor chains (a writable byte each), published; their heads."""
     return [ring.add([(ram.alloc(1), 1, True)]) for _ in range(count)]
-
-
-class CountingView:
-    """A ring view that notes every load and store of the real view it wraps; ``on_load`` runs
-    after a load of index ``watch`` (a driver acting right after the device read a field)."""
-
-    def __init__(self, view: memoryview, watch: int | None = None,
-                 on_load: object = None) -> None:
-        self.view = view
-        self.watch = watch
-        self.on_load = on_load
-        self.events: list[tuple[str, int, int]] = []
-
-    def __getitem__(self, i: int) -> int:
-        value = self.view[i]
-        self.events.append(("load", i, value))
-        if i == self.watch and callable(self.on_load):
-            self.on_load()
-        return value
-
-    def __setitem__(self, i: int, value: int) -> None:
-        self.view[i] = value
-        self.events.append(("store", i, value))
-
-    def release(self) -> None:
-        self.view.release()
 
 
 def test_a_batch_is_every_chain_up_to_avail_idx(env) -> None:  # type: ignore[no-untyped-def]

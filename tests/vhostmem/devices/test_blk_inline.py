@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.vhostmem.devices.blkenv import BlkDriver
-from tests.vhostmem.test_pop_batch import CountingView
+from tests.vhostmem.ringhelpers import CountingView
 from vhostmem.devices import BlkDevice, ram_disk
 from vhostmem.devices.blk import (
     VIRTIO_BLK_S_IOERR,
