@@ -277,11 +277,19 @@ class SplitRing(ChainWalker):
             except VirtqueueError as exc:
                 self.mark_broken(str(exc))
                 return batch
-        last = self._last_avail
-        if last == self._avail_seen and not self._fetch_avail(last):
-            return batch
-        self._last_avail = self._take_batch(batch, last, self._avail_seen)
-        return batch
+        while True:
+            last = self._last_avail
+            if last == self._avail_seen and not self._fetch_avail(last):
+                return batch  # nothing new: kicks were re-armed
+            self._last_avail = self._take_batch(batch, last, self._avail_seen)
+            if batch or self.broken:
+                return batch
+            # Every chain taken failed on the spot: an empty batch would end the caller's turn
+            # with kicks not re-armed (the driver would wait for a kick that never comes), so
+            # look again, within the budget.
+            if self._turn_left <= 0:
+                self.yielded = True
+                return batch
 
     def _take_batch(self, batch: list[DescChain], last: int, seen: int) -> int:
         """Walk the chains of avail entries ``last`` up to ``seen`` into ``batch`` within the

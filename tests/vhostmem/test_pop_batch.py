@@ -169,6 +169,38 @@ def test_a_buffer_outside_memory_fails_alone_inside_a_batch(env) -> None:  # typ
     assert ram.read(status, 1) == IOERR
 
 
+def test_a_batch_of_failed_chains_only_rearms_kicks_before_it_ends(env) -> None:  # type: ignore[no-untyped-def]
+    """Every chain of the batch fails on the spot: pop_batch does not return until avail idx
+    was read again with kicks re-armed (EVENT_IDX: avail_event at the next position), or the
+    driver, which sent its kick for the failed chains, would wait for ever for the next."""
+    ram, vq, ring = env
+    status = ram.alloc(1)
+    for _ in range(2):
+        ring.add([(0x10_0000_0000, 512, True), (status, 1, True)])
+    vq.new_turn()
+    assert vq.pop_batch() == [] and not vq.yielded and not vq.broken
+    assert ring.avail_event() == 2
+    assert len(ring.take_used()) == 2
+    later = _status_chains(ram, ring, 1)
+    assert [c.head for c in vq.pop_batch()] == later
+
+
+def test_failed_chains_using_up_the_budget_yield_the_turn(env) -> None:  # type: ignore[no-untyped-def]
+    ram, vq, _ = env
+    big = DriverRing(ram, 1024)
+    vq.reset()
+    big.attach(vq)
+    status = ram.alloc(1)
+    for _ in range(TURN_BUDGET + 3):
+        big.add([(0x10_0000_0000, 512, True), (status, 1, True)])
+    vq.new_turn()
+    assert vq.pop_batch() == [] and vq.yielded
+    assert big.used_idx() == TURN_BUDGET
+    vq.new_turn()
+    assert vq.pop_batch() == [] and not vq.yielded
+    assert big.used_idx() == TURN_BUDGET + 3
+
+
 def test_a_guest_rewriting_the_ring_during_batches_never_escapes(env) -> None:  # type: ignore[no-untyped-def]
     """A guest thread rewrites avail entries, avail idx and descriptors while batches are
     taken (the GIL is handed over every microsecond, so its writes land between the device's
