@@ -13,7 +13,8 @@ whose backend came from elsewhere is an error.
 Before each run ``top -bn1`` is read and other processes using more than 20 % of a CPU are
 recorded (``busy``); ``--wait-quiet S`` waits up to S seconds for none (``--ignore``: but
 these, e.g. a long job known to hold one core). ``--turn-log`` wraps the
-backend's ``Virtqueue.pop`` and ``BlkDevice.handle_queue`` to record how many chains each turn
+backend's ``Virtqueue.pop`` (and ``pop_batch``) and ``BlkDevice.handle_queue`` to record how
+many chains each turn
 (each handle_queue call) served and whether it yielded (that slows the backend: timing runs should
 not use it). ``--micro``: instead of the blk bench, the backend's hot path alone in-process
 (MICRO; ``--micro-ring packed``: MICRO_PACKED, ``--micro-layout indirect`` with indirect chains;
@@ -82,6 +83,13 @@ if os.environ.get("AB_TURN_LOG"):
         origin[0] = "kick"
         kick0(self, i)
     Vq.pop, Blk.handle_queue, Ses.on_kick = pop, handle_queue, on_kick
+    if hasattr(Vq, "pop_batch"):  # inline turns take their chains a batch at a time
+        batch0 = Vq.pop_batch
+        def pop_batch(self):
+            b = batch0(self)
+            cur[0] += len(b)
+            return b
+        Vq.pop_batch = pop_batch
     if hasattr(Ses, "_next_turn"):
         nt0 = Ses._next_turn
         def next_turn(self, i):

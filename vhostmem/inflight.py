@@ -323,6 +323,19 @@ class InflightQueue:
             self._u16[H_LAST_BATCH_HEAD] = head
         self._u16[H_USED_IDX] = used_idx
 
+    def completed_many(self, heads: list[int], used_idx: int) -> None:
+        """:meth:`completed` for a batch published with one used idx store: every head's flag
+        cleared, then the region's used_idx (a crash before it: recovery unflags the heads
+        the ring published past the region's used_idx, :meth:`_settle_last_batch`)."""
+        flags = self._bytes
+        limit = self.desc_num
+        for head in heads:
+            if head < limit:
+                flags[QUEUE_HEADER_SIZE + DESC_STATE_SIZE * head] = 0
+        if heads[-1] < limit:
+            self._u16[H_LAST_BATCH_HEAD] = heads[-1]
+        self._u16[H_USED_IDX] = used_idx
+
     # ------------------------------------------------------------- start
 
     def recover(self, used_ring: Sequence[int], used_idx: int, num: int) -> int | None:

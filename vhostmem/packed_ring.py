@@ -423,6 +423,22 @@ class PackedRing(PackedEvents, ChainWalker):
         self._cache_region(addr)
         return None
 
+    def pop_batch(self) -> list[DescChain]:
+        """The split ring's batch call over this layout's :meth:`pop`: every chain it hands
+        out this turn. Completions stay per request (:meth:`push_used_batch`): a batched
+        commit is unsafe with inflight tracking (docs/inflight.md, "Batched commits")."""
+        batch: list[DescChain] = []
+        pop = self.pop
+        while (chain := pop()) is not None:
+            batch.append(chain)
+        return batch
+
+    def push_used_batch(self, chains: list[DescChain], lengths: list[int]) -> None:
+        """:meth:`push_used` for each chain of a batch, in order."""
+        push = self.push_used
+        for chain, written in zip(chains, lengths, strict=True):
+            push(chain.head, written)
+
     def _rearm(self, pos: int, wrap: int) -> int:
         """Ask for a kick at ``pos`` again, then read its flags once more: the driver may have
         made it available meanwhile. Returns that flags word (the one value decided on)."""

@@ -254,13 +254,84 @@ class SplitRing(ChainWalker):
             self._turn_left -= 1 + ((chain.readable_len + chain.writable_len) >> TURN_BYTES_SHIFT)
             return chain
 
-    def _over_limit(self, last: int) -> bool:
-        """A chain is available while ``num`` requests are in flight: a driver has only
-        ``num`` descriptors, so it made available a chain whose descriptors we still hold
-        (libvhost-user refuses the same at ``inuse == num``). Checked under the completion
-        lock, where a completion's used entry and its in-flight count change together."""
+    def pop_batch(self) -> list[DescChain]:
+        """:meth:`pop` for a whole batch in one call: every chain available up to the avail
+        idx read once for this batch (:meth:`_fetch_avail`, which re-arms kicks when nothing
+        is new), as far as the turn's budget goes. Empty when there is none (or the queue
+        can't run, or the budget was used up: then ``yielded`` is set). The caller completes
+        the batch (:meth:`push_used_batch`) before it asks for the next one.
+
+        Each avail entry and each descriptor is read once into a local, as in :meth:`pop`;
+        a chain that breaks the queue ends the batch (the chains before it are returned and
+        must be completed), a chain with a buffer outside guest memory is failed on the spot
+        (:meth:`_fail_request`) and the batch goes on."""
+        batch: list[DescChain] = []
+        if not (self.started and self.enabled) or self.broken:
+            return batch
+        if self._turn_left <= 0:
+            self.yielded = True
+            return batch
+        if self._mem_gen != self.mem.generation:
+            try:
+                self._map()
+            except VirtqueueError as exc:
+                self.mark_broken(str(exc))
+                return batch
+        while True:
+            last = self._last_avail
+            if last == self._avail_seen and not self._fetch_avail(last):
+                return batch  # nothing new: kicks were re-armed
+            self._last_avail = self._take_batch(batch, last, self._avail_seen)
+            if batch or self.broken:
+                return batch
+            # Every chain taken failed on the spot: an empty batch would end the caller's turn
+            # with kicks not re-armed (the driver would wait for a kick that never comes), so
+            # look again, within the budget.
+            if self._turn_left <= 0:
+                self.yielded = True
+                return batch
+
+    def _take_batch(self, batch: list[DescChain], last: int, seen: int) -> int:
+        """Walk the chains of avail entries ``last`` up to ``seen`` into ``batch`` within the
+        turn's budget; returns the avail position after the last entry taken."""
+        avail = self._avail
+        assert avail is not None
+        num = self.num
+        tracker = self._inflight
+        left = self._turn_left
+        while last != seen and left > 0:
+            if self.inflight + len(batch) >= num and self._over_limit(last, len(batch)):
+                break
+            entry = last
+            head = avail[AVAIL_RING + entry % num]
+            last = (entry + 1) & IDX_MASK
+            if tracker is not None:
+                head = tracker.next_head(head)
+            if head >= num:
+                self.mark_broken(f"avail ring entry {entry} holds head {head} >= size {num}")
+                break
+            try:
+                chain = self._walk(head)
+            except ChainError as exc:
+                self.mark_broken(f"chain at head {head}: {exc}")
+                break
+            except OutsideMemoryError as exc:
+                self._fail_request(head, exc)
+                left -= 1
+                continue
+            left -= 1 + ((chain.readable_len + chain.writable_len) >> TURN_BYTES_SHIFT)
+            batch.append(chain)
+        self._turn_left = left
+        return last
+
+    def _over_limit(self, last: int, taken: int = 0) -> bool:
+        """A chain is available while ``num`` requests are in flight (``taken`` of them popped
+        in the current batch): a driver has only ``num`` descriptors, so it made available a
+        chain whose descriptors we still hold (libvhost-user refuses the same at ``inuse ==
+        num``). Checked under the completion lock, where a completion's used entry and its
+        in-flight count change together."""
         with self._idle:
-            if self.inflight < self.num:
+            if self.inflight + taken < self.num:
                 return False
         self.mark_broken(
             f"avail entry {last} made available with all {self.num} descriptors in flight"
@@ -313,9 +384,7 @@ class SplitRing(ChainWalker):
         if ring is None or hdr is None:
             return  # rings were unmapped (reset): nothing may be written
         if written_len > U32_MAX:  # checked before any store: the entry is written whole
-            log.error("virtqueue %d: used length %d of request %d exceeds u32; reported as %d",
-                      self.index, written_len, head, U32_MAX)
-            written_len = U32_MAX
+            written_len = self._clamp_used(head, written_len)
         pos = self._used_idx % self.num
         slot = pos * 2
         ring[slot] = head
@@ -328,6 +397,42 @@ class SplitRing(ChainWalker):
         if self._inflight is not None:
             self._inflight.completed(head, idx)
         self._unsignalled = True
+
+    def push_used_batch(self, chains: list[DescChain], lengths: list[int]) -> None:
+        """:meth:`push_used` for a batch, ``lengths[i]`` bytes written into ``chains[i]``: the
+        used entries are stored first and the used idx once after them, so the driver sees
+        the whole batch at once (virtio 1.2 2.7.8.2: entries visible before idx; stores are
+        seen in program order on x86-64, module docstring of virtqueue.py). The inflight
+        region hears of the batch after the idx store (a crash in between is settled by
+        recovery: every head published past the region's used_idx is unflagged). For the
+        thread that popped the batch (inline service); chains held for other threads are
+        completed with ``complete`` / ``complete_many``, under the completion lock."""
+        ring = self._used_ring
+        hdr = self._used_hdr
+        if ring is None or hdr is None or not chains:
+            return  # rings were unmapped (reset): nothing may be written
+        num = self.num
+        idx = self._used_idx
+        dirty = self.dirty
+        for chain, written in zip(chains, lengths, strict=True):
+            if written > U32_MAX:
+                written = self._clamp_used(chain.head, written)
+            pos = idx % num
+            ring[2 * pos] = chain.head
+            ring[2 * pos + 1] = written
+            if dirty is not None:  # migrating: the chain's buffers and this entry, before idx
+                self._log_completion(dirty, chain.head, pos)
+            idx = (idx + 1) & IDX_MASK
+        self._used_idx = idx
+        hdr[IDX] = idx  # its page is marked once per batch, in notify()
+        if self._inflight is not None:
+            self._inflight.completed_many([chain.head for chain in chains], idx)
+        self._unsignalled = True
+
+    def _clamp_used(self, head: int, written_len: int) -> int:
+        log.error("virtqueue %d: used length %d of request %d exceeds u32; reported as %d",
+                  self.index, written_len, head, U32_MAX)
+        return U32_MAX
 
     def _log_completion(self, dirty: DirtyLog, head: int, pos: int) -> None:
         """Mark what completing ``head`` wrote into guest memory: every device-writable buffer

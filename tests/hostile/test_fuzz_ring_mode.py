@@ -32,7 +32,8 @@ def fuzz_session(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
 
 
 def count_pops(monkeypatch: pytest.MonkeyPatch, layout: str) -> list[int]:
-    """Heads (buffer ids) of the chains the layout's ``pop`` hands out from now on."""
+    """Heads (buffer ids) of the chains the layout's ``pop`` (and the split ``pop_batch``)
+    hands out from now on."""
     cls = PackedRing if layout == "packed" else SplitRing
     heads: list[int] = []
     pop: Callable[[object], DescChain | None] = cls.pop
@@ -44,6 +45,15 @@ def count_pops(monkeypatch: pytest.MonkeyPatch, layout: str) -> list[int]:
         return chain
 
     monkeypatch.setattr(cls, "pop", counted)
+    if cls is SplitRing:  # inline turns take split chains a batch at a time
+        pop_batch: Callable[[object], list[DescChain]] = SplitRing.pop_batch
+
+        def counted_batch(self: object) -> list[DescChain]:
+            batch = pop_batch(self)
+            heads.extend(chain.head for chain in batch)
+            return batch
+
+        monkeypatch.setattr(SplitRing, "pop_batch", counted_batch)
     return heads
 
 

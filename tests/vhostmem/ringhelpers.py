@@ -275,3 +275,29 @@ class PackedDriver:
     def device_event(self) -> tuple[int, int]:
         raw = self.ram.read(self.device, 4)
         return U16.unpack(raw[:2])[0], U16.unpack(raw[2:])[0]
+
+
+class CountingView:
+    """A ring view that notes every load and store of the real view it wraps; ``on_load`` runs
+    after a load of index ``watch`` (a driver acting right after the device read a field)."""
+
+    def __init__(self, view: memoryview, watch: int | None = None,
+                 on_load: object = None) -> None:
+        self.view = view
+        self.watch = watch
+        self.on_load = on_load
+        self.events: list[tuple[str, int, int]] = []
+
+    def __getitem__(self, i: int) -> int:
+        value = self.view[i]
+        self.events.append(("load", i, value))
+        if i == self.watch and callable(self.on_load):
+            self.on_load()
+        return value
+
+    def __setitem__(self, i: int, value: int) -> None:
+        self.view[i] = value
+        self.events.append(("store", i, value))
+
+    def release(self) -> None:
+        self.view.release()

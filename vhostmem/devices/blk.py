@@ -1,7 +1,8 @@
 """vhost-user-blk (virtio 1.2 section 5.2) over a :class:`BlkBackend`.
 
 I/O policy (measured with ``tests/vhostmem/devices/bench_blk.py``): by default requests are
-served **inline** on the thread that handles the kick (``io_mode="inline"``). A request is one
+served **inline** on the thread that handles the kick (``io_mode="inline"``), a batch of
+available chains at a time (blk_inline.py). A request is one
 ``preadv``/``pwritev`` straight between the backend fd and guest memory; on a RAM disk or a
 page-cached image that is a kernel memcpy of a few microseconds, while handing it to a pool
 (queue, wake-up, GIL hand-over, completion under a lock) costs several times that: 4 KiB reads
@@ -307,24 +308,8 @@ class BlkDevice(VhostUserDevice):
         if self._pool is not None:
             self._dispatch(vq, self._pool)
             return
-        pop = vq.pop
-        push = vq.push_used
-        serve = self.serve
-        # Statistics (vhostmem/queue_stats.py): a read, the hot path, costs two local
-        # additions; writes, errors and odd chains note themselves in the turn's tally; the
-        # queue's counters are updated once per turn. bench/RESULTS.md has the measured cost.
-        tally = [0, 0, 0]
-        started = monotonic_ns()
-        requests = used_bytes = 0
-        while (chain := pop()) is not None:
-            used = serve(chain, tally)
-            push(chain.head, used)
-            requests += 1
-            used_bytes += used
-        vq.notify()
-        if requests:
-            vq.account_turn(requests, _data_in(used_bytes, requests, tally),
-                            tally[TALLY_WRITE_BYTES], tally[TALLY_ERRORS], started)
+        from vhostmem.devices.blk_inline import serve_turn  # imports this module
+        serve_turn(self, vq)
 
     def _dispatch(self, vq: Virtqueue, pool: ThreadPoolExecutor) -> None:
         """Thread mode: hand every available chain to the pool."""
