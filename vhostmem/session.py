@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from functools import partial
 
 from protocol import FrontendRequest, Message, encode_reply
 from vhostmem.device import VhostUserDevice
@@ -436,7 +437,8 @@ class Session(RingTurns, MemoryRequests, LogRequests, InflightRequests, WorkerRi
             return
         vq.start()
         try:
-            self.watcher.watch(vq.kick_fd, lambda: self.on_kick(i))
+            # partial, not a lambda: one Python frame less per kick.
+            self.watcher.watch(vq.kick_fd, partial(self.on_kick, i))
         except Exception:
             vq.stop()
             raise

@@ -158,7 +158,13 @@ class Virtqueue(SplitRing, QueueStats):
         # of them were not picked up by a worker yet.
         self.inflight = 0
         self.queued = 0
-        self._idle = threading.Condition(threading.Lock())
+        # One lock for completions and the idle wait. The hot path (hold, complete,
+        # complete_many: per request or batch on the event loop) takes ``_lock`` itself, a C
+        # context manager, rather than the Condition's Python-level __enter__/__exit__, and
+        # wakes idle waiters only when there are some (``_idle_waiters``, counted under it).
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._idle_waiters = 0
         self.stats_init()  # queue_stats.py: counters for the management socket
 
     # ------------------------------------------------------------ configuration
@@ -323,7 +329,7 @@ class Virtqueue(SplitRing, QueueStats):
 
     def idle(self) -> bool:
         """Whether no popped request is still being served on another thread."""
-        with self._idle:
+        with self._lock:
             return self.inflight == 0
 
     # ------------------------------------------------------- requests in flight
@@ -332,34 +338,34 @@ class Virtqueue(SplitRing, QueueStats):
         """``count`` popped chains are handed to another thread: :meth:`begin` when a worker
         takes one up, :meth:`complete` when it is done. ``waiting=False``: they are in service
         already (an asynchronous backend's requests), no :meth:`begin` follows."""
-        with self._idle:
+        with self._lock:
             self.inflight += count
             if waiting:
                 self.queued += count
 
     def begin(self) -> None:
         """A worker started serving a held chain."""
-        with self._idle:
+        with self._lock:
             self.queued -= 1
 
     def complete(self, head: int, written_len: int) -> None:
         """Thread-safe ``push_used`` for a chain taken with :meth:`hold`; the driver is
         signalled once no other held chain waits for a worker (whichever completion comes
         last in a batch signals it)."""
-        with self._idle:
+        with self._lock:
             try:
                 self.push_used(head, written_len)
                 if not self.queued:
                     self.notify()
             finally:
                 self.inflight -= 1
-                if not self.inflight:
+                if not self.inflight and self._idle_waiters:
                     self._idle.notify_all()
 
     def complete_many(self, done: list[tuple[int, int]]) -> None:
         """:meth:`complete` for a batch of held chains, (head, written_len) each, with one
         signal for the batch (an asynchronous backend's replies read in one wake-up)."""
-        with self._idle:
+        with self._lock:
             try:
                 for head, written_len in done:
                     self.push_used(head, written_len)
@@ -367,13 +373,17 @@ class Virtqueue(SplitRing, QueueStats):
                     self.notify()
             finally:
                 self.inflight -= len(done)
-                if not self.inflight:
+                if not self.inflight and self._idle_waiters:
                     self._idle.notify_all()
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until no request is in flight; False on timeout."""
         with self._idle:
-            return self._idle.wait_for(lambda: self.inflight == 0, timeout)
+            self._idle_waiters += 1
+            try:
+                return self._idle.wait_for(lambda: self.inflight == 0, timeout)
+            finally:
+                self._idle_waiters -= 1
 
     def ring_overlaps(self, gpa: int, size: int) -> bool:
         """Whether any ring structure lies in [gpa, gpa + size)."""

@@ -88,13 +88,15 @@ class _Completions:
 
     def add(self, vq: Virtqueue, head: int, used: int) -> None:
         self.by_queue.setdefault(vq, []).append((head, used))
-        if not self.scheduled:
-            if self.loop.is_closed() or not self.loop.is_running():
-                self.publish()  # the backend fails what is left as it closes: publish now
-                return
-            self.scheduled = True
-            if not self.after_batch(self.publish):
-                self.loop.call_soon(self.publish)
+        if self.scheduled:
+            return
+        self.scheduled = True
+        if self.after_batch(self.publish):
+            return  # published when the backend's batch ends, in this call stack
+        if self.loop.is_closed() or not self.loop.is_running():
+            self.publish()  # the backend fails what is left as it closes: publish now
+        else:
+            self.loop.call_soon(self.publish)
 
     def publish(self) -> None:
         self.scheduled = False

@@ -202,7 +202,9 @@ class NbdLink:
         self._close_run()
         while out:
             try:
-                sent = sock.sendmsg(out[:IOV_MAX])
+                # One view (a kick's READ header at queue depth 1): send, without the list
+                # slice and the iovec sendmsg builds.
+                sent = sock.send(out[0]) if len(out) == 1 else sock.sendmsg(out[:IOV_MAX])
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
