@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -411,6 +412,31 @@ def test_held_requests_signal_once_the_last_queued_one_completes(env: Env) -> No
     env.vq.complete(2, 1)
     assert eventfd_count(env.call) == 1
     assert env.vq.inflight == 0 and env.vq.wait_idle(0)
+
+
+IDLE_WAIT_S = 10.0  # a bound, not a timing: a missed wake-up returns False after it
+
+
+@pytest.mark.parametrize("last", ["complete", "complete_many"])
+def test_a_thread_in_wait_idle_is_woken_by_the_last_completion(env: Env, last: str) -> None:
+    """Completions wake idle waiters only when there are some (Virtqueue counts them under
+    its lock): one blocked in wait_idle is woken by the completion that leaves nothing in
+    flight, not by an earlier one."""
+    env.vq.hold(2, waiting=False)
+    result: list[bool] = []
+    waiter = threading.Thread(target=lambda: result.append(env.vq.wait_idle(IDLE_WAIT_S)))
+    waiter.start()
+    while env.vq._idle_waiters == 0 and waiter.is_alive():  # until it is waiting
+        time.sleep(0.001)
+    env.vq.complete_many([(0, 1)])
+    assert waiter.is_alive() and result == []  # one request is still in flight
+    if last == "complete":
+        env.vq.complete(1, 1)
+    else:
+        env.vq.complete_many([(1, 1)])
+    waiter.join()
+    assert result == [True]
+    assert env.vq._idle_waiters == 0
 
 
 def test_a_saturated_blocking_call_fd_cannot_stall_the_queue(env: Env) -> None:
