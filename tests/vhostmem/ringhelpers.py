@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import struct
+from collections.abc import Iterator
 
 from vhostmem.guest_memory import GuestMemory
+from vhostmem.memmap import MemRegistry
 from vhostmem.packed_ring import (
     BASE_USED_SHIFT,
     VIRTIO_F_RING_PACKED,
@@ -301,3 +304,23 @@ class CountingView:
 
     def release(self) -> None:
         self.view.release()
+
+
+@contextlib.contextmanager
+def ring_env(num: int, failure_status: bytes = b"\x01"
+             ) -> Iterator[tuple[GuestRam, GuestMemory, Virtqueue, DriverRing]]:
+    """Guest RAM registered in a fresh GuestMemory, a Virtqueue (``failure_status`` for a
+    request it cannot translate) and a split DriverRing of ``num`` entries attached to it;
+    all closed afterwards."""
+    ram = GuestRam()
+    mem = GuestMemory(MemRegistry())
+    ram.add_to(mem)
+    vq = Virtqueue(0, mem, failure_status=failure_status)
+    ring = DriverRing(ram, num)
+    ring.attach(vq)
+    try:
+        yield ram, mem, vq, ring
+    finally:
+        vq.close()
+        mem.close()
+        ram.close()

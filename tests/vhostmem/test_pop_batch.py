@@ -22,6 +22,7 @@ from tests.vhostmem.ringhelpers import (
     DriverRing,
     GuestRam,
     PackedDriver,
+    ring_env,
 )
 from vhostmem.guest_memory import GuestMemory
 from vhostmem.inflight import InflightRegion, create_inflight_fd
@@ -39,16 +40,8 @@ MUTATION_SECONDS_MAX = 60.0
 
 @pytest.fixture
 def env() -> Iterator[tuple[GuestRam, Virtqueue, DriverRing]]:
-    ram = GuestRam()
-    mem = GuestMemory(MemRegistry())
-    ram.add_to(mem)
-    vq = Virtqueue(0, mem, failure_status=IOERR)
-    ring = DriverRing(ram, NUM)
-    ring.attach(vq)
-    yield ram, vq, ring
-    vq.close()
-    mem.close()
-    ram.close()
+    with ring_env(NUM, IOERR) as (ram, _, vq, ring):
+        yield ram, vq, ring
 
 
 def _status_chains(ram: GuestRam, ring: DriverRing, count: int) -> list[int]:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.vhostmem.ringhelpers import GPA_BASE, DriverRing, GuestRam
+from tests.vhostmem.ringhelpers import GPA_BASE, DriverRing, GuestRam, ring_env
 from vhostmem.guest_memory import GuestMemory
 from vhostmem.memmap import MemRegistry
 from vhostmem.virtqueue import (
@@ -40,16 +40,8 @@ STALL_SECONDS = 5.0
 
 @pytest.fixture
 def env() -> Iterator[tuple[GuestRam, GuestMemory, Virtqueue, DriverRing]]:
-    ram = GuestRam()
-    mem = GuestMemory(MemRegistry())
-    ram.add_to(mem)
-    vq = Virtqueue(0, mem, failure_status=IOERR)
-    ring = DriverRing(ram, NUM)
-    ring.attach(vq)
-    yield ram, mem, vq, ring
-    vq.close()
-    mem.close()
-    ram.close()
+    with ring_env(NUM, IOERR) as env:
+        yield env
 
 
 def _failing_chain(ram: GuestRam, ring: DriverRing) -> int:
