@@ -26,7 +26,7 @@ SLOT_REGION = 2 * MIB
 UNMAPPED_GPA = 0x4000_0000  # 1 GiB: far beyond the 64 MiB of default guest RAM
 
 
-def _read_into(q: BlkQueue, ram: GuestRam, buf: int, sector: int, length: int) -> int:
+def read_into(q: BlkQueue, ram: GuestRam, buf: int, sector: int, length: int) -> int:
     """IN request whose data buffer is `buf` (anywhere in guest RAM); returns the status."""
     hdr, status = ram.alloc(16), ram.alloc(1)
     try:
@@ -57,7 +57,7 @@ def _io_in_region(peer, q: BlkQueue, ram: GuestRam, region: GuestRegion, sector:
     """A read and a write whose buffers live in `region`, checked against the image."""
     buf = ram.alloc(8192, region=region)
     try:
-        assert _read_into(q, ram, buf, sector, 8192) == BlkStatus.OK
+        assert read_into(q, ram, buf, sector, 8192) == BlkStatus.OK
         assert ram.read(buf, 8192) == initial(peer, sector, 8192)
         data = os.urandom(8192)
         ram.write(buf, data)
@@ -128,7 +128,7 @@ def test_buffer_crossing_two_regions(blk_peer, mem: str) -> None:
     with _crossing_ram() as ram, VhostUserBlk.open(peer.socket_path, ram=ram, mem=mem) as dev:
         q = dev.start_queue(0, depth=4)
         buf = ram.reserve(4 * MIB - 3000, 8192)
-        assert _read_into(q, ram, buf, 24, 8192) == BlkStatus.OK
+        assert read_into(q, ram, buf, 24, 8192) == BlkStatus.OK
         assert ram.read(buf, 8192) == initial(peer, 24, 8192)
         new = os.urandom(8192)
         ram.write(buf, new)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from qemu.procs import child_pids
+from tests.conformance.test_memory import read_into
 from tests.peers import VhostmemHandle, _spawn, make_image, start_vhostmem, vhostmem_command
 from vhostmem.devspec import UsageError, parse_blk_spec, spec_from_params
 from vhostmem.dirty_log import DirtyLog
@@ -114,28 +115,12 @@ def test_memory_hot_plug_while_every_worker_serves(served) -> None:
             for n, q in enumerate(queues):
                 buf = ram.alloc(8192, region=extra)
                 sector = 64 + 16 * n
-                assert _read_into(q, ram, buf, sector, 8192) == 0
+                assert read_into(q, ram, buf, sector, 8192) == 0
                 assert ram.read(buf, 8192) == initial[sector * SECTOR:sector * SECTOR + 8192]
                 ram.free(buf)
             dev.remove_region(extra)  # acked only once both workers let it go
             for q in queues:  # the boot RAM still serves on both
                 assert q.read(8, 4096) == initial[4096:8192]
-
-
-def _read_into(q, ram: GuestRam, buf: int, sector: int, length: int) -> int:  # type: ignore[no-untyped-def]
-    from vhostmem.frontend.blk import BlkType, blk_header
-    from vhostmem.frontend.ring import VIRTQ_DESC_F_WRITE
-
-    hdr, status = ram.alloc(16), ram.alloc(1)
-    try:
-        ram.write(hdr, blk_header(BlkType.IN, sector))
-        req = q.prepare_chain([(hdr, 16, 0), (buf, length, VIRTQ_DESC_F_WRITE),
-                               (status, 1, VIRTQ_DESC_F_WRITE)], status_gpa=status)
-        q.notify()
-        return int(q.wait_for(req).status)
-    finally:
-        ram.free(hdr)
-        ram.free(status)
 
 
 def test_reconnect_keeps_the_workers(served) -> None:
